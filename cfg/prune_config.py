@@ -1,0 +1,107 @@
+"""Settings of prune.py. Defaults are the released HFPrune values (seq_len 1024, seed 42, C4, 1024 windows)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from module.criteria import CRITERIA
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def parse_ratios(text: str | None, flag: str) -> list[float]:
+    if text is None or str(text).strip() == "":
+        return []
+    try:
+        values = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r} must be a number or a comma list of numbers, e.g. 0.2,0.3") from None
+    if len(set(values)) != len(values):
+        raise ValueError(f"{flag} {text!r} repeats a value")
+    return values
+
+
+@dataclass
+class PruneConfig:
+    origin_path: str = field(metadata={"help": "Model to prune: a local Hugging Face folder or a hub id."})
+    pruning_ratio: str | None = field(
+        default=None,
+        metadata={
+            "help": "Fraction of ALL parameters to remove (MLP neurons only); a comma list such as "
+            "0.2,0.3 writes several models from one importance pass."
+        },
+    )
+    mlp_ratio: str | None = field(
+        default=None,
+        metadata={
+            "help": "The release's size: keep k = int(mlp_ratio * hidden_size) neurons per layer "
+            "(comma list allowed). Give this or --pruning_ratio."
+        },
+    )
+    criterion: str = field(default="entropy", metadata={"help": f"Neuron score: {', '.join(CRITERIA)}."})
+    calib_dataset: str = field(
+        default="c4",
+        metadata={
+            "help": "Calibration text: 'c4' (allenai/c4 en, the release's), a hub dataset id, a local "
+            ".json/.jsonl/.txt/.parquet file or folder, or 'builtin' (offline standard-library prose)."
+        },
+    )
+    calib_text_field: str = field(default="text", metadata={"help": "Field holding the text in records."})
+    calib_samples: int = field(default=1024, metadata={"help": "Calibration windows (at most one per document)."})
+    seq_len: int = field(default=1024, metadata={"help": "Tokens per calibration window."})
+    seed: int = field(default=42, metadata={"help": "Seed of the window draw (and of the random criterion)."})
+    batch_size: int = field(default=1, metadata={"help": "Windows per forward/backward pass."})
+    loss_chunk_tokens: int = field(
+        default=0, metadata={"help": "Tokens per chunk of the vocabulary loss (0 = about 256 MiB of fp32 logits)."}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": f"Compute and saved dtype: {', '.join(DTYPES)}; auto = bfloat16 on CUDA, float32 on CPU."},
+    )
+    device: str = field(default="auto", metadata={"help": "cuda, cuda:N, cpu or auto (cuda if available)."})
+    round_to: int = field(default=1, metadata={"help": "Round the kept neurons to a multiple of this (1 = exact)."})
+    output_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Output folder (one ratio) or parent folder (several); default a descriptive name under out/."
+        },
+    )
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing output folder."})
+    importance_cache: str = field(
+        default="out/importance_cache", metadata={"help": "Folder of cached importance scores ('' disables)."}
+    )
+    recompute: bool = field(default=False, metadata={"help": "Ignore a cached importance entry and recompute."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
+    eval_text: str | None = field(
+        default=None,
+        metadata={
+            "help": "Report perplexity before and after pruning on this text (same sources as "
+            "--calib_dataset, e.g. builtin:heldout or a WikiText file)."
+        },
+    )
+    eval_seq_len: int = field(default=512, metadata={"help": "Window length of the perplexity evaluation."})
+    eval_windows: int = field(default=0, metadata={"help": "Evaluate only the first N windows (0 = all)."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+
+    def __post_init__(self) -> None:
+        self.pruning_ratios = parse_ratios(self.pruning_ratio, "--pruning_ratio")
+        self.mlp_ratios = parse_ratios(self.mlp_ratio, "--mlp_ratio")
+        if bool(self.pruning_ratios) == bool(self.mlp_ratios):
+            raise ValueError("give exactly one of --pruning_ratio and --mlp_ratio")
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"--criterion {self.criterion!r} is not one of {', '.join(CRITERIA)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        for name in ("calib_samples", "batch_size", "round_to", "eval_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1 (got {getattr(self, name)})")
+        if self.seq_len < 2:
+            raise ValueError(f"--seq_len must be >= 2 (got {self.seq_len})")
+        for name in ("loss_chunk_tokens", "eval_windows"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0 (got {getattr(self, name)})")
+
+    @property
+    def sizes(self) -> list[tuple[str, float]]:
+        kind = "pruning_ratio" if self.pruning_ratios else "mlp_ratio"
+        return [(kind, v) for v in (self.pruning_ratios or self.mlp_ratios)]

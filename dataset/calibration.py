@@ -1,0 +1,144 @@
+"""Calibration text: where documents come from and how windows are drawn from them.
+
+Sources (`--calib_dataset`):
+- `c4` (default, as the release and SDMPrune): allenai/c4, en, first training shard, from the hub;
+- `builtin` / `builtin:heldout`: the standard library's `pydoc_data.topics` prose, always present
+  offline (every 5th distinct text, in sorted order, is held out for evaluation);
+- a local `.json` (list of records), `.jsonl`, `.parquet` or `.txt` (documents separated by blank
+  lines) file, or a folder of such files;
+- any other string is a hub dataset id (`datasets.load_dataset(id, split="train")`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from utils.errors import UserError
+
+C4_HUB = ("allenai/c4", "en/c4-train.00000-of-01024.json.gz")
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
+BUILTIN_HELDOUT_EVERY = 5
+
+
+class CalibrationError(UserError):
+    """Calibration data that cannot give what was asked."""
+
+
+def builtin_documents(heldout: bool = False) -> list[str]:
+    """The standard library's documentation topics, split deterministically into calibration/held-out."""
+    from pydoc_data.topics import topics
+
+    texts = sorted(set(topics.values()))  # several topic names share one text: split texts, not names
+    return [t for i, t in enumerate(texts) if (i % BUILTIN_HELDOUT_EVERY == 0) == heldout]
+
+
+def _records_text(records: list, field: str, source: str) -> list[str]:
+    if records and isinstance(records[0], str):
+        return list(records)
+    if records and field not in records[0]:
+        raise CalibrationError(
+            f"calibration data {source} has no field {field!r} (fields: {', '.join(map(str, records[0]))}); "
+            "set --calib_text_field"
+        )
+    return [r[field] for r in records]
+
+
+def _read_file(path: Path, field: str) -> list[str]:
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        text = path.read_text(encoding="utf-8")
+        return [d.strip() for d in text.replace("\r\n", "\n").split("\n\n") if d.strip()]
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        return _records_text(records, field, str(path))
+    if suffix == ".json":
+        records = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(records, list):
+            raise CalibrationError(f"calibration file {path} must hold a JSON list of records or strings")
+        return _records_text(records, field, str(path))
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if field not in table.column_names:
+            raise CalibrationError(
+                f"calibration data {path} has no field {field!r} (fields: {', '.join(table.column_names)}); "
+                "set --calib_text_field"
+            )
+        return table.column(field).to_pylist()
+    raise CalibrationError(f"calibration file {path} has an unsupported type; valid: {', '.join(LOCAL_SUFFIXES)}")
+
+
+def _load_hub(dataset_id: str, field: str, data_files: str | None = None) -> list[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(dataset_id, data_files=data_files, split="train")
+    except Exception as err:  # noqa: BLE001 - the hub raises many types; the user needs one line either way
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CalibrationError(
+            f"cannot load calibration dataset {dataset_id!r} from the hub ({first}); "
+            "offline, pass a local file/folder or --calib_dataset builtin"
+        ) from None
+    if field not in ds.column_names:
+        raise CalibrationError(
+            f"calibration dataset {dataset_id!r} has no field {field!r} (fields: {', '.join(ds.column_names)})"
+        )
+    return ds[field]
+
+
+def load_documents(source: str, text_field: str = "text") -> list[str]:
+    """Documents of the calibration source (see the module docstring)."""
+    if source in ("builtin", "builtin:heldout"):
+        return builtin_documents(heldout=source.endswith("heldout"))
+    if source == "c4":
+        return _load_hub(C4_HUB[0], text_field, data_files=C4_HUB[1])
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in LOCAL_SUFFIXES and p.is_file())
+        if not files:
+            raise CalibrationError(f"calibration folder {path} holds no {'/'.join(LOCAL_SUFFIXES)} files")
+        docs = [d for f in files for d in _read_file(f, text_field)]
+    elif path.is_file():
+        docs = _read_file(path, text_field)
+    elif source.startswith((".", "/", "~")) or path.suffix.lower() in LOCAL_SUFFIXES:
+        raise CalibrationError(f"calibration file {source} does not exist")
+    else:
+        docs = _load_hub(source, text_field)
+    docs = [d for d in docs if isinstance(d, str) and d.strip()]
+    if not docs:
+        raise CalibrationError(f"calibration data {source} holds no text in field {text_field!r}")
+    return docs
+
+
+def sample_windows(documents: list[str], tokenizer, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """`n_samples` windows of `seq_len` tokens, at most one per document, deterministic in `seed`.
+
+    As in the release: documents are visited in a shuffled order, a document must be longer than
+    `seq_len` tokens, and the window starts at a random offset in it. Unlike the release, the draw is
+    fully seeded, stops once enough windows are found, and fails loudly when there are too few.
+    """
+    if n_samples < 1 or seq_len < 2:
+        raise CalibrationError(f"need --calib_samples >= 1 and --seq_len >= 2 (got {n_samples}, {seq_len})")
+    rng = random.Random(seed)
+    order = list(range(len(documents)))
+    rng.shuffle(order)
+    windows: list[list[int]] = []
+    step = 64
+    for s in range(0, len(order), step):
+        batch = [documents[i] for i in order[s : s + step]]
+        for ids in tokenizer(batch, add_special_tokens=True)["input_ids"]:
+            if len(ids) > seq_len:
+                start = rng.randint(0, len(ids) - seq_len - 1)
+                windows.append(ids[start : start + seq_len])
+                if len(windows) == n_samples:
+                    return torch.tensor(windows, dtype=torch.long)
+    raise CalibrationError(
+        f"found only {len(windows)} documents longer than {seq_len} tokens among {len(documents)} "
+        f"(asked for --calib_samples {n_samples}); lower --calib_samples or --seq_len, or give more text"
+    )

@@ -1,0 +1,210 @@
+"""HFPrune: prune LLM MLP neurons with the entropy-Taylor criterion (or a baseline) and save HF models.
+
+    # the paper's setting (C4 calibration, 1024 windows of 1024 tokens, seed 42), 20% of all parameters
+    python prune.py --origin_path meta-llama/Llama-2-7b-hf --pruning_ratio 0.2 --batch_size 8
+    # the release's size semantics: keep int(2.8 * hidden_size) neurons per layer
+    python prune.py --origin_path meta-llama/Meta-Llama-3-8B --mlp_ratio 2.8 --seed 42
+    # several sizes from one importance pass, offline text, perplexity before/after
+    python prune.py --origin_path models/SmolLM2-135M-Instruct --pruning_ratio 0.2,0.3 \\
+        --calib_dataset builtin --calib_samples 32 --seq_len 256 --eval_text builtin:heldout
+    # a recipe file, with flags after it overriding it
+    python prune.py --config cfg/recipes/llama2_7b.yaml --pruning_ratio 0.3
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers.utils.logging import disable_progress_bar
+
+from cfg.prune_config import PruneConfig
+from dataset.calibration import load_documents, sample_windows
+from module.adapters import find_mlps
+from module.criteria import DATA_FREE, score_neurons
+from module.importance import collect_statistics
+from module.pruning import count_parameters, plan_keep, prune_mlps, relative_keep, top_k_sorted
+from utils.cli import load_model_and_tokenizer, parse_config, resolve_device_dtype
+from utils.errors import UserError
+from utils.io import atomic_dir, check_output_dir, digest, load_importance, model_fingerprint, save_importance
+from utils.perplexity import perplexity, text_windows
+from utils.report import peak_memory_bytes, plot_layer_scores, reset_peak_memory, setup_logging, versions, write_json
+
+log = logging.getLogger("hfprune")
+SCORES_VERSION = 1  # bump when the score computation changes, so old cache entries are not reused
+
+
+def output_dirs(cfg: PruneConfig) -> list[Path]:
+    name = Path(cfg.origin_path.rstrip("/")).name
+    tags = [f"{cfg.criterion}-{'pr' if kind == 'pruning_ratio' else 'mlp'}{v:g}-s{cfg.seed}" for kind, v in cfg.sizes]
+    if cfg.output_dir and len(tags) == 1:
+        return [Path(cfg.output_dir)]
+    parent = Path(cfg.output_dir) if cfg.output_dir else Path("out")
+    return [parent / f"{name}-{t}" for t in tags]
+
+
+def importance(cfg, model, tokenizer, mlps, device, dtype) -> tuple[list[torch.Tensor], dict]:
+    """Scores per layer, from the cache when every setting that changes them matches."""
+    windows = None
+    if cfg.criterion not in DATA_FREE:
+        docs = load_documents(cfg.calib_dataset, cfg.calib_text_field)
+        windows = sample_windows(docs, tokenizer, cfg.calib_samples, cfg.seq_len, cfg.seed)
+        log.info(
+            "calibration: %d windows x %d tokens from %s (%d documents)", *windows.shape, cfg.calib_dataset, len(docs)
+        )
+    key_fields = {
+        "scores_version": SCORES_VERSION,
+        "model": model_fingerprint(model),
+        "criterion": cfg.criterion,
+        "dtype": str(dtype),
+        "seed": cfg.seed if cfg.criterion == "random" else None,
+        "windows": digest(windows.numpy().tobytes()) if windows is not None else None,
+        "calib_dataset": cfg.calib_dataset,
+        "calib_samples": cfg.calib_samples,
+        "seq_len": cfg.seq_len,
+    }
+    key = digest(key_fields)[:20]
+    entry = Path(cfg.importance_cache) / f"{cfg.criterion}-{key}" if cfg.importance_cache else None
+    if entry is not None and not cfg.recompute and (cached := load_importance(entry)) is not None:
+        log.info("importance: reusing cached scores from %s", entry)
+        return cached[0], {**cached[1], "cache_hit": True, "cache_entry": str(entry)}
+    reset_peak_memory(device)
+    stats = None
+    if windows is not None:
+        stats = collect_statistics(
+            model, mlps, windows, cfg.criterion, cfg.batch_size, cfg.loss_chunk_tokens or None, cfg.progress
+        )
+    scores = score_neurons(cfg.criterion, mlps, stats, cfg.seed)
+    meta = {
+        "key": key,
+        "key_fields": key_fields,
+        "calib_tokens": stats.tokens if stats else 0,
+        "calib_windows": stats.windows if stats else 0,
+        "importance_seconds": stats.seconds if stats else 0.0,
+        "tokens_per_second": stats.tokens / stats.seconds if stats and stats.seconds else None,
+        "mean_window_loss": stats.loss_sum / stats.windows if stats and stats.windows and stats.loss_sum else None,
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "batch_size": cfg.batch_size,
+    }
+    if meta["tokens_per_second"]:
+        log.info(
+            "importance: %d tokens in %.1f s (%.0f tokens/s)",
+            meta["calib_tokens"],
+            meta["importance_seconds"],
+            meta["tokens_per_second"],
+        )
+    if entry is not None:
+        save_importance(entry, scores, meta)
+        log.info("importance: cached in %s", entry)
+    return scores, {**meta, "cache_hit": False, "cache_entry": str(entry) if entry else None}
+
+
+def run(cfg: PruneConfig) -> list[Path]:
+    start = time.perf_counter()
+    log.info("config: %s", json.dumps(asdict(cfg), sort_keys=True))
+    if not cfg.progress:
+        disable_progress_bar()
+    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
+    outs = output_dirs(cfg)
+    origin = Path(cfg.origin_path).expanduser()
+    protected = [origin] if origin.exists() else []
+    for out in outs:
+        check_output_dir(out, protected, cfg.overwrite)
+    model, tokenizer = load_model_and_tokenizer(cfg.origin_path, device, dtype, cfg.trust_remote_code)
+    mlps = find_mlps(model)
+    hidden, neurons = model.config.hidden_size, mlps.neurons
+    params_before = count_parameters(model)
+    plans = [
+        plan_keep(params_before, mlps, hidden_size=hidden, round_to=cfg.round_to, **{kind: value})
+        for kind, value in cfg.sizes
+    ]
+    log.info(
+        "model: %s, %d layers x %d neurons (%s MLP), %.2fM parameters",
+        type(model).__name__,
+        len(mlps.layers),
+        neurons,
+        mlps.shape.name,
+        params_before / 1e6,
+    )
+    scores, imp = importance(cfg, model, tokenizer, mlps, device, dtype)
+    ppl_windows = None
+    ppl_before = None
+    if cfg.eval_text:
+        ppl_windows = text_windows(tokenizer, load_documents(cfg.eval_text, cfg.calib_text_field), cfg.eval_seq_len)
+        ppl_windows = ppl_windows[: cfg.eval_windows or None]
+        ppl_before = perplexity(model, ppl_windows, cfg.batch_size, cfg.progress)
+        log.info(
+            "perplexity before: %.3f on %d windows of %s", ppl_before["perplexity"], len(ppl_windows), cfg.eval_text
+        )
+    current = [torch.arange(neurons) for _ in scores]
+    order = sorted(range(len(plans)), key=lambda i: -plans[i].k)  # larger models first: kept sets are nested
+    base_report = {
+        "settings": asdict(cfg),
+        "versions": versions(),
+        "model_class": type(model).__name__,
+        "mlp_shape": mlps.shape.name,
+        "device": str(device),
+        "dtype": str(dtype),
+        "params_before": params_before,
+        "intermediate_size_before": neurons,
+        "criterion": cfg.criterion,
+        **imp,
+    }
+    for i in order:
+        plan, out = plans[i], outs[i]
+        keep = [top_k_sorted(s, plan.k) for s in scores]
+        prune_mlps(mlps, model.config, [relative_keep(c, k) for c, k in zip(current, keep)])
+        current = keep
+        params_after = count_parameters(model)
+        assert params_after == plan.params_after, (params_after, plan.params_after)
+        report = {
+            **base_report,
+            **plan.as_dict(),
+            "params_after": params_after,
+            "intermediate_size": plan.k,
+            "kept_per_layer": [len(k) for k in keep],
+            "total_seconds": time.perf_counter() - start,
+        }
+        if ppl_windows is not None:
+            report["perplexity_before"] = ppl_before
+            report["perplexity_after"] = perplexity(model, ppl_windows, cfg.batch_size, cfg.progress)
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            save_file({f"layer.{j}": k for j, k in enumerate(keep)}, str(tmp / "kept_neurons.safetensors"))
+            write_json(tmp / "prune_report.json", report)
+            plot_layer_scores(
+                tmp / "prune_layers.png",
+                scores,
+                keep,
+                f"{origin.name}: {cfg.criterion}, {plan.kind} {plan.requested:g}",
+            )
+        line = (
+            f"{out}: {params_before / 1e6:.2f}M -> {params_after / 1e6:.2f}M parameters "
+            f"(removed {plan.achieved_ratio:.4f}; {plan.k}/{neurons} neurons per layer)"
+        )
+        if ppl_windows is not None:
+            line += f", perplexity {ppl_before['perplexity']:.3f} -> {report['perplexity_after']['perplexity']:.3f}"
+        print(line, flush=True)
+    return outs
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    try:
+        cfg = parse_config(PruneConfig, sys.argv[1:] if argv is None else argv)
+        run(cfg)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

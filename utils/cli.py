@@ -1,0 +1,79 @@
+"""Shared pieces of the entry scripts: config parsing (YAML recipe + flags), device/dtype, model loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from utils.errors import UserError
+
+DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def recipe_flags(path: str) -> list[str]:
+    """A YAML recipe (keys = flag names) as command-line flags, so later flags override it."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config {path} does not exist")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path} must be a mapping of flag names to values")
+    flags = []
+    for key, value in data.items():
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        flags += [f"--{key}", str(value)]
+    return flags
+
+
+def parse_config(cls, argv: list[str]):
+    """Parse `argv` into the dataclass `cls`; `--config FILE.yaml` anywhere supplies defaults."""
+    from transformers import HfArgumentParser
+
+    argv = list(argv)
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise UserError("--config needs a YAML file")
+        argv = recipe_flags(argv[i + 1]) + argv[:i] + argv[i + 2 :]
+    parser = HfArgumentParser(cls)
+    try:
+        (cfg,) = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    return cfg
+
+
+def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device; valid: auto, cpu, cuda, cuda:N") from None
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: no such CUDA device here ({torch.cuda.device_count()} found); use cpu")
+    if dtype == "auto":
+        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return dev, DTYPE_NAMES[dtype]
+
+
+def load_model_and_tokenizer(path: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
+    """The causal LM in `dtype` on `device`, and its tokenizer; one-line error when either cannot load."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"trust_remote_code": trust_remote_code}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, device_map=str(device) if device.type == "cuda" else None, **kw
+        )
+    except (OSError, ValueError, KeyError, ImportError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load model --origin_path {path!r}: {first}") from None
+    if device.type != "cuda":
+        model.to(device)
+    return model, tokenizer

@@ -1,0 +1,91 @@
+"""Files: output folders written atomically, and the importance cache (safetensors + JSON, no pickles)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from utils.errors import UserError
+
+
+class OutputError(UserError):
+    """An output location that must not be written."""
+
+
+def check_output_dir(output: Path, protected: list[Path], overwrite: bool) -> None:
+    """Refuse an existing folder without --overwrite, and any place inside (or equal to) a protected one."""
+    out = output.resolve()
+    for p in protected:
+        p = p.resolve()
+        if out == p or p in out.parents:
+            raise OutputError(f"--output_dir {output} is inside the source model folder {p}; choose another place")
+    if out.exists() and not overwrite:
+        raise OutputError(f"--output_dir {output} already exists; pass --overwrite to replace it")
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `final`, on failure it is removed."""
+    final = final.resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def digest(obj) -> str:
+    """Stable SHA-256 of a JSON-able object or bytes."""
+    h = hashlib.sha256()
+    h.update(obj if isinstance(obj, bytes) else json.dumps(obj, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def model_fingerprint(model: nn.Module, samples_per_tensor: int = 4096) -> str:
+    """Identity of the weights: config plus the exact bytes of an evenly strided sample of every tensor.
+
+    Cheap on a 70B model yet changed by any fine-tune; independent of where the folder lives.
+    """
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    for name, p in model.state_dict().items():
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // samples_per_tensor)]
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        h.update(sample.contiguous().cpu().view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
+    return h.hexdigest()
+
+
+def save_importance(folder: Path, scores: list[torch.Tensor], meta: dict) -> None:
+    """Scores as `layer.{i}` fp64 tensors in safetensors, settings in JSON, written atomically."""
+    with atomic_dir(folder) as tmp:
+        tensors = {f"layer.{i}": s.detach().to("cpu", torch.float64).contiguous() for i, s in enumerate(scores)}
+        save_file(tensors, str(tmp / "importance.safetensors"), metadata={"format": "hfprune-importance-v1"})
+        (tmp / "importance.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+
+
+def load_importance(folder: Path) -> tuple[list[torch.Tensor], dict] | None:
+    """Scores and metadata from `save_importance`, or None if the folder is not a complete entry."""
+    st, js = folder / "importance.safetensors", folder / "importance.json"
+    if not (st.is_file() and js.is_file()):
+        return None
+    tensors = load_file(str(st))
+    meta = json.loads(js.read_text())
+    return [tensors[f"layer.{i}"] for i in range(len(tensors))], meta

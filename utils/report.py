@@ -1,0 +1,103 @@
+"""Run reports: versions, peak memory, the JSON report and the per-layer plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("hfprune")
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO)  # also when the root logger was configured by someone else
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict:
+    import accelerate
+    import transformers
+
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "cuda": torch.version.cuda,
+        "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name(),
+    }
+    try:
+        root = Path(__file__).resolve().parent.parent
+        res = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], check=False, capture_output=True, text=True, timeout=5
+        )
+        out["hfprune_commit"] = res.stdout.strip() if res.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        out["hfprune_commit"] = None
+    return out
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated accelerator memory, or on CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def plot_layer_scores(path: Path, scores: list[torch.Tensor], keep: list[torch.Tensor], title: str) -> None:
+    """Two panels: per-layer score spread with the keep threshold, and the share of score mass kept."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(range(len(scores)))
+    q = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    spread = torch.stack([torch.quantile(s.double(), q) for s in scores])
+    threshold = [float(s[k].min()) if len(k) else float("nan") for s, k in zip(scores, keep)]
+    kept_mass = [float(s[k].sum() / s.sum()) if float(s.sum()) > 0 else float("nan") for s, k in zip(scores, keep)]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
+    a.fill_between(layers, spread[:, 0], spread[:, 2], alpha=0.3, label="10-90% of neurons")
+    a.plot(layers, spread[:, 1], label="median score")
+    a.plot(layers, threshold, "k--", label="lowest kept score")
+    if float(spread[:, 0].min()) > 0:
+        a.set_yscale("log")
+    a.set(xlabel="layer", ylabel="neuron score", title="score per layer")
+    a.legend()
+    b.bar(layers, kept_mass)
+    b.set(
+        xlabel="layer",
+        ylabel="kept share of score mass",
+        ylim=(0, 1),
+        title=f"{len(keep[0])} of {len(scores[0])} neurons kept per layer",
+    )
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
