@@ -52,7 +52,10 @@ class PruneConfig:
     seed: int = field(default=42, metadata={"help": "Seed of the window draw (and of the random criterion)."})
     batch_size: int = field(default=1, metadata={"help": "Windows per forward/backward pass."})
     loss_chunk_tokens: int = field(
-        default=0, metadata={"help": "Tokens per chunk of the vocabulary loss (0 = about 256 MiB of fp32 logits)."}
+        default=0,
+        metadata={
+            "help": "Tokens per chunk of the vocabulary loss (0 = fp32 logits of ~256 MiB on CUDA, ~32 MiB on CPU)."
+        },
     )
     dtype: str = field(
         default="auto",

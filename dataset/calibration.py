@@ -4,8 +4,8 @@ Sources (`--calib_dataset`):
 - `c4` (default, as the release and SDMPrune): allenai/c4, en, first training shard, from the hub;
 - `builtin` / `builtin:heldout`: the standard library's `pydoc_data.topics` prose, always present
   offline (every 5th distinct text, in sorted order, is held out for evaluation);
-- a local `.json` (list of records), `.jsonl`, `.parquet` or `.txt` (documents separated by blank
-  lines) file, or a folder of such files;
+- a local `.json` (list of records), `.jsonl`, `.parquet` or `.txt`/`.raw` (documents separated by
+  blank lines) file, or a folder of such files;
 - any other string is a hub dataset id (`datasets.load_dataset(id, split="train")`).
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import torch
@@ -20,7 +21,8 @@ import torch
 from utils.errors import UserError
 
 C4_HUB = ("allenai/c4", "en/c4-train.00000-of-01024.json.gz")
-LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
+TEXT_SUFFIXES = (".txt", ".raw")  # .raw: WikiText's plain-text files
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", *TEXT_SUFFIXES)
 BUILTIN_HELDOUT_EVERY = 5
 
 
@@ -49,9 +51,9 @@ def _records_text(records: list, field: str, source: str) -> list[str]:
 
 def _read_file(path: Path, field: str) -> list[str]:
     suffix = path.suffix.lower()
-    if suffix == ".txt":
-        text = path.read_text(encoding="utf-8")
-        return [d.strip() for d in text.replace("\r\n", "\n").split("\n\n") if d.strip()]
+    if suffix in TEXT_SUFFIXES:  # documents are separated by blank (or whitespace-only) lines
+        text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+        return [d.strip() for d in re.split(r"\n[ \t]*\n", text) if d.strip()]
     if suffix == ".jsonl":
         with path.open(encoding="utf-8") as f:
             records = [json.loads(line) for line in f if line.strip()]

@@ -21,9 +21,7 @@ def test_windows_are_deterministic_and_come_from_long_documents(tiny_tokenizer):
     assert torch.equal(a, b) and not torch.equal(a, c)
     long_docs = [tiny_tokenizer(d)["input_ids"] for d in DOCS]
     for w in a.tolist():  # every window is a contiguous slice of one document longer than 20 tokens
-        assert any(
-            len(ids) > 20 and any(ids[s : s + 20] == w for s in range(len(ids) - 20)) for ids in long_docs
-        )
+        assert any(len(ids) > 20 and any(ids[s : s + 20] == w for s in range(len(ids) - 20)) for ids in long_docs)
 
 
 def test_too_few_long_documents_is_an_error_that_counts_them(tiny_tokenizer):

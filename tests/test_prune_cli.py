@@ -26,8 +26,9 @@ def test_prune_writes_a_loadable_model_equal_to_zeroing_the_dropped_neurons(tmp_
     assert run_prune(tmp_path, tiny_llama_dir, "--pruning_ratio", "0.05") == 0
     out = tmp_path / "pruned"
     report = json.loads((out / "prune_report.json").read_text())
-    for key in ("criterion", "params_before", "params_after", "achieved_ratio", "intermediate_size", "kept_per_layer",
-                "calib_tokens", "importance_seconds", "tokens_per_second", "peak_memory_bytes", "versions", "settings"):  # fmt: skip
+    required = ["criterion", "params_before", "params_after", "achieved_ratio", "intermediate_size", "kept_per_layer",
+                "calib_tokens", "importance_seconds", "tokens_per_second", "peak_memory_bytes", "versions"]  # fmt: skip
+    for key in [*required, "settings"]:
         assert key in report, key
     assert report["calib_tokens"] == 6 * 24 and report["settings"]["seed"] == 42
     assert (out / "prune_layers.png").stat().st_size > 0 and (out / "tokenizer.json").is_file()
@@ -150,3 +151,22 @@ def test_entry_point_help_and_error_exit_code(tmp_path):
     bad = subprocess.run([sys.executable, "prune.py", "--origin_path", str(tmp_path), "--pruning_ratio", "2"],
                          cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "cfg" / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_recipes_parse(recipe):
+    from cfg.prune_config import PruneConfig
+    from utils.cli import parse_config
+
+    cfg = parse_config(PruneConfig, ["--config", str(recipe)])
+    assert cfg.criterion == "entropy" and cfg.pruning_ratios == [0.2, 0.3]
+
+
+def test_unknown_recipe_key_fails(tmp_path):
+    from cfg.prune_config import PruneConfig
+    from utils.cli import UserError, parse_config
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("origin_path: x\npruning_ratio: 0.2\nmlp_ratoi: 2.0\n")
+    with pytest.raises((UserError, SystemExit)):
+        parse_config(PruneConfig, ["--config", str(recipe)])

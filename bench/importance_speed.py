@@ -1,0 +1,192 @@
+"""Importance pass: the released algorithm vs ours, in one process, on the same windows.
+
+The release's algorithm (re-implemented from its description): MLP weights require grad, a forward
+hook stores the down_proj input, a full backward hook takes its gradient, full [T x V] fp32 logits
+through autograd, scores summed in bf16, one window at a time. Ours: `module.importance`.
+
+    python bench/importance_speed.py                                  # SmolLM2-135M, CPU, 512 tokens
+    python bench/importance_speed.py --shape llama2-7b --seq_len 1024 --windows 16 --batch_size 8  # GPU
+    python bench/importance_speed.py --shape llama3-8b --seq_len 1024 --windows 16 --batch_size 4  # 128k vocab
+
+Prints seconds per window, peak memory (CUDA: allocator peak; CPU: sampled RSS above the start),
+the speed-up and the overlap of the kept sets at 20% pruning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from module.adapters import find_mlps  # noqa: E402
+from module.importance import collect_statistics  # noqa: E402
+from module.pruning import count_parameters, plan_keep, top_k_sorted  # noqa: E402
+
+SHAPES = {  # random-weight models of the published shapes
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+}  # fmt: skip
+
+
+class PeakMemory:
+    """Peak memory of a block: the CUDA allocator's, or on CPU the process RSS sampled every 2 ms."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+            return self
+        import ctypes
+        import ctypes.util
+
+        import psutil
+
+        libc = ctypes.util.find_library("c")
+        if libc:  # hand freed heap pages back to the OS so RSS starts from what is really in use
+            ctypes.CDLL(libc).malloc_trim(0)
+        proc = psutil.Process()
+        self.start = proc.memory_info().rss
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, proc.memory_info().rss - self.start)
+                time.sleep(0.002)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.start
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def release_scores(model, mlps, windows: torch.Tensor) -> list[torch.Tensor]:
+    """The released loop: batch 1, MLP weight grads on, full-logit autograd entropy, bf16 sums."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in mlps.layers:
+        for axis in [*layer.inputs, layer.output]:
+            axis.module.weight.requires_grad_(True)
+    acts, grads = {}, {}
+    hooks = []
+    for i, layer in enumerate(mlps.layers):
+        mod = layer.output.module
+        hooks.append(mod.register_forward_hook(lambda m, inp, out, i=i: acts.__setitem__(i, inp[0].detach())))
+        hooks.append(mod.register_full_backward_hook(lambda m, gi, go, i=i: grads.__setitem__(i, gi[0].detach())))
+    device = next(model.parameters()).device
+    scores = [torch.zeros(mlps.neurons, dtype=torch.bfloat16, device=device) for _ in mlps.layers]
+    for w in windows:
+        model.zero_grad()
+        logits = model(input_ids=w.unsqueeze(0).to(device)).logits
+        probs = torch.softmax(logits.float(), dim=-1)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        (-(probs * logp).sum(-1).mean()).backward()
+        for i in range(len(scores)):
+            scores[i] += (acts[i] * grads[i]).abs().sum(dim=(0, 1)).to(torch.bfloat16)
+        acts.clear()
+        grads.clear()
+        del logits, probs, logp
+    for h in hooks:
+        h.remove()
+    model.zero_grad(set_to_none=True)
+    model.requires_grad_(False)
+    return [s.double().cpu() for s in scores]
+
+
+def timed(fn, device):
+    with PeakMemory(device) as mem:
+        start = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+    return out, seconds, mem.peak
+
+
+def load_model(args, device, dtype):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if args.shape:
+        cfg = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=max(4096, args.seq_len))
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        return model.eval()
+    if args.model is None:
+        from utils.smollm2 import cache_dir, materialize
+
+        args.model = str(materialize(cache_dir() / "SmolLM2-135M-Instruct"))
+    return AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="local HF folder (default: SmolLM2-135M-Instruct, materialised offline)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="random-weight model of a published shape instead")
+    parser.add_argument("--seq_len", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=8, help="windows per method (after one warm-up window)")
+    parser.add_argument("--batch_size", type=int, default=1, help="our batch size (the release's is 1)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    parser.add_argument("--skip_release", action="store_true", help="only ours (when the release does not fit)")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32
+    )
+    torch.manual_seed(0)
+    model = load_model(args, device, dtype)
+    mlps = find_mlps(model)
+    vocab = model.config.vocab_size
+    windows = torch.randint(0, vocab, (args.windows + 1, args.seq_len), generator=torch.Generator().manual_seed(0))
+    if not args.shape:  # real text for a real model: the offline built-in prose
+        from transformers import AutoTokenizer
+
+        from dataset.calibration import builtin_documents, sample_windows
+
+        tok = AutoTokenizer.from_pretrained(args.model)
+        windows = sample_windows(builtin_documents(), tok, args.windows + 1, args.seq_len, seed=0)
+    name = args.shape or Path(args.model).name
+    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"{name} on {dev_name} ({torch.get_num_threads()} threads), {dtype}, {args.windows} windows x "
+          f"{args.seq_len} tokens, torch {torch.__version__}")  # fmt: skip
+
+    ours_fn = lambda w: collect_statistics(model, mlps, w, "entropy", args.batch_size, progress=False)  # noqa: E731
+    ours_fn(windows[:1])  # warm-up
+    stats, t_ours, m_ours = timed(lambda: ours_fn(windows[1:]), device)
+    ours = [s.cpu() for s in stats.taylor]
+    print(f"ours    (batch {args.batch_size}): {t_ours / args.windows:.3f} s/window, "
+          f"{args.windows * args.seq_len / t_ours:.0f} tokens/s, peak {m_ours / 2**30:.2f} GiB")  # fmt: skip
+    if args.skip_release:
+        return
+    release_scores(model, mlps, windows[:1])  # warm-up
+    rel, t_rel, m_rel = timed(lambda: release_scores(model, mlps, windows[1:]), device)
+    print(f"release (batch 1): {t_rel / args.windows:.3f} s/window, "
+          f"{args.windows * args.seq_len / t_rel:.0f} tokens/s, peak {m_rel / 2**30:.2f} GiB")  # fmt: skip
+    k = plan_keep(count_parameters(model), mlps, pruning_ratio=0.2).k
+    overlap = sum(len(set(top_k_sorted(a, k).tolist()) & set(top_k_sorted(b, k).tolist())) for a, b in zip(ours, rel))
+    overlap /= k * len(ours)
+    print(f"speed-up {t_rel / t_ours:.2f}x, peak memory ours/release {m_ours / max(m_rel, 1):.2f}, "
+          f"kept-set overlap at 20% pruning {overlap:.4f} (release sums in bf16)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
