@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=hfprune-eval
+#SBATCH --output=log/eval/%x-%j.out
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gres=gpu:1
+#SBATCH --cpus-per-task=8
+#SBATCH --time=08:00:00
+# Zero-shot evaluation of a (pruned) model with the lm_eval CLI: the paper's ten tasks, or the seven
+# offline twins in cfg/lm_eval_tasks read from a local data folder; optionally WikiText-2 perplexity.
+#
+# usage: script/eval.sh [options] MODEL [ADAPTER]          (also: sbatch script/eval.sh ...)
+#   MODEL                 HF folder or hub id; ADAPTER: a peft LoRA folder, evaluated via peft=
+#   --tasks LIST          comma list (default: the paper's ten; with --local the seven offline tasks)
+#   --local               offline task definitions (cfg/lm_eval_tasks), data from --data_dir
+#   --data_dir DIR        data folder for --local (default: $HFPRUNE_DATA, else ../shared/data)
+#   --batch_size N        lm_eval batch size (default: auto)
+#   --device DEV          cuda, cuda:0, cpu (default: cuda when nvidia-smi works, else cpu)
+#   --dtype DTYPE         bfloat16 (default), float16, float32
+#   --limit N             only the first N items of each task (quick checks; not comparable to papers)
+#   --output DIR          results folder (default: MODEL/lm_eval, or ./lm_eval for a hub id)
+#   --ppl                 also WikiText-2 perplexity (utils/perplexity.py, 2048-token windows)
+#   --log_samples         also save every prompt and answer (lm_eval --log_samples)
+#   --dry_run             print the commands and exit (same as DRY_RUN=1)
+#   -h, --help            this text
+# Environment: PYTHON (default python3), ENV_ACTIVATE (a script to source first, e.g. a venv's
+# bin/activate or a conda hook), HFPRUNE_DATA. Under sbatch, create log/eval first (SLURM opens
+# the --output file before the script runs).
+set -euo pipefail
+
+usage() { sed -n '9,28p' "$0" | sed 's/^# \{0,1\}//'; }
+die() { echo "error: $*" >&2; exit 2; }
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [[ -n "${SLURM_SUBMIT_DIR:-}" && -f "$SLURM_SUBMIT_DIR/script/eval.sh" ]]; then ROOT=$SLURM_SUBMIT_DIR; fi
+PYTHON=${PYTHON:-python3}
+DRY_RUN=${DRY_RUN:-0}
+TASKS="" LOCAL=0 DATA_DIR=${HFPRUNE_DATA:-$ROOT/../shared/data} BATCH=auto DEVICE="" DTYPE=bfloat16
+LIMIT="" OUTPUT="" PPL=0 LOG_SAMPLES=0 MODEL="" ADAPTER=""
+PAPER_TASKS=arc_challenge,arc_easy,boolq,crows_pairs_english,openbookqa,piqa,race,social_iqa,truthfulqa_mc2,winogrande
+LOCAL_TASKS=arc_easy_local,arc_challenge_local,piqa_local,boolq_local,winogrande_local,openbookqa_local,hellaswag_local
+
+while (($#)); do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --tasks) TASKS=${2:?--tasks needs a value}; shift 2 ;;
+    --local) LOCAL=1; shift ;;
+    --data_dir) DATA_DIR=${2:?--data_dir needs a value}; shift 2 ;;
+    --batch_size) BATCH=${2:?--batch_size needs a value}; shift 2 ;;
+    --device) DEVICE=${2:?--device needs a value}; shift 2 ;;
+    --dtype) DTYPE=${2:?--dtype needs a value}; shift 2 ;;
+    --limit) LIMIT=${2:?--limit needs a value}; shift 2 ;;
+    --output) OUTPUT=${2:?--output needs a value}; shift 2 ;;
+    --ppl) PPL=1; shift ;;
+    --log_samples) LOG_SAMPLES=1; shift ;;
+    --dry_run) DRY_RUN=1; shift ;;
+    -*) die "unknown option $1 (see --help)" ;;
+    *) if [[ -z "$MODEL" ]]; then MODEL=$1; elif [[ -z "$ADAPTER" ]]; then ADAPTER=$1; else die "unexpected argument $1"; fi; shift ;;
+  esac
+done
+
+[[ -n "$MODEL" ]] || die "give the model to evaluate (see --help)"
+if [[ -n "$ADAPTER" && ! -f "$ADAPTER/adapter_config.json" ]]; then die "adapter $ADAPTER has no adapter_config.json"; fi
+if [[ "$MODEL" == /* || "$MODEL" == .* || -e "$MODEL" ]]; then
+  [[ -f "$MODEL/config.json" ]] || die "model folder $MODEL has no config.json"
+  OUTPUT=${OUTPUT:-$MODEL/lm_eval}
+else
+  OUTPUT=${OUTPUT:-lm_eval/${MODEL//\//__}}
+fi
+case "$DTYPE" in bfloat16|float16|float32) ;; *) die "--dtype $DTYPE is not one of bfloat16, float16, float32" ;; esac
+if [[ -n "$LIMIT" && ! "$LIMIT" =~ ^[0-9]+$ ]]; then die "--limit $LIMIT is not a whole number"; fi
+if [[ -z "$DEVICE" ]]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then DEVICE=cuda; else DEVICE=cpu; fi
+fi
+if [[ -z "$TASKS" ]]; then if ((LOCAL)); then TASKS=$LOCAL_TASKS; else TASKS=$PAPER_TASKS; fi; fi
+
+if [[ -n "${ENV_ACTIVATE:-}" ]]; then
+  # shellcheck disable=SC1090
+  source "$ENV_ACTIVATE"
+fi
+cd "$ROOT"
+CHECK=("$PYTHON" -m utils.lm_eval_tasks check --tasks "$TASKS")
+if ((LOCAL)) || [[ "$TASKS" == *_local* ]]; then CHECK+=(--data_dir "$DATA_DIR"); fi
+"${CHECK[@]}" || exit 2
+
+MODEL_ARGS="pretrained=$MODEL,dtype=$DTYPE,add_bos_token=True"
+[[ -z "$ADAPTER" ]] || MODEL_ARGS+=",peft=$ADAPTER"
+CMD=(lm_eval --model hf --model_args "$MODEL_ARGS" --tasks "$TASKS" --batch_size "$BATCH" --device "$DEVICE"
+     --output_path "$OUTPUT")
+[[ -z "$LIMIT" ]] || CMD+=(--limit "$LIMIT")
+((LOG_SAMPLES == 0)) || CMD+=(--log_samples)
+if [[ "$TASKS" == *_local* ]]; then
+  CMD+=(--include_path "$ROOT/cfg/lm_eval_tasks" --metadata "{\"data_dir\": \"$DATA_DIR\"}")
+fi
+PPL_CMD=("$PYTHON" -m utils.perplexity --model "$MODEL" --dataset wikitext2 --seq_len 2048 --dtype "$DTYPE"
+         --device "$DEVICE" --output "$OUTPUT/perplexity_wikitext2.json")
+[[ -z "$ADAPTER" ]] || PPL_CMD+=(--adapter "$ADAPTER")
+if [[ -d "$DATA_DIR/wikitext-2-raw" ]]; then PPL_CMD+=(--data_dir "$DATA_DIR"); fi
+
+if ((DRY_RUN)); then
+  printf '%q ' "${CMD[@]}"; echo
+  if ((PPL)); then printf '%q ' "${PPL_CMD[@]}"; echo; fi
+  exit 0
+fi
+mkdir -p "$OUTPUT" "$ROOT/log/eval"
+echo "evaluating $MODEL${ADAPTER:+ + $ADAPTER} on $TASKS ($DEVICE, $DTYPE) -> $OUTPUT"
+"${CMD[@]}"
+if ((PPL)); then "${PPL_CMD[@]}"; fi
