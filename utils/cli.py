@@ -29,16 +29,22 @@ def recipe_flags(path: str) -> list[str]:
     return flags
 
 
+def expand_recipe(argv: list[str]) -> list[str]:
+    """`--config FILE.yaml` anywhere in argv becomes flags placed first, so the other flags override it."""
+    argv = list(argv)
+    if "--config" not in argv:
+        return argv
+    i = argv.index("--config")
+    if i + 1 >= len(argv):
+        raise UserError("--config needs a YAML file")
+    return recipe_flags(argv[i + 1]) + argv[:i] + argv[i + 2 :]
+
+
 def parse_config(cls, argv: list[str]):
     """Parse `argv` into the dataclass `cls`; `--config FILE.yaml` anywhere supplies defaults."""
     from transformers import HfArgumentParser
 
-    argv = list(argv)
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise UserError("--config needs a YAML file")
-        argv = recipe_flags(argv[i + 1]) + argv[:i] + argv[i + 2 :]
+    argv = expand_recipe(argv)
     parser = HfArgumentParser(cls)
     try:
         (cfg,) = parser.parse_args_into_dataclasses(args=argv)

@@ -1,0 +1,39 @@
+"""PackedSFTTrainer: the Trainer with throughput logging for packed supervised fine-tuning.
+
+No loss code is needed here: transformers' Trainer already divides the summed token loss by the
+number of label tokens of the whole effective batch (`num_items_in_batch`, counted over every
+gradient-accumulation micro-batch and, with `average_tokens_across_devices`, over every process),
+which is the release's "mean over every label token" objective. The optimizer comes in through
+`optimizer_cls_and_kwargs` (default: AnyPrecisionAdamW with bf16 moments).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import Trainer
+
+
+class PackedSFTTrainer(Trainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._tokens = 0
+        self._label_tokens = 0
+        self._start: float | None = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._start is None:
+            self._start = time.perf_counter()
+        self._tokens += int(inputs["input_ids"].numel())
+        self._label_tokens += int((inputs["labels"] != -100).sum())
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._start is not None and "loss" in logs:
+            seconds = max(time.perf_counter() - self._start, 1e-9)
+            logs["tokens_per_second"] = round(self._tokens * self.args.world_size / seconds, 1)
+            logs["label_tokens_per_second"] = round(self._label_tokens * self.args.world_size / seconds, 1)
+            if torch.cuda.is_available():
+                logs["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        super().log(logs, start_time)

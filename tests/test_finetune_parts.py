@@ -1,0 +1,133 @@
+"""Fine-tuning building blocks: prompts and masking, packing, packed attention, AnyPrecisionAdamW."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+
+from dataset.LaMini_dataset import Example, to_examples, tokenize_example
+from dataset.packing.packed_dataset import (
+    PackedCollator,
+    pack_best_fit_decreasing,
+    pack_consecutive,
+    pack_examples,
+)
+from dataset.prompter import Prompter
+from module.anyprecisionAdamw import AnyPrecisionAdamW
+from utils.errors import UserError
+
+
+def test_packers_on_hand_computed_lengths():
+    lengths = [5, 3, 4, 2, 6]
+    # in order: 5+3 | 4+2 | 6
+    assert pack_consecutive(lengths, 8) == [[0, 1], [2, 3], [4]]
+    # longest first into the tightest room: 6 (room 2), 5 (room 3), 4 (room 4), 3 -> room 3, 2 -> room 2
+    assert pack_best_fit_decreasing(lengths, 8) == [[4, 3], [0, 1], [2]]
+
+
+def test_pack_examples_labels_and_positions():
+    examples = [
+        {"input_ids": [1, 2, 3], "labels": [-100, 2, 3]},
+        {"input_ids": [4, 5], "labels": [4, 5]},
+        {"input_ids": [6, 7, 8, 9], "labels": [6, 7, 8, 9]},
+    ]
+    rows, fill = pack_examples(examples, 6, "consecutive")
+    assert rows == [
+        {"input_ids": [1, 2, 3, 4, 5], "labels": [-100, 2, 3, -100, 5], "position_ids": [0, 1, 2, 0, 1]},
+        {"input_ids": [6, 7, 8, 9], "labels": [-100, 7, 8, 9], "position_ids": [0, 1, 2, 3]},
+    ]
+    assert fill == pytest.approx(9 / 12)
+    batch = PackedCollator(pad_token_id=0)(rows)
+    assert batch["input_ids"][1].tolist() == [6, 7, 8, 9, 0]
+    assert batch["labels"][1].tolist() == [-100, 7, 8, 9, -100]
+    assert batch["position_ids"][1].tolist() == [0, 1, 2, 3, 0]
+    assert "attention_mask" not in batch
+    with pytest.raises(ValueError, match="more than the pack length"):
+        pack_examples(examples, 3, "bfd")
+
+
+def test_prompt_masking_and_eos(tiny_tokenizer):
+    prompter = Prompter()
+    ex = Example("Name a colour", "", "Blue")
+    row = tokenize_example(tiny_tokenizer, prompter, ex, 512, train_on_inputs=False)
+    prompt_ids = tiny_tokenizer(prompter.prompt("Name a colour"))["input_ids"]
+    answer_ids = tiny_tokenizer("Blue", add_special_tokens=False)["input_ids"]
+    assert row["input_ids"] == prompt_ids + answer_ids + [tiny_tokenizer.eos_token_id]
+    assert row["labels"] == [-100] * len(prompt_ids) + answer_ids + [tiny_tokenizer.eos_token_id]
+    with_inputs = tokenize_example(tiny_tokenizer, prompter, ex, 512, train_on_inputs=True)
+    assert with_inputs["labels"] == with_inputs["input_ids"]
+    short = tokenize_example(tiny_tokenizer, prompter, ex, len(prompt_ids) + 1, train_on_inputs=False)
+    assert short["input_ids"] == prompt_ids + answer_ids[:1] and short["labels"][-1] == answer_ids[0]
+    assert "### Input:\nred or blue" in prompter.prompt("Pick", "red or blue")
+    assert "### Input:" not in prompter.prompt("Pick")
+
+
+def test_field_mapping():
+    assert to_examples([{"instruction": "i", "response": "r"}]) == [Example("i", "", "r")]
+    assert to_examples([{"instruction": "i", "input": "x", "output": "o"}]) == [Example("i", "x", "o")]
+    with pytest.raises(UserError, match="unknown dataset fields"):
+        to_examples([{"question": "q", "answer": "a"}])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_equals_per_example_loss_and_examples_stay_apart(attn):
+    model = tiny_model("llama")
+    model.set_attn_implementation(attn)
+    model.config.use_cache = False  # with a cache, transformers does not look for packed sequences
+    gen = torch.Generator().manual_seed(0)
+    examples = []
+    for n in (7, 5, 9):
+        ids = torch.randint(0, 300, (n,), generator=gen).tolist()
+        examples.append({"input_ids": ids, "labels": [-100, -100, *ids[2:]]})
+    rows, _ = pack_examples(examples, 32, "consecutive")
+    batch = PackedCollator(0)(rows)
+    with torch.no_grad():
+        packed = model(**batch).loss
+        total, count = 0.0, 0
+        for ex in examples:
+            ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]])
+            logits = model(input_ids=ids).logits
+            total += F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum").item()
+            count += int((labels[0, 1:] != -100).sum())
+        torch.testing.assert_close(packed.item(), total / count, rtol=1e-4, atol=0)
+        # changing the first example must not change any logit of the second one
+        changed = batch["input_ids"].clone()
+        changed[0, :7] = (changed[0, :7] + 1) % 300
+        a = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0, 7:12]
+        b = model(input_ids=changed, position_ids=batch["position_ids"]).logits[0, 7:12]
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def regression_run(make_opt, dtype=torch.float32, steps=50, seed=0):
+    torch.manual_seed(seed)
+    x = torch.randn(256, 16)
+    y = x @ torch.randn(16, 1)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)).to(dtype)
+    opt = make_opt(net.parameters())
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = ((net(x.to(dtype)).float() - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+    return net, loss.item(), opt
+
+
+def test_anyprecision_fp32_equals_torch_adamw_for_50_steps():
+    ref, _, _ = regression_run(lambda p: torch.optim.AdamW(p, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05))
+    ours, _, _ = regression_run(lambda p: AnyPrecisionAdamW(p, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05))
+    for a, b in zip(ref.parameters(), ours.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_states_halve_memory_and_kahan_tracks_fp32():
+    _, _, fp32_opt = regression_run(lambda p: AnyPrecisionAdamW(p, lr=1e-3), steps=1)
+    _, _, bf16_opt = regression_run(
+        lambda p: AnyPrecisionAdamW(p, lr=1e-3, momentum_dtype="bfloat16", variance_dtype="bfloat16"), steps=1
+    )
+    assert bf16_opt.state_bytes() * 2 == fp32_opt.state_bytes()
+    _, reference, _ = regression_run(lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.0), steps=300)
+    bf16 = dict(lr=1e-3, momentum_dtype="bfloat16", variance_dtype="bfloat16")
+    _, kahan, _ = regression_run(lambda p: AnyPrecisionAdamW(p, **bf16, use_kahan_summation=True), torch.bfloat16, 300)
+    _, plain, _ = regression_run(lambda p: AnyPrecisionAdamW(p, **bf16), torch.bfloat16, 300)
+    assert abs(kahan - reference) < 0.1 * reference  # pure-bf16 weights with Kahan stay near fp32 training
+    assert plain - reference > 2 * abs(kahan - reference)  # without it, small updates are lost to rounding
