@@ -11,20 +11,11 @@
 
 import sys
 
-from module.sft import run_sft
-from utils.errors import UserError
-from utils.report import setup_logging
+from module.sft import sft_main
 
 
 def main(argv: list[str] | None = None, callbacks=()) -> int:
-    setup_logging()
-    try:
-        out = run_sft(sys.argv[1:] if argv is None else argv, lora_mode=True, callbacks=callbacks)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"saved to {out}")
-    return 0
+    return sft_main(argv, lora_mode=True, callbacks=callbacks)
 
 
 if __name__ == "__main__":

@@ -169,3 +169,19 @@ def run_sft(argv: list[str], lora_mode: bool, callbacks=()) -> Path:
             "metrics": result.metrics, "log_history": trainer.state.log_history, "versions": versions(),
         })  # fmt: skip
     return out
+
+
+def sft_main(argv: list[str] | None, lora_mode: bool, callbacks=()) -> int:
+    """Entry point body of both scripts: one error line and exit status 2 on bad input."""
+    import sys
+
+    from utils.report import setup_logging
+
+    setup_logging()
+    try:
+        out = run_sft(sys.argv[1:] if argv is None else argv, lora_mode=lora_mode, callbacks=callbacks)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"saved to {out}")
+    return 0

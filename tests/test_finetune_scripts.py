@@ -6,23 +6,13 @@ import sys
 
 import pytest
 import torch
-from conftest import DATA, ROOT, tiny_model
+from conftest import DATA, ROOT
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import fintune_full
 import fintune_lora
 
 LAMINI = str(DATA / "instruct" / "lamini" / "lamini_10001_part1.jsonl")
-
-
-@pytest.fixture(scope="module")
-def tiny_sft_model(tmp_path_factory, tiny_tokenizer):
-    path = tmp_path_factory.mktemp("sft") / "tiny"
-    model = tiny_model("llama")
-    model.config.max_position_embeddings = 4096
-    model.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
 
 
 def common(model, out, *extra):
@@ -39,11 +29,11 @@ class GradCapture(TrainerCallback):
         self.grads.append(torch.cat([p.grad.detach().flatten().clone() for p in model.parameters()]))
 
 
-def test_accumulation_4x1_gives_the_same_update_as_1x4(tiny_sft_model, tmp_path):
+def test_accumulation_4x1_gives_the_same_update_as_1x4(tiny_long_llama_dir, tmp_path):
     grads = []
     for bs, ga in ((4, 1), (1, 4)):
         cap = GradCapture()
-        argv = common(tiny_sft_model, tmp_path / f"bs{bs}", "--per_device_train_batch_size", str(bs),
+        argv = common(tiny_long_llama_dir, tmp_path / f"bs{bs}", "--per_device_train_batch_size", str(bs),
                       "--gradient_accumulation_steps", str(ga), "--max_steps", "1", "--max_grad_norm", "0")  # fmt: skip
         assert fintune_full.main(argv, callbacks=[cap]) == 0
         grads.append(cap.grads[0])
@@ -64,14 +54,14 @@ def losses(out):
     return {h["step"]: h["loss"] for h in history if "loss" in h}
 
 
-def test_resumed_run_reproduces_the_uninterrupted_losses(tiny_sft_model, tmp_path):
+def test_resumed_run_reproduces_the_uninterrupted_losses(tiny_long_llama_dir, tmp_path):
     extra = ["--max_steps", "4", "--save_steps", "2", "--gradient_accumulation_steps", "2", "--optimizer",
              "anyprecision"]  # fmt: skip
-    assert fintune_full.main(common(tiny_sft_model, tmp_path / "full", *extra)) == 0
-    assert fintune_full.main(common(tiny_sft_model, tmp_path / "cut", *extra), callbacks=[StopAt(2)]) == 0
+    assert fintune_full.main(common(tiny_long_llama_dir, tmp_path / "full", *extra)) == 0
+    assert fintune_full.main(common(tiny_long_llama_dir, tmp_path / "cut", *extra), callbacks=[StopAt(2)]) == 0
     ckpt = tmp_path / "cut" / "checkpoint-2"
     assert ckpt.is_dir()
-    resumed = common(tiny_sft_model, tmp_path / "cut", *extra, "--resume_from_checkpoint", str(ckpt))
+    resumed = common(tiny_long_llama_dir, tmp_path / "cut", *extra, "--resume_from_checkpoint", str(ckpt))
     assert fintune_full.main(resumed) == 0
     full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
     assert set(full) == {1, 2, 3, 4} and {3, 4} <= set(cut)
@@ -87,16 +77,16 @@ def test_resumed_run_reproduces_the_uninterrupted_losses(tiny_sft_model, tmp_pat
         (["--packing", "random"], "is not one of"),
     ],
 )
-def test_bad_input_is_one_line(tiny_sft_model, tmp_path, capsys, args, message):
-    assert fintune_full.main([*common(tiny_sft_model, tmp_path / "o"), *args]) == 2
+def test_bad_input_is_one_line(tiny_long_llama_dir, tmp_path, capsys, args, message):
+    assert fintune_full.main([*common(tiny_long_llama_dir, tmp_path / "o"), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1], err[-3:]
 
 
-def test_unknown_fields_and_missing_model(tiny_sft_model, tmp_path, capsys):
+def test_unknown_fields_and_missing_model(tiny_long_llama_dir, tmp_path, capsys):
     bad = tmp_path / "qa.jsonl"
     bad.write_text('{"question": "q", "answer": "a"}\n')
-    argv = common(tiny_sft_model, tmp_path / "o")
+    argv = common(tiny_long_llama_dir, tmp_path / "o")
     argv[argv.index(LAMINI)] = str(bad)
     assert fintune_lora.main(argv) == 2
     assert "unknown dataset fields" in capsys.readouterr().err
@@ -104,17 +94,17 @@ def test_unknown_fields_and_missing_model(tiny_sft_model, tmp_path, capsys):
     assert "cannot load --model" in capsys.readouterr().err
 
 
-def test_existing_run_folder_is_not_clobbered(tiny_sft_model, tmp_path, capsys):
+def test_existing_run_folder_is_not_clobbered(tiny_long_llama_dir, tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "keep.txt").write_text("earlier run")
-    assert fintune_full.main(common(tiny_sft_model, tmp_path / "run", "--max_steps", "1")) == 2
+    assert fintune_full.main(common(tiny_long_llama_dir, tmp_path / "run", "--max_steps", "1")) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (tmp_path / "run" / "keep.txt").read_text() == "earlier run"
 
 
 @pytest.mark.parametrize("script", ["fintune_full.py", "fintune_lora.py"])
-def test_accelerate_two_cpu_processes_run_one_step(tiny_sft_model, tmp_path, script):
-    argv = common(tiny_sft_model, tmp_path / "ddp", "--max_steps", "1", "--gradient_accumulation_steps", "1")
+def test_accelerate_two_cpu_processes_run_one_step(tiny_long_llama_dir, tmp_path, script):
+    argv = common(tiny_long_llama_dir, tmp_path / "ddp", "--max_steps", "1", "--gradient_accumulation_steps", "1")
     run = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", script, *argv],
