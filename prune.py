@@ -7,6 +7,8 @@
     # several sizes from one importance pass, offline text, perplexity before/after
     python prune.py --origin_path models/SmolLM2-135M-Instruct --pruning_ratio 0.2,0.3 \\
         --calib_dataset builtin --calib_samples 32 --seq_len 256 --eval_text builtin:heldout
+    # split the importance pass over 4 GPUs (scores all-reduced; rank 0 writes)
+    accelerate launch --num_processes 4 prune.py --origin_path meta-llama/Llama-2-7b-hf --pruning_ratio 0.2
     # a recipe file, with flags after it overriding it
     python prune.py --config cfg/recipes/llama2_7b.yaml --pruning_ratio 0.3
 """
@@ -21,6 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from safetensors.torch import save_file
 from transformers.utils.logging import disable_progress_bar
 
@@ -28,7 +31,7 @@ from cfg.prune_config import PruneConfig
 from dataset.calibration import load_documents, sample_windows
 from module.adapters import find_mlps
 from module.criteria import DATA_FREE, score_neurons
-from module.importance import collect_statistics
+from module.importance import all_reduce_statistics, collect_statistics
 from module.pruning import count_parameters, plan_keep, prune_mlps, relative_keep, top_k_sorted
 from utils.cli import load_model_and_tokenizer, parse_config, resolve_device_dtype
 from utils.errors import UserError
@@ -49,8 +52,12 @@ def output_dirs(cfg: PruneConfig) -> list[Path]:
     return [parent / f"{name}-{t}" for t in tags]
 
 
-def importance(cfg, model, tokenizer, mlps, device, dtype) -> tuple[list[torch.Tensor], dict]:
-    """Scores per layer, from the cache when every setting that changes them matches."""
+def importance(cfg, model, tokenizer, mlps, device, dtype, state) -> tuple[list[torch.Tensor], dict]:
+    """Scores per layer, from the cache when every setting that changes them matches.
+
+    Under `accelerate launch`, every rank draws the same windows, runs its share (every N-th window)
+    and the per-neuron sums are all-reduced before scoring, so every rank ranks the same scores.
+    """
     windows = None
     if cfg.criterion not in DATA_FREE:
         docs = load_documents(cfg.calib_dataset, cfg.calib_text_field)
@@ -77,9 +84,12 @@ def importance(cfg, model, tokenizer, mlps, device, dtype) -> tuple[list[torch.T
     reset_peak_memory(device)
     stats = None
     if windows is not None:
+        shard = windows[state.process_index :: state.num_processes]
         stats = collect_statistics(
-            model, mlps, windows, cfg.criterion, cfg.batch_size, cfg.loss_chunk_tokens or None, cfg.progress
-        )
+            model, mlps, shard, cfg.criterion, cfg.batch_size, cfg.loss_chunk_tokens or None,
+            cfg.progress and state.is_main_process,
+        )  # fmt: skip
+        all_reduce_statistics(stats)
     scores = score_neurons(cfg.criterion, mlps, stats, cfg.seed)
     meta = {
         "key": key,
@@ -99,7 +109,7 @@ def importance(cfg, model, tokenizer, mlps, device, dtype) -> tuple[list[torch.T
             meta["importance_seconds"],
             meta["tokens_per_second"],
         )
-    if entry is not None:
+    if entry is not None and state.is_main_process:
         save_importance(entry, scores, meta)
         log.info("importance: cached in %s", entry)
     return scores, {**meta, "cache_hit": False, "cache_entry": str(entry) if entry else None}
@@ -110,7 +120,9 @@ def run(cfg: PruneConfig) -> list[Path]:
     log.info("config: %s", json.dumps(asdict(cfg), sort_keys=True))
     if not cfg.progress:
         disable_progress_bar()
-    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
+    state = PartialState()  # one process, or one rank of `accelerate launch`
+    distributed_auto = cfg.device == "auto" and state.num_processes > 1
+    device, dtype = resolve_device_dtype(str(state.device) if distributed_auto else cfg.device, cfg.dtype)
     outs = output_dirs(cfg)
     origin = Path(cfg.origin_path).expanduser()
     protected = [origin] if origin.exists() else []
@@ -132,7 +144,10 @@ def run(cfg: PruneConfig) -> list[Path]:
         mlps.shape.name,
         params_before / 1e6,
     )
-    scores, imp = importance(cfg, model, tokenizer, mlps, device, dtype)
+    scores, imp = importance(cfg, model, tokenizer, mlps, device, dtype, state)
+    if not state.is_main_process:  # the other ranks only helped with the importance pass
+        state.wait_for_everyone()
+        return outs
     ppl_windows = None
     ppl_before = None
     if cfg.eval_text:
@@ -192,6 +207,7 @@ def run(cfg: PruneConfig) -> list[Path]:
         if ppl_windows is not None:
             line += f", perplexity {ppl_before['perplexity']:.3f} -> {report['perplexity_after']['perplexity']:.3f}"
         print(line, flush=True)
+    state.wait_for_everyone()
     return outs
 
 

@@ -251,3 +251,21 @@ def collect_statistics(
     if need_taylor and not all(math.isfinite(float(x.sum())) for x in stats.taylor):
         raise FloatingPointError("importance scores are not finite (overflow in the model dtype?)")
     return stats
+
+
+def all_reduce_statistics(stats: NeuronStatistics) -> NeuronStatistics:
+    """Sum every rank's statistics (windows were split across ranks), in place, in fp64."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return stats
+    for t in (*stats.taylor, *stats.act_sq):
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    device = stats.taylor[0].device if stats.taylor else stats.act_sq[0].device
+    counts = torch.tensor([stats.tokens, stats.windows, stats.loss_sum], dtype=torch.float64, device=device)
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    seconds = torch.tensor([stats.seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # wall time of the slowest rank
+    stats.tokens, stats.windows, stats.loss_sum = int(counts[0]), int(counts[1]), float(counts[2])
+    stats.seconds = float(seconds[0])
+    return stats

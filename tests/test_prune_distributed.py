@@ -1,0 +1,34 @@
+"""prune.py under `accelerate launch --cpu --num_processes 2` equals one process."""
+
+import json
+import subprocess
+import sys
+
+import torch
+from conftest import ROOT
+from safetensors.torch import load_file
+
+ARGS = ["--pruning_ratio", "0.1", "--calib_dataset", "builtin", "--calib_samples", "6", "--seq_len", "24",
+        "--importance_cache", "", "--no_progress"]  # fmt: skip
+
+
+def test_two_processes_keep_the_same_neurons_and_write_the_same_weights(tiny_llama_dir, tmp_path):
+    one = ["prune.py", "--origin_path", str(tiny_llama_dir), *ARGS, "--output_dir", str(tmp_path / "one")]
+    single = subprocess.run([sys.executable, *one], cwd=ROOT, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines",
+              "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    double = subprocess.run([*launch, "prune.py", "--origin_path", str(tiny_llama_dir), *ARGS, "--output_dir",
+                             str(tmp_path / "two")], cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert double.stdout.count("parameters (removed") == 1  # only rank 0 writes and reports
+    kept_one = load_file(str(tmp_path / "one" / "kept_neurons.safetensors"))
+    kept_two = load_file(str(tmp_path / "two" / "kept_neurons.safetensors"))
+    assert all(torch.equal(kept_one[k], kept_two[k]) for k in kept_one)
+    w_one = load_file(str(tmp_path / "one" / "model.safetensors"))
+    w_two = load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert w_one.keys() == w_two.keys() and all(torch.equal(w_one[k], w_two[k]) for k in w_one)
+    r_one = json.loads((tmp_path / "one" / "prune_report.json").read_text())
+    r_two = json.loads((tmp_path / "two" / "prune_report.json").read_text())
+    assert r_one["calib_tokens"] == r_two["calib_tokens"] == 6 * 24
+    assert abs(r_one["mean_window_loss"] - r_two["mean_window_loss"]) < 1e-6
