@@ -27,12 +27,9 @@
 # bin/activate or a conda hook), HFPRUNE_DATA. Under sbatch, create log/eval first (SLURM opens
 # the --output file before the script runs).
 set -euo pipefail
-
-usage() { sed -n '9,28p' "$0" | sed 's/^# \{0,1\}//'; }
-die() { echo "error: $*" >&2; exit 2; }
-
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-if [[ -n "${SLURM_SUBMIT_DIR:-}" && -f "$SLURM_SUBMIT_DIR/script/eval.sh" ]]; then ROOT=$SLURM_SUBMIT_DIR; fi
+ROOT=${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+# shellcheck source=script/_common.sh
+source "$ROOT/script/_common.sh"
 PYTHON=${PYTHON:-python3}
 DRY_RUN=${DRY_RUN:-0}
 TASKS="" LOCAL=0 DATA_DIR=${HFPRUNE_DATA:-$ROOT/../shared/data} BATCH=auto DEVICE="" DTYPE=bfloat16
@@ -42,7 +39,7 @@ LOCAL_TASKS=arc_easy_local,arc_challenge_local,piqa_local,boolq_local,winogrande
 
 while (($#)); do
   case "$1" in
-    -h|--help) usage; exit 0 ;;
+    -h|--help) usage "$ROOT/script/eval.sh"; exit 0 ;;
     --tasks) TASKS=${2:?--tasks needs a value}; shift 2 ;;
     --local) LOCAL=1; shift ;;
     --data_dir) DATA_DIR=${2:?--data_dir needs a value}; shift 2 ;;
@@ -74,10 +71,7 @@ if [[ -z "$DEVICE" ]]; then
 fi
 if [[ -z "$TASKS" ]]; then if ((LOCAL)); then TASKS=$LOCAL_TASKS; else TASKS=$PAPER_TASKS; fi; fi
 
-if [[ -n "${ENV_ACTIVATE:-}" ]]; then
-  # shellcheck disable=SC1090
-  source "$ENV_ACTIVATE"
-fi
+activate_env
 cd "$ROOT"
 CHECK=("$PYTHON" -m utils.lm_eval_tasks check --tasks "$TASKS")
 if ((LOCAL)) || [[ "$TASKS" == *_local* ]]; then CHECK+=(--data_dir "$DATA_DIR"); fi
@@ -97,12 +91,9 @@ PPL_CMD=("$PYTHON" -m utils.perplexity --model "$MODEL" --dataset wikitext2 --se
 [[ -z "$ADAPTER" ]] || PPL_CMD+=(--adapter "$ADAPTER")
 if [[ -d "$DATA_DIR/wikitext-2-raw" ]]; then PPL_CMD+=(--data_dir "$DATA_DIR"); fi
 
-if ((DRY_RUN)); then
-  printf '%q ' "${CMD[@]}"; echo
-  if ((PPL)); then printf '%q ' "${PPL_CMD[@]}"; echo; fi
-  exit 0
+if [[ "$DRY_RUN" != 1 ]]; then
+  mkdir -p "$OUTPUT" "$ROOT/log/eval"
+  echo "evaluating $MODEL${ADAPTER:+ + $ADAPTER} on $TASKS ($DEVICE, $DTYPE) -> $OUTPUT" >&2
 fi
-mkdir -p "$OUTPUT" "$ROOT/log/eval"
-echo "evaluating $MODEL${ADAPTER:+ + $ADAPTER} on $TASKS ($DEVICE, $DTYPE) -> $OUTPUT"
-"${CMD[@]}"
-if ((PPL)); then "${PPL_CMD[@]}"; fi
+run_cmd "${CMD[@]}"
+if ((PPL)); then run_cmd "${PPL_CMD[@]}"; fi
