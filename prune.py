@@ -128,7 +128,10 @@ def run(cfg: PruneConfig) -> list[Path]:
     protected = [origin] if origin.exists() else []
     for out in outs:
         check_output_dir(out, protected, cfg.overwrite)
-    model, tokenizer = load_model_and_tokenizer(cfg.origin_path, device, dtype, cfg.trust_remote_code)
+    if cfg.device_map and state.num_processes > 1:
+        raise UserError("--device_map shards one model over the GPUs of one process; do not combine it with "
+                        "accelerate launch")  # fmt: skip
+    model, tokenizer = load_model_and_tokenizer(cfg.origin_path, device, dtype, cfg.trust_remote_code, cfg.device_map)
     mlps = find_mlps(model)
     hidden, neurons = model.config.hidden_size, mlps.neurons
     params_before = count_parameters(model)

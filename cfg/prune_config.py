@@ -62,6 +62,13 @@ class PruneConfig:
         metadata={"help": f"Compute and saved dtype: {', '.join(DTYPES)}; auto = bfloat16 on CUDA, float32 on CPU."},
     )
     device: str = field(default="auto", metadata={"help": "cuda, cuda:N, cpu or auto (cuda if available)."})
+    device_map: str | None = field(
+        default=None,
+        metadata={
+            "help": "auto: shard the model over every visible GPU, for models larger than one GPU "
+            "(one process; not with accelerate launch)."
+        },
+    )
     round_to: int = field(default=1, metadata={"help": "Round the kept neurons to a multiple of this (1 = exact)."})
     output_dir: str | None = field(
         default=None,

@@ -127,14 +127,14 @@ def head_loss_and_grad(
     total = 0.0
     for s in range(0, b * t, chunk_tokens):
         e = min(s + chunk_tokens, b * t)
-        z, dz_du = head.logits(flat[s:e])
+        z, dz_du = head.logits(flat[s:e].to(head.weight.device))
         if criterion == "ce":
             per_token, gz = cross_entropy_and_grad(z, targets[s:e], weight)
         else:
             per_token, gz = entropy_and_grad(z, weight)
         del z
         total += per_token.sum().item() * weight
-        grad[s:e] = head.grad_hidden(gz, dz_du)
+        grad[s:e] = head.grad_hidden(gz, dz_du).to(grad.device)
     return total, grad.view(b, t, d)
 
 
@@ -169,7 +169,8 @@ class _Collector:
         def hook(module, args):
             a = args[0]
             if self.act_sq:
-                self.stats.act_sq[index] += a.detach().float().pow(2).sum(dim=(0, 1))
+                acc = self.stats.act_sq[index]
+                acc += a.detach().float().pow(2).sum(dim=(0, 1)).to(acc.device)
             if not self.taylor or not torch.is_grad_enabled():
                 return None
             start_graph = not a.requires_grad
@@ -183,7 +184,8 @@ class _Collector:
 
     def _grad_hook(self, index: int, grad: torch.Tensor) -> None:
         a = self.slots.pop(index)
-        self.stats.taylor[index] += (a * grad).abs_().sum(dim=(0, 1), dtype=torch.float32)
+        acc = self.stats.taylor[index]  # on the first device; layers may sit on others (--device_map)
+        acc += (a * grad).abs_().sum(dim=(0, 1), dtype=torch.float32).to(acc.device)
 
     def close(self) -> None:
         for h in self.handles:
@@ -218,13 +220,14 @@ def collect_statistics(
     head = LogitHead.from_model(model)
     chunk = chunk_tokens or default_chunk_tokens(head.weight.shape[0], device)
     base = model.base_model
+    input_device = model.get_input_embeddings().weight.device
     collector = _Collector(mlps, stats, taylor=need_taylor, act_sq=need_act)
     n, t = windows.shape
     bar = tqdm(total=n * t, unit="tok", unit_scale=True, desc=f"importance ({criterion})", disable=not progress)
     start = time.perf_counter()
     try:
         for s in range(0, n, batch_size):
-            ids = windows[s : s + batch_size].to(device)
+            ids = windows[s : s + batch_size].to(input_device)
             if need_taylor:
                 hidden = base(input_ids=ids, use_cache=False).last_hidden_state
                 loss, grad = head_loss_and_grad(head, hidden.detach(), ids, criterion, chunk)

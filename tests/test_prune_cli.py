@@ -170,3 +170,12 @@ def test_unknown_recipe_key_fails(tmp_path):
     recipe.write_text("origin_path: x\npruning_ratio: 0.2\nmlp_ratoi: 2.0\n")
     with pytest.raises((UserError, SystemExit)):
         parse_config(PruneConfig, ["--config", str(recipe)])
+
+
+def test_device_map_auto_gives_the_same_kept_neurons(tmp_path, tiny_llama_dir):
+    assert run_prune(tmp_path, tiny_llama_dir, "--pruning_ratio", "0.05", out="plain", cache="c1") == 0
+    assert run_prune(tmp_path, tiny_llama_dir, "--pruning_ratio", "0.05", "--device_map", "auto", out="mapped",
+                     cache="c2") == 0  # fmt: skip
+    a = load_file(str(tmp_path / "plain" / "kept_neurons.safetensors"))
+    b = load_file(str(tmp_path / "mapped" / "kept_neurons.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -67,19 +67,21 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
     return dev, DTYPE_NAMES[dtype]
 
 
-def load_model_and_tokenizer(path: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
-    """The causal LM in `dtype` on `device`, and its tokenizer; one-line error when either cannot load."""
+def load_model_and_tokenizer(
+    path: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False, device_map: str | None = None
+):
+    """The causal LM in `dtype` on `device` (or sharded by `device_map`) and its tokenizer; one-line error."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw = {"trust_remote_code": trust_remote_code}
+    if device_map is None and device.type == "cuda":
+        device_map = str(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, device_map=str(device) if device.type == "cuda" else None, **kw
-        )
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, **kw)
     except (OSError, ValueError, KeyError, ImportError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load model --origin_path {path!r}: {first}") from None
-    if device.type != "cuda":
+    if device_map is None:
         model.to(device)
     return model, tokenizer
