@@ -38,7 +38,7 @@ SHAPES = {  # random-weight models of the published shapes
 
 
 class PeakMemory:
-    """Peak memory of a block: the CUDA allocator's, or on CPU the process RSS sampled every 2 ms."""
+    """Peak memory of a block: the CUDA allocator's, or on CPU the process RSS sampled every 10 ms."""
 
     def __init__(self, device: torch.device):
         self.device, self.peak = device, 0
@@ -65,7 +65,7 @@ class PeakMemory:
         def sample():
             while not self._stop.is_set():
                 self.peak = max(self.peak, proc.memory_info().rss - self.start)
-                time.sleep(0.002)
+                time.sleep(0.01)
 
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()
