@@ -87,7 +87,7 @@ def importance(cfg, model, tokenizer, mlps, device, dtype, state) -> tuple[list[
         shard = windows[state.process_index :: state.num_processes]
         stats = collect_statistics(
             model, mlps, shard, cfg.criterion, cfg.batch_size, cfg.loss_chunk_tokens or None,
-            cfg.progress and state.is_main_process,
+            cfg.progress and state.is_main_process, cfg.activation_checkpointing,
         )  # fmt: skip
         all_reduce_statistics(stats)
     scores = score_neurons(cfg.criterion, mlps, stats, cfg.seed)

@@ -9,7 +9,8 @@ through autograd, scores summed in bf16, one window at a time. Ours: `module.imp
     python bench/importance_speed.py --shape llama3-8b --seq_len 1024 --windows 16 --batch_size 4  # 128k vocab
 
 Prints seconds per window, peak memory (CUDA: allocator peak; CPU: sampled RSS above the start),
-the speed-up and the overlap of the kept sets at 20% pruning.
+the speed-up and the overlap of the kept sets at 20% pruning, and ours again with activation
+checkpointing (memory and time against ours without, and whether the scores are equal).
 """
 
 from __future__ import annotations
@@ -175,6 +176,14 @@ def main() -> None:
     ours = [s.cpu() for s in stats.taylor]
     print(f"ours    (batch {args.batch_size}): {t_ours / args.windows:.3f} s/window, "
           f"{args.windows * args.seq_len / t_ours:.0f} tokens/s, peak {m_ours / 2**30:.2f} GiB")  # fmt: skip
+    ck_stats, t_ck, m_ck = timed(
+        lambda: collect_statistics(model, mlps, windows[1:], "entropy", args.batch_size, progress=False,
+                                   activation_checkpointing=True), device)  # fmt: skip
+    same = all(torch.allclose(a.cpu(), b, rtol=1e-5) for a, b in zip(ck_stats.taylor, ours))
+    print(
+        f"ours with activation checkpointing: {t_ck / args.windows:.3f} s/window, peak {m_ck / 2**30:.2f} GiB "
+        f"(memory {m_ck / max(m_ours, 1):.2f}x, time {t_ck / t_ours:.2f}x of ours without; scores equal: {same})"
+    )
     if args.skip_release:
         return
     release_scores(model, mlps, windows[:1])  # warm-up

@@ -57,6 +57,13 @@ class PruneConfig:
             "help": "Tokens per chunk of the vocabulary loss (0 = fp32 logits of ~256 MiB on CUDA, ~32 MiB on CPU)."
         },
     )
+    activation_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "Recompute each layer in the importance backward pass: much less activation memory "
+            "(larger batches, longer windows, bigger models) for about one more forward pass."
+        },
+    )
     dtype: str = field(
         default="auto",
         metadata={"help": f"Compute and saved dtype: {', '.join(DTYPES)}; auto = bfloat16 on CUDA, float32 on CPU."},

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from module.adapters import ModelMLPs
+from module.adapters import ModelMLPs, decoder_layers
+from utils.errors import UserError
 
 GRADIENT_CRITERIA = ("entropy", "ce")
 ACTIVATION_CRITERIA = ("wanda_sp",)
@@ -201,8 +202,15 @@ def collect_statistics(
     batch_size: int = 1,
     chunk_tokens: int | None = None,
     progress: bool = True,
+    activation_checkpointing: bool = False,
 ) -> NeuronStatistics:
-    """Run the calibration windows [N, T] through the model and sum the statistics `criterion` needs."""
+    """Run the calibration windows [N, T] through the model and sum the statistics `criterion` needs.
+
+    With `activation_checkpointing`, each decoder layer keeps only its input in the forward pass and is
+    recomputed in backward (transformers' own checkpointing): far less memory for one more forward.
+    Only the layers' own `training` flag, which checkpointing reads, is set; every submodule stays in
+    eval mode, so dropout stays off and the scores do not change.
+    """
     need_taylor = criterion in GRADIENT_CRITERIA
     need_act = criterion in ACTIVATION_CRITERIA
     device = next(model.parameters()).device
@@ -221,6 +229,18 @@ def collect_statistics(
     chunk = chunk_tokens or default_chunk_tokens(head.weight.shape[0], device)
     base = model.base_model
     input_device = model.get_input_embeddings().weight.device
+    checkpointed = activation_checkpointing and need_taylor
+    if checkpointed:
+        if not model.supports_gradient_checkpointing:
+            raise UserError(f"{type(model).__name__} does not support activation checkpointing")
+        # transformers >= 5.20 calls it activation checkpointing; older 5.x only knows the old name
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for layer in decoder_layers(model):
+            layer.training = True
     collector = _Collector(mlps, stats, taylor=need_taylor, act_sq=need_act)
     n, t = windows.shape
     bar = tqdm(total=n * t, unit="tok", unit_scale=True, desc=f"importance ({criterion})", disable=not progress)
@@ -247,6 +267,8 @@ def collect_statistics(
         collector.close()
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
+        if checkpointed:
+            getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
         model.train(was_training)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -121,3 +121,19 @@ def test_random_scores_follow_the_seed():
     mlps = find_mlps(tiny_model("llama"))
     a, b, c = (score_neurons("random", mlps, None, seed=s) for s in (1, 1, 2))
     assert torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # GPT-2 has dropout modules that must stay off
+def test_activation_checkpointing_does_not_change_scores(family):
+    model = tiny_model(family)
+    mlps = find_mlps(model)
+    calls = []
+    counter = mlps.layers[1].output.module.register_forward_pre_hook(lambda m, a: calls.append(1))
+    plain = collect_statistics(model, mlps, WINDOWS, "entropy", batch_size=2, progress=False)
+    n_plain = len(calls)
+    ckpt = collect_statistics(model, mlps, WINDOWS, "entropy", 2, progress=False, activation_checkpointing=True)
+    counter.remove()
+    assert n_plain == 3 and len(calls) - n_plain == 6  # 3 batches; each layer recomputed once in backward
+    for a, b in zip(plain.taylor, ckpt.taylor):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+    assert not model.training and not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
