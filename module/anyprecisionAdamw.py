@@ -113,16 +113,17 @@ class AnyPrecisionAdamW(Optimizer):
         if v32 is not v:
             torch._foreach_copy_(v, v32)
         bias1, bias2 = 1 - beta1**step, 1 - beta2**step
+        # m / (sqrt(v / b2) + eps) = sqrt(b2) * m / (sqrt(v) + eps * sqrt(b2)): one pass fewer
         denom = torch._foreach_sqrt(v32)
-        torch._foreach_div_(denom, math.sqrt(bias2))
-        torch._foreach_add_(denom, eps)
+        torch._foreach_add_(denom, eps * math.sqrt(bias2))
+        step_size = -lr * math.sqrt(bias2) / bias1
         if wd:
             torch._foreach_mul_(params, 1 - lr * wd)  # decoupled weight decay, as torch AdamW
         if params[0].dtype == f32 and not kahan:
-            torch._foreach_addcdiv_(params, m32, denom, value=-lr / bias1)
+            torch._foreach_addcdiv_(params, m32, denom, value=step_size)
             return
         updates = torch._foreach_div(m32, denom)
-        torch._foreach_mul_(updates, -lr / bias1)
+        torch._foreach_mul_(updates, step_size)
         if not kahan:
             torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(updates, params)])
             return
