@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dataset.LaMini_dataset import tokenized_dataset  # noqa: E402
-from dataset.packing.packed_dataset import PackedCollator, PaddedCollator, pack_examples  # noqa: E402
+from dataset.packing.packed_dataset import Collator, pack_examples  # noqa: E402
 from module.anyprecisionAdamw import AnyPrecisionAdamW  # noqa: E402
 
 SHAPES = {
@@ -86,9 +86,11 @@ def main() -> None:
           f"mean {real / len(rows):.0f} / max {max(lengths)} tokens, torch {torch.__version__}")  # fmt: skip
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    padded = [PaddedCollator(pad)(rows[i : i + args.padded_batch]) for i in range(0, len(rows), args.padded_batch)]
+    padded = [
+        Collator(pad, packed=False)(rows[i : i + args.padded_batch]) for i in range(0, len(rows), args.padded_batch)
+    ]
     packed_rows, fill = pack_examples(rows, args.max_len, "bfd")
-    packed = [PackedCollator(pad)(packed_rows[i : i + args.packed_batch])
+    packed = [Collator(pad)(packed_rows[i : i + args.packed_batch])
               for i in range(0, len(packed_rows), args.packed_batch)]  # fmt: skip
     pad_fill = real / sum(b["input_ids"].numel() for b in padded)
     opt = AnyPrecisionAdamW(model.parameters(), lr=1e-5, momentum_dtype="bfloat16", variance_dtype="bfloat16")

@@ -12,7 +12,7 @@ import torch
 
 from cfg.finetune_config import FullTrainingArguments, LoraArguments, LoraTrainingArguments, SFTArguments
 from dataset.LaMini_dataset import tokenized_dataset
-from dataset.packing.packed_dataset import PackedCollator, PaddedCollator, pack_examples
+from dataset.packing.packed_dataset import Collator, pack_examples
 from module.adapters import find_mlps
 from module.anyprecisionAdamw import AnyPrecisionAdamW
 from module.trainer import PackedSFTTrainer
@@ -93,10 +93,10 @@ def build(sft: SFTArguments, args, lora: LoraArguments | None, callbacks=()):
     n_examples = len(rows)
     fill = None
     if sft.packing == "none":
-        collator = PaddedCollator(tokenizer.pad_token_id)
+        collator = Collator(tokenizer.pad_token_id, packed=False)
     else:
         rows, fill = pack_examples(rows, sft.pack_length, sft.packing)
-        collator = PackedCollator(tokenizer.pad_token_id)
+        collator = Collator(tokenizer.pad_token_id)
         log.info("packing (%s): %d examples into %d rows of <= %d tokens, fill %.3f",
                  sft.packing, n_examples, len(rows), sft.pack_length, fill)  # fmt: skip
     attn = choose_attention(sft.attn_implementation, cuda)

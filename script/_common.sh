@@ -47,3 +47,23 @@ launcher() {
     echo "${PYTHON:-python3}"
   fi
 }
+
+# body of train_full.sh / train_lora.sh: accelerate launch ENTRY --model MODEL --output_dir OUT [--lr] [flags]
+launch_training() {
+  local entry=$1; shift
+  [[ $# -ge 2 ]] || die "give MODEL and OUTPUT_DIR (see --help)"
+  local model=$1 out_dir=$2; shift 2
+  local -a extra=()
+  if [[ -n "${LRS:-}" ]]; then
+    local lr
+    lr=$(pick_from_list "$LRS")
+    [[ "$lr" != *" "* ]] || die "LRS is a sweep: submit it as a job array (sbatch --array=0-N)"
+    out_dir+=-lr$lr
+    extra+=(--lr "$lr")
+  fi
+  activate_env
+  cd "$ROOT" || die "cannot enter $ROOT"
+  mkdir -p log/train
+  run_cmd accelerate launch --config_file "${ACCELERATE_CONFIG:-cfg/accelerate/ddp_4gpu.yaml}" \
+    --num_processes "${NUM_GPUS:-4}" "$entry" --model "$model" --output_dir "$out_dir" "${extra[@]}" "$@"
+}

@@ -19,17 +19,4 @@ ROOT=${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 # shellcheck source=script/_common.sh
 source "$ROOT/script/_common.sh"
 [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && { usage "$ROOT/script/train_full.sh"; exit 0; }
-[[ $# -ge 2 ]] || die "give MODEL and OUTPUT_DIR (see --help)"
-MODEL=$1 OUT_DIR=$2; shift 2
-EXTRA=()
-if [[ -n "${LRS:-}" ]]; then
-  LR=$(pick_from_list "$LRS")
-  [[ "$LR" != *" "* ]] || die "LRS is a sweep: submit it as a job array (sbatch --array=0-N)"
-  OUT_DIR+=-lr$LR
-  EXTRA+=(--lr "$LR")
-fi
-activate_env
-cd "$ROOT"
-mkdir -p log/train
-run_cmd accelerate launch --config_file "${ACCELERATE_CONFIG:-cfg/accelerate/ddp_4gpu.yaml}" \
-  --num_processes "${NUM_GPUS:-4}" fintune_full.py --model "$MODEL" --output_dir "$OUT_DIR" "${EXTRA[@]}" "$@"
+launch_training fintune_full.py "$@"

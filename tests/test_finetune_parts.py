@@ -7,7 +7,7 @@ from conftest import tiny_model
 
 from dataset.LaMini_dataset import Example, to_examples, tokenize_example
 from dataset.packing.packed_dataset import (
-    PackedCollator,
+    Collator,
     pack_best_fit_decreasing,
     pack_consecutive,
     pack_examples,
@@ -37,11 +37,14 @@ def test_pack_examples_labels_and_positions():
         {"input_ids": [6, 7, 8, 9], "labels": [-100, 7, 8, 9], "position_ids": [0, 1, 2, 3]},
     ]
     assert fill == pytest.approx(9 / 12)
-    batch = PackedCollator(pad_token_id=0)(rows)
+    batch = Collator(pad_token_id=0)(rows)
     assert batch["input_ids"][1].tolist() == [6, 7, 8, 9, 0]
     assert batch["labels"][1].tolist() == [-100, 7, 8, 9, -100]
     assert batch["position_ids"][1].tolist() == [0, 1, 2, 3, 0]
     assert "attention_mask" not in batch
+    padded = Collator(pad_token_id=0, packed=False)(rows)
+    assert padded["attention_mask"][1].tolist() == [1, 1, 1, 1, 0] and "position_ids" not in padded
+    assert padded["labels"][1].tolist() == [-100, 7, 8, 9, -100]
     with pytest.raises(ValueError, match="more than the pack length"):
         pack_examples(examples, 3, "bfd")
 
@@ -80,7 +83,7 @@ def test_packed_loss_equals_per_example_loss_and_examples_stay_apart(attn):
         ids = torch.randint(0, 300, (n,), generator=gen).tolist()
         examples.append({"input_ids": ids, "labels": [-100, -100, *ids[2:]]})
     rows, _ = pack_examples(examples, 32, "consecutive")
-    batch = PackedCollator(0)(rows)
+    batch = Collator(0)(rows)
     with torch.no_grad():
         packed = model(**batch).loss
         total, count = 0.0, 0

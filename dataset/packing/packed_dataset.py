@@ -69,35 +69,27 @@ def pack_examples(examples: list[dict], pack_length: int, strategy: str = "bfd")
     return rows, fill
 
 
-class PackedCollator:
-    """Batches packed rows; shorter rows are padded as a separate sequence (position 0.., labels -100)."""
+class Collator:
+    """Pads the rows of a batch to the longest one.
 
-    def __init__(self, pad_token_id: int):
-        self.pad = pad_token_id
+    packed=True: no attention mask; the padding forms a sequence of its own (positions 0.., labels
+    -100), so transformers keeps it apart like any packed example. packed=False: plain padded batches
+    with an attention mask (the baseline without packing).
+    """
+
+    def __init__(self, pad_token_id: int, packed: bool = True):
+        self.pad, self.packed = pad_token_id, packed
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         width = max(len(r["input_ids"]) for r in rows)
-        batch = {"input_ids": [], "labels": [], "position_ids": []}
+        extra = "position_ids" if self.packed else "attention_mask"
+        batch = {"input_ids": [], "labels": [], extra: []}
         for r in rows:
-            n = width - len(r["input_ids"])
+            n, size = width - len(r["input_ids"]), len(r["input_ids"])
             batch["input_ids"].append(r["input_ids"] + [self.pad] * n)
             batch["labels"].append(r["labels"] + [IGNORE] * n)
-            batch["position_ids"].append(r.get("position_ids", list(range(len(r["input_ids"])))) + list(range(n)))
+            if self.packed:
+                batch[extra].append(r.get("position_ids", list(range(size))) + list(range(n)))
+            else:
+                batch[extra].append([1] * size + [0] * n)
         return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
-
-
-class PaddedCollator:
-    """Plain padded batches (no packing): pad to the longest row, with an attention mask."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad = pad_token_id
-
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        out = {"input_ids": [], "labels": [], "attention_mask": []}
-        for r in rows:
-            n = width - len(r["input_ids"])
-            out["input_ids"].append(r["input_ids"] + [self.pad] * n)
-            out["labels"].append(r["labels"] + [IGNORE] * n)
-            out["attention_mask"].append([1] * len(r["input_ids"]) + [0] * n)
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
