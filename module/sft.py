@@ -17,7 +17,7 @@ from module.adapters import find_mlps
 from module.anyprecisionAdamw import AnyPrecisionAdamW
 from module.trainer import PackedSFTTrainer
 from utils.errors import UserError
-from utils.report import versions, write_json
+from utils.report import plot_loss_curve, versions, write_json
 
 log = logging.getLogger("hfprune")
 
@@ -164,6 +164,8 @@ def run_sft(argv: list[str], lora_mode: bool, callbacks=()) -> Path:
             merged = trainer.model.merge_and_unload()
             merged.save_pretrained(str(out / "merged"))
             tokenizer.save_pretrained(str(out / "merged"))
+        plot_loss_curve(out / "loss_curve.png", trainer.state.log_history,
+                        f"{Path(sft.model.rstrip('/')).name}: {'LoRA' if lora else 'full'} fine-tuning")  # fmt: skip
         write_json(out / "train_report.json", {
             "sft": asdict(sft), "lora": asdict(lora) if lora else None, "training": args.to_dict(), "data": data,
             "metrics": result.metrics, "log_history": trainer.state.log_history, "versions": versions(),

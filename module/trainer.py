@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import time
 
-import torch
 from transformers import Trainer
+
+from utils.report import peak_memory_bytes
 
 
 class PackedSFTTrainer(Trainer):
@@ -34,6 +35,5 @@ class PackedSFTTrainer(Trainer):
             seconds = max(time.perf_counter() - self._start, 1e-9)
             logs["tokens_per_second"] = round(self._tokens * self.args.world_size / seconds, 1)
             logs["label_tokens_per_second"] = round(self._label_tokens * self.args.world_size / seconds, 1)
-            if torch.cuda.is_available():
-                logs["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            logs["peak_memory_gb"] = round(peak_memory_bytes(self.args.device) / 2**30, 2)
         super().log(logs, start_time)

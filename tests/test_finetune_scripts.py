@@ -134,7 +134,8 @@ def test_both_scripts_train_smollm2_three_steps_save_and_reload(smollm2_dir, tmp
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-4, atol=1e-4)
     report = json.loads((tmp_path / "full" / "train_report.json").read_text())
     assert report["data"]["fill_ratio"] > 0.5 and report["metrics"]["train_loss"] > 0
-    assert any("tokens_per_second" in h for h in report["log_history"])
+    assert any("tokens_per_second" in h and "peak_memory_gb" in h for h in report["log_history"])
+    assert (tmp_path / "full" / "loss_curve.png").stat().st_size > 0
     # the second run reused the tokenized cache
     assert len(list((tmp_path / "cache").iterdir())) == 1
 

@@ -101,3 +101,27 @@ def plot_layer_scores(path: Path, scores: list[torch.Tensor], keep: list[torch.T
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_loss_curve(path: Path, log_history: list[dict], title: str) -> bool:
+    """Training loss (and learning rate) per logged step; False when nothing was logged."""
+    points = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
+    ax.set(xlabel="optimizer step", ylabel="training loss (mean over label tokens)", title=title)
+    lrs = [(h["step"], h["learning_rate"]) for h in log_history if "learning_rate" in h and "step" in h]
+    if lrs:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*lrs), color="tab:orange", alpha=0.6)
+        ax2.set_ylabel("learning rate", color="tab:orange")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
