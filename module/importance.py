@@ -125,7 +125,7 @@ def head_loss_and_grad(
     else:
         weight = 1.0 / t
     grad = torch.empty_like(flat)
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)  # one host sync per batch, not per chunk
     for s in range(0, b * t, chunk_tokens):
         e = min(s + chunk_tokens, b * t)
         z, dz_du = head.logits(flat[s:e].to(head.weight.device))
@@ -134,9 +134,9 @@ def head_loss_and_grad(
         else:
             per_token, gz = entropy_and_grad(z, weight)
         del z
-        total += per_token.sum().item() * weight
+        total += per_token.sum().to(total.device, torch.float64) * weight
         grad[s:e] = head.grad_hidden(gz, dz_du).to(grad.device)
-    return total, grad.view(b, t, d)
+    return float(total), grad.view(b, t, d)
 
 
 @dataclass
