@@ -137,3 +137,22 @@ def test_activation_checkpointing_does_not_change_scores(family):
     for a, b in zip(plain.taylor, ckpt.taylor):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
     assert not model.training and not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def test_taylor_check_first_order_estimate_tracks_the_real_loss_change(tiny_llama_dir):
+    """bench/taylor_check.py's plumbing on a tiny model: the signed first-order estimate of removing a
+    neuron must rank neurons like the loss change that removal really causes."""
+    import importlib.util
+
+    from conftest import ROOT
+    from transformers import AutoModelForCausalLM
+
+    spec = importlib.util.spec_from_file_location("taylor_check", ROOT / "bench" / "taylor_check.py")
+    taylor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(taylor)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    rows = taylor.run(model, WINDOWS[:3], "entropy", [0, 1], per_layer=10, seed=0)
+    assert [r["layer"] for r in rows] == [0, 1]
+    assert all(r["spearman_estimate_vs_delta"] > 0.8 and r["mean_abs_delta"] > 0 for r in rows), rows
+    assert taylor.spearman(torch.arange(5.0), torch.arange(5.0) ** 3) == pytest.approx(1.0)
+    assert taylor.spearman(torch.arange(5.0), -torch.arange(5.0)) == pytest.approx(-1.0)
