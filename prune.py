@@ -34,7 +34,7 @@ from module.criteria import DATA_FREE, score_neurons
 from module.importance import all_reduce_statistics, collect_statistics
 from module.pruning import count_parameters, plan_keep, prune_mlps, relative_keep, top_k_sorted
 from utils.cli import load_model_and_tokenizer, parse_config, resolve_device_dtype
-from utils.errors import UserError
+from utils.errors import UserError, run_cli
 from utils.io import atomic_dir, check_output_dir, digest, load_importance, model_fingerprint, save_importance
 from utils.perplexity import perplexity, text_windows
 from utils.report import peak_memory_bytes, plot_layer_scores, reset_peak_memory, setup_logging, versions, write_json
@@ -216,13 +216,7 @@ def run(cfg: PruneConfig) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    try:
-        cfg = parse_config(PruneConfig, sys.argv[1:] if argv is None else argv)
-        run(cfg)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: run(parse_config(PruneConfig, sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

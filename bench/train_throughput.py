@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dataset.LaMini_dataset import tokenized_dataset  # noqa: E402
 from dataset.packing.packed_dataset import Collator, pack_examples  # noqa: E402
-from module.anyprecisionAdamw import AnyPrecisionAdamW  # noqa: E402
+from module.anyprecisionAdamw import AnyPrecisionAdamW, state_bytes  # noqa: E402
 
 SHAPES = {
     "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
@@ -123,7 +123,7 @@ def main() -> None:
             o.step()
         sync(device)
         seconds = (time.perf_counter() - start) / 5
-        state = sum(t.numel() * t.element_size() for s in o.state.values() for t in s.values() if torch.is_tensor(t))
+        state = state_bytes(o)
         results[label] = (seconds, state)
         print(f"{label}: {seconds * 1e3:.1f} ms/step, state {state / 2**20:.1f} MiB")
     (t_ref, m_ref), (t_foreach, _), (t_ours, m_ours) = results.values()

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dataset.prompter import Prompter
-from utils.errors import UserError
+from utils.errors import UserError, first_line
 from utils.io import atomic_dir, digest
 
 log = logging.getLogger("hfprune")
@@ -73,8 +73,9 @@ def load_records(source: str) -> tuple[list[dict], str]:
     try:
         ds = datasets.load_dataset(hub_id, split="train")
     except Exception as err:  # noqa: BLE001 - the hub raises many types; one line for the user
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load --dataset_name {hub_id!r} ({first}); offline, pass a local file") from None
+        raise UserError(
+            f"cannot load --dataset_name {hub_id!r} ({first_line(err)}); offline, pass a local file"
+        ) from None
     return ds.to_list(), f"hub:{hub_id}:{ds._fingerprint}"
 
 

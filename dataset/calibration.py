@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from utils.errors import UserError
+from utils.errors import UserError, first_line
 
 C4_HUB = ("allenai/c4", "en/c4-train.00000-of-01024.json.gz")
 TEXT_SUFFIXES = (".txt", ".raw")  # .raw: WikiText's plain-text files
@@ -82,9 +82,8 @@ def _load_hub(dataset_id: str, field: str, data_files: str | None = None) -> lis
     try:
         ds = datasets.load_dataset(dataset_id, data_files=data_files, split="train")
     except Exception as err:  # noqa: BLE001 - the hub raises many types; the user needs one line either way
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CalibrationError(
-            f"cannot load calibration dataset {dataset_id!r} from the hub ({first}); "
+            f"cannot load calibration dataset {dataset_id!r} from the hub ({first_line(err)}); "
             "offline, pass a local file/folder or --calib_dataset builtin"
         ) from None
     if field not in ds.column_names:

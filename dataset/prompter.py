@@ -13,7 +13,6 @@ PROMPT_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
-RESPONSE_SPLIT = "### Response:"
 
 
 @dataclass(frozen=True)
@@ -27,11 +26,6 @@ class Prompter:
         if input:
             return self.with_input.format(instruction=instruction, input=input)
         return self.without_input.format(instruction=instruction)
-
-    @staticmethod
-    def response(text: str) -> str:
-        """The model's answer from a generated text."""
-        return text.split(RESPONSE_SPLIT, 1)[-1].strip()
 
     @property
     def fingerprint(self) -> str:

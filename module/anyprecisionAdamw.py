@@ -22,6 +22,11 @@ def _dtype(value) -> torch.dtype:
     return DTYPES[value] if isinstance(value, str) else value
 
 
+def state_bytes(optimizer: Optimizer) -> int:
+    """Bytes held by an optimizer's state tensors (any torch optimizer)."""
+    return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+
+
 class AnyPrecisionAdamW(Optimizer):
     def __init__(
         self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -57,9 +62,6 @@ class AnyPrecisionAdamW(Optimizer):
                 for key, dtype in wanted.items():
                     if key in self.state.get(p, {}):
                         self.state[p][key] = self.state[p][key].to(dtype)
-
-    def state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for s in self.state.values() for t in s.values() if torch.is_tensor(t))
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -16,7 +16,8 @@ from dataset.packing.packed_dataset import Collator, pack_examples
 from module.adapters import find_mlps
 from module.anyprecisionAdamw import AnyPrecisionAdamW
 from module.trainer import PackedSFTTrainer
-from utils.errors import UserError
+from utils.cli import load_causal_lm, load_tokenizer
+from utils.errors import UserError, run_cli
 from utils.report import plot_loss_curve, versions, write_json
 
 log = logging.getLogger("hfprune")
@@ -72,8 +73,6 @@ def prepare_output(args, sft: SFTArguments, kind: str) -> Path:
 
 def build(sft: SFTArguments, args, lora: LoraArguments | None, callbacks=()):
     """The trainer, its tokenizer and a summary of the data."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     cuda = torch.cuda.is_available() and not args.use_cpu
     dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "bfloat16": torch.bfloat16,
              "float32": torch.float32}[sft.dtype]  # fmt: skip
@@ -81,10 +80,7 @@ def build(sft: SFTArguments, args, lora: LoraArguments | None, callbacks=()):
         args.bf16 = True
     if sft.lr is not None:
         args.learning_rate = sft.lr
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(sft.model, trust_remote_code=sft.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load --model {sft.model!r}: {str(err).strip().splitlines()[0]}") from None
+    tokenizer = load_tokenizer(sft.model, "--model", sft.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     with args.main_process_first(desc="tokenize"):
@@ -100,12 +96,7 @@ def build(sft: SFTArguments, args, lora: LoraArguments | None, callbacks=()):
         log.info("packing (%s): %d examples into %d rows of <= %d tokens, fill %.3f",
                  sft.packing, n_examples, len(rows), sft.pack_length, fill)  # fmt: skip
     attn = choose_attention(sft.attn_implementation, cuda)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            sft.model, dtype=dtype, attn_implementation=attn, trust_remote_code=sft.trust_remote_code
-        )
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load --model {sft.model!r}: {str(err).strip().splitlines()[0]}") from None
+    model = load_causal_lm(sft.model, "--model", dtype, sft.trust_remote_code, attn_implementation=attn)
     model.config.use_cache = False
     if args.gradient_checkpointing:
         args.gradient_checkpointing_kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}
@@ -180,10 +171,5 @@ def sft_main(argv: list[str] | None, lora_mode: bool, callbacks=()) -> int:
     from utils.report import setup_logging
 
     setup_logging()
-    try:
-        out = run_sft(sys.argv[1:] if argv is None else argv, lora_mode=lora_mode, callbacks=callbacks)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"saved to {out}")
-    return 0
+    args = sys.argv[1:] if argv is None else argv
+    return run_cli(lambda: print(f"saved to {run_sft(args, lora_mode=lora_mode, callbacks=callbacks)}"))

@@ -5,11 +5,10 @@
 #
 #   bash script/eval_smollm2.sh            # LIMIT=100 PPL_WINDOWS=16 DATA=../shared/data by default
 set -euo pipefail
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
-  exit 0
-fi
 cd "$(dirname "$0")/.."
+# shellcheck source=script/_common.sh
+source script/_common.sh
+[[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && { usage "script/eval_smollm2.sh"; exit 0; }
 PYTHON=${PYTHON:-python3}
 DATA=${DATA:-../shared/data}
 LIMIT=${LIMIT:-100}

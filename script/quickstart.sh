@@ -6,11 +6,10 @@
 #   bash script/quickstart.sh [prune.py flags...]
 #   MODEL=models/SmolLM2-135M-Instruct PYTHON=python3 bash script/quickstart.sh
 set -euo pipefail
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
-  exit 0
-fi
 cd "$(dirname "$0")/.."
+# shellcheck source=script/_common.sh
+source script/_common.sh
+[[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && { usage "script/quickstart.sh"; exit 0; }
 PYTHON=${PYTHON:-python3}
 MODEL=${MODEL:-models/SmolLM2-135M-Instruct}
 "$PYTHON" -c "import torch" 2>/dev/null || "$PYTHON" -m pip install -q torch==2.13.0

@@ -4,11 +4,10 @@
 #
 #   bash script/test.sh [pytest args...]
 set -euo pipefail
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'
-  exit 0
-fi
 cd "$(dirname "$0")/.."
+# shellcheck source=script/_common.sh
+source script/_common.sh
+[[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && { usage "script/test.sh"; exit 0; }
 PYTHON=${PYTHON:-python3}
 "$PYTHON" -c "import torch" 2>/dev/null || "$PYTHON" -m pip install -q torch==2.13.0
 "$PYTHON" -m pip install -q -r requirements-dev.txt

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from utils.errors import UserError
+from utils.errors import UserError, first_line
 
 DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -67,21 +67,38 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
     return dev, DTYPE_NAMES[dtype]
 
 
+LOAD_ERRORS = (OSError, ValueError, KeyError, ImportError)  # what from_pretrained raises for a bad path or id
+
+
+def load_tokenizer(path: str, what: str, trust_remote_code: bool = False):
+    """The tokenizer of `path`; a bad path or id becomes one line naming `what` (the flag)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except LOAD_ERRORS as err:
+        raise UserError(f"cannot load {what} {path!r}: {first_line(err)}") from None
+
+
+def load_causal_lm(path: str, what: str, dtype: torch.dtype, trust_remote_code: bool = False, **kwargs):
+    """The causal LM of `path` in `dtype` (kwargs go to from_pretrained); one line naming `what` on failure."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    except LOAD_ERRORS as err:
+        raise UserError(f"cannot load {what} {path!r}: {first_line(err)}") from None
+
+
 def load_model_and_tokenizer(
     path: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False, device_map: str | None = None
 ):
     """The causal LM in `dtype` on `device` (or sharded by `device_map`) and its tokenizer; one-line error."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kw = {"trust_remote_code": trust_remote_code}
     if device_map is None and device.type == "cuda":
         device_map = str(device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, **kw)
-    except (OSError, ValueError, KeyError, ImportError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load model --origin_path {path!r}: {first}") from None
+    what = "model --origin_path"
+    tokenizer = load_tokenizer(path, what, trust_remote_code)
+    model = load_causal_lm(path, what, dtype, trust_remote_code, device_map=device_map)
     if device_map is None:
         model.to(device)
     return model, tokenizer

@@ -1,5 +1,26 @@
-"""The one exception type for bad user input: entry points print its message as one line and exit 2."""
+"""Bad user input: one exception type, its one-line message, and the exit status entry points give it."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
 
 
 class UserError(ValueError):
     """An input (flag, file, model, size) that cannot be used; the message names it and what is valid."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of a library's error message (or its type), for a one-line error of our own."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def run_cli(action: Callable[[], object]) -> int:
+    """Run an entry point's body: a UserError becomes one `error: ...` line on stderr and exit status 2."""
+    try:
+        action()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

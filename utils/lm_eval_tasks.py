@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from utils.errors import UserError
+from utils.errors import UserError, run_cli
 
 LOCAL_TASK_DIR = Path(__file__).resolve().parent.parent / "cfg" / "lm_eval_tasks"
 # the paper's ten zero-shot tasks, by the harness's names
@@ -85,12 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         print("paper:", ",".join(PAPER_TASKS))
         print("offline:", ",".join(LOCAL_TASKS))
         return 0
-    try:
-        check([t.strip() for t in args.tasks.split(",") if t.strip()], args.data_dir)
-    except TaskCheckError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: check([t.strip() for t in args.tasks.split(",") if t.strip()], args.data_dir))
 
 
 if __name__ == "__main__":

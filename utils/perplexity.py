@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from utils.errors import UserError
+from utils.errors import UserError, first_line, run_cli
 
 
 @dataclass(frozen=True)
@@ -69,8 +69,7 @@ def hub_rows(dataset: str) -> list[str]:
     try:
         ds = datasets.load_dataset(**spec.hub)
     except Exception as err:  # noqa: BLE001 - any hub failure is one line for the user
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load {dataset} from the hub ({first}); offline, pass --data_dir") from None
+        raise UserError(f"cannot load {dataset} from the hub ({first_line(err)}); offline, pass --data_dir") from None
     return list(ds[spec.field][: spec.max_docs])
 
 
@@ -115,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", help="JSON file to write")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
-    try:
+
+    def evaluate() -> None:
         if args.dataset not in SETS:
             raise UserError(f"--dataset {args.dataset!r} is not one of {', '.join(SETS)}")
         if args.seq_len < 2 or args.batch_size < 1 or args.max_windows < 0:
@@ -130,17 +130,15 @@ def main(argv: list[str] | None = None) -> int:
         windows = text_windows(tokenizer, rows, args.seq_len, SETS[args.dataset].joiner)[: args.max_windows or None]
         start = time.perf_counter()
         result = perplexity(model, windows, args.batch_size, not args.no_progress)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    result.update(model=args.model, adapter=args.adapter, dataset=args.dataset, seq_len=args.seq_len,
-                  source=f"local:{args.data_dir}" if args.data_dir else "hub", dtype=str(dtype),
-                  seconds=time.perf_counter() - start, versions=versions())  # fmt: skip
-    print(f"{args.dataset} perplexity {result['perplexity']:.4f} ({result['windows']} x {args.seq_len} tokens)")
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        write_json(Path(args.output), result)
-    return 0
+        result.update(model=args.model, adapter=args.adapter, dataset=args.dataset, seq_len=args.seq_len,
+                      source=f"local:{args.data_dir}" if args.data_dir else "hub", dtype=str(dtype),
+                      seconds=time.perf_counter() - start, versions=versions())  # fmt: skip
+        print(f"{args.dataset} perplexity {result['perplexity']:.4f} ({result['windows']} x {args.seq_len} tokens)")
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            write_json(Path(args.output), result)
+
+    return run_cli(evaluate)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from utils.errors import UserError
+from utils.errors import UserError, run_cli
 
 METRIC = {
     "arc_challenge": "acc_norm", "arc_easy": "acc_norm", "boolq": "acc", "crows_pairs_english": "pct_stereotype",
@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", help="NAME of the dense model for the Δ column (default: the first)")
     p.add_argument("--out", help="output path without suffix (.md, .csv, .png are written)")
     args = p.parse_args(argv)
-    try:
+
+    def tabulate() -> None:
         models = {}
         for spec in args.models:
             name, sep, path = spec.partition("=")
@@ -135,13 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         if baseline not in models:
             raise UserError(f"--baseline {baseline!r} is not one of {', '.join(models)}")
         header, rows = build_table(models, baseline)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(to_markdown(header, rows), end="")
-    if args.out:
-        write_outputs(Path(args.out), header, rows)
-    return 0
+        print(to_markdown(header, rows), end="")
+        if args.out:
+            write_outputs(Path(args.out), header, rows)
+
+    return run_cli(tabulate)
 
 
 if __name__ == "__main__":
