@@ -39,17 +39,20 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((rx * ry).sum() / (rx.norm() * ry.norm()))
 
 
+def evenly_spaced(n_layers: int, k: int) -> list[int]:
+    """k layer indices spread from the first to the last layer."""
+    return sorted({round(i * (n_layers - 1) / max(1, k - 1)) for i in range(k)})
+
+
 @torch.no_grad()
-def window_loss(model, windows: torch.Tensor, criterion: str) -> float:
-    """The pass's loss: sum over windows of each window's token mean (entropy, or next-token CE)."""
-    total = 0.0
+def window_losses(model, windows: torch.Tensor) -> dict[str, float]:
+    """Both pass losses from one forward per window: the sum over windows of each window's token mean
+    of the entropy and of the next-token CE."""
+    total = {"entropy": 0.0, "ce": 0.0}
     for w in windows:
-        logits = model(input_ids=w.unsqueeze(0), use_cache=False).logits[0].double()
-        if criterion == "entropy":
-            logp = logits.log_softmax(-1)
-            total += float(-(logp.exp() * logp).sum(-1).mean())
-        else:
-            total += float(F.cross_entropy(logits[:-1], w[1:]))
+        logp = model(input_ids=w.unsqueeze(0), use_cache=False).logits[0].double().log_softmax(-1)
+        total["entropy"] += float(-(logp.exp() * logp).sum(-1).mean())
+        total["ce"] += float(F.nll_loss(logp[:-1], w[1:]))
     return total
 
 
@@ -80,30 +83,36 @@ def signed_first_order(model, mlps, windows, criterion, layer_ids) -> dict[int, 
     return est
 
 
-def run(model, windows, criterion: str, layer_ids: list[int], per_layer: int, seed: int) -> list[dict]:
+def run(model, windows, criteria: list[str], layer_ids: list[int], per_layer: int, seed: int) -> dict[str, list[dict]]:
+    """Rows per criterion; every criterion sees the same sampled neurons and the same ablation passes."""
     mlps = find_mlps(model)
-    scores = collect_statistics(model, mlps, windows, criterion, batch_size=1, progress=False).taylor
-    estimate = signed_first_order(model, mlps, windows, criterion, layer_ids)
-    base = window_loss(model, windows, criterion)
+    scores, estimate = {}, {}
+    for c in criteria:
+        scores[c] = collect_statistics(model, mlps, windows, c, batch_size=1, progress=False).taylor
+        estimate[c] = signed_first_order(model, mlps, windows, c, layer_ids)
+    base = window_losses(model, windows)
     gen = torch.Generator().manual_seed(seed)
-    rows = []
+    rows: dict[str, list[dict]] = {c: [] for c in criteria}
     for i in layer_ids:
         sample = torch.randperm(mlps.neurons, generator=gen)[:per_layer]
         axis = mlps.layers[i].output
         w = axis.module.weight
-        delta = torch.zeros(per_layer, dtype=torch.float64)
+        delta = {c: torch.zeros(per_layer, dtype=torch.float64) for c in criteria}
         for n, j in enumerate(sample.tolist()):
             column = w.data.select(axis.weight_axis, j).clone()
             w.data.select(axis.weight_axis, j).zero_()
-            delta[n] = window_loss(model, windows, criterion) - base
+            ablated = window_losses(model, windows)
             w.data.select(axis.weight_axis, j).copy_(column)
-        s, e = scores[i].cpu()[sample], estimate[i][sample]
-        rows.append({
-            "layer": i, "neurons": per_layer,
-            "spearman_score_vs_abs_delta": spearman(s, delta.abs()),
-            "spearman_estimate_vs_delta": spearman(e, delta),
-            "mean_abs_delta": float(delta.abs().mean()),
-        })  # fmt: skip
+            for c in criteria:
+                delta[c][n] = ablated[c] - base[c]
+        for c in criteria:
+            s, e, d = scores[c][i].cpu()[sample], estimate[c][i][sample], delta[c]
+            rows[c].append({
+                "layer": i, "neurons": per_layer,
+                "spearman_score_vs_abs_delta": spearman(s, d.abs()),
+                "spearman_estimate_vs_delta": spearman(e, d),
+                "mean_abs_delta": float(d.abs().mean()),
+            })  # fmt: skip
     return rows
 
 
@@ -143,11 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     tok = AutoTokenizer.from_pretrained(args.model)
     windows = sample_windows(load_documents(args.calib_dataset), tok, args.samples, args.seq_len, args.seed)
     n_layers = len(find_mlps(model).layers)
-    layer_ids = sorted({round(k * (n_layers - 1) / max(1, args.layers - 1)) for k in range(args.layers)})
+    layer_ids = evenly_spaced(n_layers, args.layers)
     start = time.perf_counter()
-    results = {
-        c: run(model, windows, c, layer_ids, args.neurons_per_layer, args.seed) for c in args.criterion.split(",")
-    }
+    results = run(model, windows, args.criterion.split(","), layer_ids, args.neurons_per_layer, args.seed)
     seconds = time.perf_counter() - start
     setting = (f"{Path(args.model).name}, {args.samples} windows x {args.seq_len} tokens of "
                f"{Path(args.calib_dataset).name}, {args.neurons_per_layer} random neurons in each of layers "

@@ -151,8 +151,10 @@ def test_taylor_check_first_order_estimate_tracks_the_real_loss_change(tiny_llam
     taylor = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(taylor)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
-    rows = taylor.run(model, WINDOWS[:3], "entropy", [0, 1], per_layer=10, seed=0)
-    assert [r["layer"] for r in rows] == [0, 1]
-    assert all(r["spearman_estimate_vs_delta"] > 0.8 and r["mean_abs_delta"] > 0 for r in rows), rows
+    results = taylor.run(model, WINDOWS[:3], ["entropy", "ce"], [0, 1], per_layer=10, seed=0)
+    for rows in results.values():
+        assert [r["layer"] for r in rows] == [0, 1]
+        assert all(r["spearman_estimate_vs_delta"] > 0.8 and r["mean_abs_delta"] > 0 for r in rows), rows
+    assert results["entropy"][0]["mean_abs_delta"] != results["ce"][0]["mean_abs_delta"]
     assert taylor.spearman(torch.arange(5.0), torch.arange(5.0) ** 3) == pytest.approx(1.0)
     assert taylor.spearman(torch.arange(5.0), -torch.arange(5.0)) == pytest.approx(-1.0)

@@ -1,0 +1,574 @@
+"""The reproduction study: criteria ablation, recovery and the Taylor check on SmolLM2-135M -> docs/RESULTS.md.
+
+    python bench/criteria.py                 # the whole study on CPU (about 75 min on 2 cores); writes
+                                             # docs/RESULTS.md, docs/results.png, docs/results.json
+    python bench/criteria.py --resume        # after an interruption: reuse the rows already measured
+    python bench/criteria.py --ratios 0.2 --seeds 0 --limit 5 --out /tmp/study/RESULTS.md   # a quick look
+
+Every model (dense, each criterion x pruning ratio x calibration seed, and the recovered ones) is
+scored by the same evaluation: WikiText-2 test perplexity on the first windows of the local copy and
+the seven offline zero-shot tasks (lm_eval, the first `--limit` items of each; the same items for
+every model, so differences between models are paired). The importance pass, the pruning and the
+fine-tuning are the project's own code paths (module/importance, module/pruning, module/sft).
+Rows are appended to WORK/rows.jsonl as they are measured; `--resume` reuses rows whose settings match.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from statistics import mean, stdev
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import taylor_check  # noqa: E402
+from dataset.calibration import load_documents, sample_windows  # noqa: E402
+from module.adapters import find_mlps  # noqa: E402
+from module.criteria import CRITERIA, DATA_FREE, score_neurons  # noqa: E402
+from module.importance import GRADIENT_CRITERIA, collect_statistics  # noqa: E402
+from module.pruning import count_parameters, plan_keep, prune_mlps, top_k_sorted  # noqa: E402
+from utils.cli import parse_config  # noqa: E402
+from utils.errors import UserError, run_cli  # noqa: E402
+from utils.io import atomic_dir, digest  # noqa: E402
+from utils.perplexity import local_rows, perplexity, text_windows  # noqa: E402
+from utils.report import setup_logging, versions  # noqa: E402
+from utils.results_table import LABEL, METRIC, base_task  # noqa: E402
+
+log = logging.getLogger("hfprune.study")
+TASKS = "arc_challenge_local,arc_easy_local,boolq_local,hellaswag_local,openbookqa_local,piqa_local,winogrande_local"
+T_CRIT_95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57}  # two-sided 95% Student t, by degrees of freedom
+
+
+@dataclass
+class StudyConfig:
+    model: str = field(default="", metadata={"help": "HF folder ('' = SmolLM2-135M-Instruct, built offline)."})
+    data_dir: str = field(
+        default=os.environ.get("HFPRUNE_DATA", str(ROOT.parent / "shared" / "data")),
+        metadata={"help": "The shared data folder (c4/, wikitext-2-raw/, the task folders, instruct/)."},
+    )
+    out: str = field(default="docs/RESULTS.md", metadata={"help": "The report; results.png/.json go beside it."})
+    work_dir: str = field(default="out/study", metadata={"help": "Rows measured so far, pruned and trained models."})
+    resume: bool = field(default=False, metadata={"help": "Reuse the rows already measured with these settings."})
+    criteria: str = field(default=",".join(CRITERIA), metadata={"help": "Comma list of criteria."})
+    ratios: str = field(default="0.2,0.3", metadata={"help": "Comma list of pruning ratios (of all parameters)."})
+    seeds: str = field(
+        default="0,1,2", metadata={"help": "Calibration seeds of entropy and ce; the other criteria use the first."}
+    )
+    calib_file: str = field(default="c4/c4_validation_2k.jsonl", metadata={"help": "Calibration text in DATA."})
+    calib_samples: int = field(default=32, metadata={"help": "Calibration windows per seed."})
+    seq_len: int = field(default=256, metadata={"help": "Tokens per calibration window."})
+    tasks: str = field(default=TASKS, metadata={"help": "lm_eval tasks (cfg/lm_eval_tasks)."})
+    limit: int = field(default=25, metadata={"help": "Items per zero-shot task (the first N of each)."})
+    ppl_windows: int = field(default=8, metadata={"help": "WikiText-2 test windows (the first N)."})
+    ppl_seq_len: int = field(default=1024, metadata={"help": "Tokens per perplexity window."})
+    eval_batch_size: int = field(default=16, metadata={"help": "lm_eval batch size."})
+    recovery_ratio: float = field(default=0.2, metadata={"help": "Pruning ratio of the recovered models."})
+    recovery_criteria: str = field(default="entropy,ce", metadata={"help": "Criteria recovered ('' = none)."})
+    recovery_modes: str = field(default="lora,full", metadata={"help": "lora and/or full fine-tuning."})
+    sft_data: str = field(
+        default="instruct/lamini/lamini_10001_part1.jsonl", metadata={"help": "Instruction data in DATA."}
+    )
+    sft_steps: int = field(default=32, metadata={"help": "Optimizer steps of each recovery run."})
+    sft_seq_len: int = field(default=256, metadata={"help": "Tokens per packed row (one row per step)."})
+    taylor_windows: int = field(default=4, metadata={"help": "Windows of the Taylor check (0 = skip it)."})
+    taylor_layers: int = field(default=6, metadata={"help": "Evenly spaced layers of the Taylor check."})
+    taylor_neurons: int = field(default=8, metadata={"help": "Random neurons per checked layer."})
+
+    def __post_init__(self) -> None:
+        self.criteria_list = [c.strip() for c in self.criteria.split(",") if c.strip()]
+        bad = [c for c in self.criteria_list if c not in CRITERIA]
+        if bad or not self.criteria_list:
+            raise ValueError(f"--criteria {self.criteria!r}: valid are {', '.join(CRITERIA)}")
+        try:
+            self.ratio_list = [float(r) for r in self.ratios.split(",")]
+            self.seed_list = [int(s) for s in self.seeds.split(",")]
+        except ValueError:
+            msg = f"--ratios {self.ratios!r} / --seeds {self.seeds!r} must be comma lists of numbers"
+            raise ValueError(msg) from None
+        if not all(0 < r < 1 for r in self.ratio_list):
+            raise ValueError(f"--ratios {self.ratios!r}: each must be in (0, 1)")
+        self.recovery_list = [c.strip() for c in self.recovery_criteria.split(",") if c.strip()]
+        self.mode_list = [m.strip() for m in self.recovery_modes.split(",") if m.strip()]
+        if any(m not in ("lora", "full") for m in self.mode_list):
+            raise ValueError(f"--recovery_modes {self.recovery_modes!r}: valid are lora, full")
+        if self.recovery_list and self.recovery_ratio not in self.ratio_list:
+            raise ValueError(f"--recovery_ratio {self.recovery_ratio} is not one of --ratios {self.ratios}")
+        if any(c not in self.criteria_list for c in self.recovery_list):
+            raise ValueError(f"--recovery_criteria {self.recovery_criteria!r} must be among --criteria")
+
+    def seeds_of(self, criterion: str) -> list[int]:
+        return self.seed_list if criterion in GRADIENT_CRITERIA else self.seed_list[:1]
+
+    def settings(self) -> dict:
+        """Everything that changes a measured row (the key of --resume)."""
+        keep = {k: v for k, v in asdict(self).items() if k not in ("out", "work_dir", "resume")}
+        return {**keep, "data_dir": str(Path(self.data_dir).resolve())}
+
+
+# ---- statistics over seeds: pure functions (tests/test_study.py checks them by hand) ----
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
+    return mean(values), (stdev(values) if len(values) > 1 else None)
+
+
+def paired_difference(a: list[float], b: list[float]) -> dict:
+    """a - b seed by seed: mean, sample std, paired t and whether |t| passes the two-sided 95% threshold."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    m, s = mean_std(d)
+    n = len(d)
+    t = m / (s / math.sqrt(n)) if s else (math.inf if m else 0.0)
+    return {"n": n, "mean": m, "std": s, "t": t, "significant": n > 1 and abs(t) > T_CRIT_95.get(n - 1, 1.96),
+            "same_sign": all(x < 0 for x in d) or all(x > 0 for x in d)}  # fmt: skip
+
+
+def fmt(values: list[float], digits: int = 2) -> str:
+    m, s = mean_std(values)
+    return f"{m:.{digits}f}" if s is None else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+# ---- the measurements ----
+
+
+class Evaluation:
+    """WikiText-2 perplexity and zero-shot accuracies of an in-memory model, on fixed items."""
+
+    def __init__(self, cfg: StudyConfig, tokenizer, device: str):
+        from lm_eval.tasks import TaskManager, get_task_dict
+
+        self.cfg, self.tokenizer, self.device = cfg, tokenizer, device
+        rows = local_rows("wikitext2", cfg.data_dir)
+        self.windows = text_windows(tokenizer, rows, cfg.ppl_seq_len)[: cfg.ppl_windows]
+        self.tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
+        os.environ["HFPRUNE_DATA"] = str(Path(cfg.data_dir).resolve())  # read by cfg/lm_eval_tasks/local_data.py
+        self.task_dict = get_task_dict(self.tasks, TaskManager(include_path=str(ROOT / "cfg" / "lm_eval_tasks")))
+
+    def __call__(self, model) -> dict:
+        from lm_eval.evaluator import evaluate
+        from lm_eval.models.huggingface import HFLM
+
+        start = time.perf_counter()
+        model.eval()
+        ppl = perplexity(model, self.windows, batch_size=1, progress=False)["perplexity"]
+        scores = {}
+        if self.cfg.limit > 0:
+            lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.cfg.eval_batch_size,
+                      device=self.device, add_bos_token=True)  # fmt: skip
+            out = evaluate(lm, self.task_dict, limit=self.cfg.limit, bootstrap_iters=0, log_samples=False,
+                           verbosity="ERROR")  # fmt: skip
+            for task in self.tasks:
+                metric = METRIC[base_task(task)]
+                scores[base_task(task)] = 100.0 * float(out["results"][task][f"{metric},none"])
+        return {"ppl": ppl, "tasks": scores, "avg": mean(scores.values()) if scores else None,
+                "eval_seconds": time.perf_counter() - start}  # fmt: skip
+
+
+class Rows:
+    """Measured rows, appended to WORK/rows.jsonl as they come; with --resume, matching rows are reused."""
+
+    def __init__(self, cfg: StudyConfig):
+        self.settings_key = digest(cfg.settings())[:16]
+        self.dir = Path(cfg.work_dir) / self.settings_key  # pruned and trained models of these settings
+        self.path = self.dir / "rows.jsonl"
+        self.done: dict[str, dict] = {}
+        if cfg.resume and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                entry = json.loads(line)
+                self.done[entry["name"]] = entry
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict] = []
+
+    def get(self, name: str) -> dict | None:
+        row = self.done.get(name)
+        if row is not None:
+            self.rows.append(row)
+            log.info("reused %s", name)
+        return row
+
+    def add(self, row: dict) -> dict:
+        row = {"settings": self.settings_key, **row}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.rows.append(row)
+        avg = f"{row['avg']:.2f}" if row.get("avg") is not None else "-"
+        print(f"{row['name']}: ppl {row['ppl']:.3f}, zero-shot avg {avg}, params {row['params'] / 1e6:.2f}M "
+              f"({row['eval_seconds']:.0f} s eval)", flush=True)  # fmt: skip
+        return row
+
+
+def importance_scores(cfg, model, tokenizer, docs, criterion: str, seed: int) -> tuple[list[torch.Tensor], dict]:
+    mlps = find_mlps(model)
+    stats, info = None, {"importance_seconds": 0.0, "calib_tokens": 0}
+    if criterion not in DATA_FREE:
+        windows = sample_windows(docs, tokenizer, cfg.calib_samples, cfg.seq_len, seed)
+        stats = collect_statistics(model, mlps, windows, criterion, batch_size=1, progress=False)
+        info = {"importance_seconds": stats.seconds, "calib_tokens": stats.tokens}
+    return score_neurons(criterion, mlps, stats, seed), info
+
+
+def pruned_copy(dense, scores: list[torch.Tensor], ratio: float):
+    model = copy.deepcopy(dense)
+    mlps = find_mlps(model)
+    plan = plan_keep(count_parameters(model), mlps, pruning_ratio=ratio)
+    prune_mlps(mlps, model.config, [top_k_sorted(s, plan.k) for s in scores])
+    return model
+
+
+def recover(cfg: StudyConfig, pruned_dir: Path, mode: str, run_dir: Path):
+    """A short fine-tuning run of the pruned model through fintune_{lora,full}.py's code path."""
+    from transformers import AutoModelForCausalLM
+
+    from module.sft import run_sft
+
+    argv = ["--model", str(pruned_dir), "--dataset_name", str(Path(cfg.data_dir) / cfg.sft_data),
+            "--tokenizer_max", str(cfg.sft_seq_len), "--max_train_samples", str(max(64, 16 * cfg.sft_steps)),
+            "--max_steps", str(cfg.sft_steps), "--per_device_train_batch_size", "1",
+            "--gradient_accumulation_steps", "1", "--gradient_checkpointing", "false", "--warmup_steps",
+            str(max(1, cfg.sft_steps // 10)), "--save_strategy", "no", "--report_to", "none",
+            "--logging_steps", str(max(1, cfg.sft_steps // 8)), "--disable_tqdm", "true", "--seed", "0",
+            "--data_cache", str(run_dir.parent / "cache"), "--output_dir", str(run_dir), "--overwrite",
+            "--dtype", "float32"]  # fmt: skip
+    if mode == "lora":
+        argv.append("--merge")
+    start = time.perf_counter()
+    out = run_sft(argv, lora_mode=mode == "lora")
+    seconds = time.perf_counter() - start
+    report = json.loads((out / "train_report.json").read_text())
+    losses = [e["loss"] for e in report["log_history"] if "loss" in e]
+    model = AutoModelForCausalLM.from_pretrained(out / "merged" if mode == "lora" else out, dtype=torch.float32)
+    info = {"train_seconds": seconds, "train_loss_first": losses[0] if losses else None,
+            "train_loss_last": losses[-1] if losses else None, "train_rows": report["data"]["rows"]}  # fmt: skip
+    return model, info
+
+
+def measure(cfg: StudyConfig) -> tuple[list[dict], dict | None, dict]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = cfg.model
+    if not model_dir:
+        from utils.smollm2 import cache_dir, materialize
+
+        model_dir = str(materialize(cache_dir() / "SmolLM2-135M-Instruct"))
+    if not Path(model_dir).is_dir():
+        raise UserError(f"--model {model_dir} is not a folder")
+    for name, rel in (("--calib_file", cfg.calib_file), ("--sft_data", cfg.sft_data)):
+        if not (Path(cfg.data_dir) / rel).exists():
+            raise UserError(f"{name}: {Path(cfg.data_dir) / rel} does not exist (--data_dir {cfg.data_dir})")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    evaluation = Evaluation(cfg, tokenizer, device)
+    docs = load_documents(str(Path(cfg.data_dir) / cfg.calib_file))
+    rows = Rows(cfg)
+    params_dense = count_parameters(dense)
+    if rows.get("dense") is None:
+        rows.add({"name": "dense", "stage": "dense", "criterion": None, "ratio": 0.0, "seed": None,
+                  "params": params_dense, **evaluation(dense)})  # fmt: skip
+    work = rows.dir
+    for criterion in cfg.criteria_list:
+        for seed in cfg.seeds_of(criterion):
+            names = {r: f"{criterion}-{r:g}-s{seed}" for r in cfg.ratio_list}
+            pending = [r for r in cfg.ratio_list if rows.get(names[r]) is None]
+            keep_for_recovery = criterion in cfg.recovery_list and seed == cfg.seed_list[0]
+            pruned_dir = work / "pruned" / names[cfg.recovery_ratio]
+            if not pending and (not keep_for_recovery or pruned_dir.is_dir()):
+                continue
+            scores, info = importance_scores(cfg, dense, tokenizer, docs, criterion, seed)
+            for r in cfg.ratio_list:
+                model = pruned_copy(dense, scores, r)
+                if keep_for_recovery and r == cfg.recovery_ratio and not pruned_dir.is_dir():
+                    with atomic_dir(pruned_dir) as tmp:
+                        model.save_pretrained(tmp)
+                        tokenizer.save_pretrained(tmp)
+                if r in pending:
+                    rows.add({"name": names[r], "stage": "pruned", "criterion": criterion, "ratio": r, "seed": seed,
+                              "params": count_parameters(model), **info, **evaluation(model)})  # fmt: skip
+                del model
+    for criterion in cfg.recovery_list:
+        source = f"{criterion}-{cfg.recovery_ratio:g}-s{cfg.seed_list[0]}"
+        for mode in cfg.mode_list:
+            name = f"{source}+{mode}"
+            if rows.get(name) is not None:
+                continue
+            model, info = recover(cfg, work / "pruned" / source, mode, work / "sft" / name)
+            rows.add({"name": name, "stage": mode, "criterion": criterion, "ratio": cfg.recovery_ratio,
+                      "seed": cfg.seed_list[0], "params": count_parameters(model), **info,
+                      **evaluation(model.to(device))})  # fmt: skip
+            del model
+    taylor = None
+    if cfg.taylor_windows > 0:
+        taylor = rows.get("taylor")
+        if taylor is None:
+            windows = sample_windows(docs, tokenizer, cfg.taylor_windows, cfg.seq_len, cfg.seed_list[0])
+            layers = taylor_check.evenly_spaced(len(find_mlps(dense).layers), cfg.taylor_layers)
+            start = time.perf_counter()
+            results = taylor_check.run(dense, windows.to(device), ["entropy", "ce"], layers, cfg.taylor_neurons,
+                                 cfg.seed_list[0])  # fmt: skip
+            taylor = {"name": "taylor", "settings": rows.settings_key, "results": results,
+                      "seconds": time.perf_counter() - start}  # fmt: skip
+            with rows.path.open("a") as f:
+                f.write(json.dumps(taylor) + "\n")
+            rows.rows.append(taylor)
+    from importlib.metadata import version
+
+    context = {"model": Path(model_dir).name, "params_dense": params_dense, "device": device,
+               "versions": {**versions(), "lm_eval": version("lm_eval"), "peft": version("peft")},
+               "settings": cfg.settings()}  # fmt: skip
+    return [r for r in rows.rows if r["name"] != "taylor"], taylor, context
+
+
+# ---- the report ----
+
+
+def group(rows: list[dict], criterion: str, ratio: float, stage: str = "pruned") -> list[dict]:
+    return [r for r in rows if r["criterion"] == criterion and r["ratio"] == ratio and r["stage"] == stage]
+
+
+def table(rows: list[dict], dense: dict, cfg: StudyConfig) -> list[str]:
+    tasks = list(dense["tasks"])
+    head = ["Model", "Seeds", "Params", "PPL ↓", *[LABEL[t] for t in tasks], "Avg ↑", "Δ Avg"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def line(label: str, group_rows: list[dict]) -> str:
+        ppl = fmt([r["ppl"] for r in group_rows])
+        cells = [fmt([r["tasks"][t] for r in group_rows], 1) for t in tasks]
+        avg = [r["avg"] for r in group_rows] if tasks else []
+        delta = fmt([a - dense["avg"] for a in avg]) if tasks else "-"
+        return (f"| {label} | {len(group_rows)} | {group_rows[0]['params'] / 1e6:.1f}M | {ppl} | "
+                + " | ".join(cells) + (f" | {fmt(avg)} | {delta} |" if tasks else " | - | - |"))  # fmt: skip
+
+    lines.append(line("dense", [dense]))
+    for ratio in cfg.ratio_list:
+        for criterion in cfg.criteria_list:
+            if group(rows, criterion, ratio):
+                lines.append(line(f"{criterion} {ratio:.0%}", group(rows, criterion, ratio)))
+        for criterion in cfg.recovery_list:
+            for mode in cfg.mode_list:
+                if ratio == cfg.recovery_ratio and group(rows, criterion, ratio, mode):
+                    lines.append(line(f"{criterion} {ratio:.0%} + {mode}", group(rows, criterion, ratio, mode)))
+    return lines
+
+
+def comparison(rows: list[dict], cfg: StudyConfig) -> list[str]:
+    """entropy vs each other criterion, per ratio, on perplexity and the zero-shot average: generated text."""
+    if "entropy" not in cfg.criteria_list:
+        return ["(entropy was not among the criteria measured.)"]
+    out = []
+    for ratio in cfg.ratio_list:
+        ent = {r["seed"]: r for r in group(rows, "entropy", ratio)}
+        for other in [c for c in cfg.criteria_list if c != "entropy"]:
+            oth = {r["seed"]: r for r in group(rows, other, ratio)}
+            if not ent or not oth:
+                continue
+            for metric, better in (("ppl", "lower"), ("avg", "higher")):
+                if metric == "avg" and ent[next(iter(ent))]["avg"] is None:
+                    continue
+                seeds = sorted(set(ent) & set(oth))
+                if other in GRADIENT_CRITERIA and len(seeds) > 1:  # same windows per seed: a paired comparison
+                    d = paired_difference([ent[s][metric] for s in seeds], [oth[s][metric] for s in seeds])
+                    wins = sum((ent[s][metric] < oth[s][metric]) == (better == "lower") for s in seeds)
+                    verdict = "larger" if d["significant"] else "not larger"
+                    out.append(f"- {ratio:.0%}, {metric}: entropy − {other} = {d['mean']:+.3f} (paired over seeds "
+                               f"{seeds}: std {d['std']:.3f}, t = {d['t']:+.2f}); entropy is {better} in "
+                               f"{wins}/{len(seeds)} seeds; the difference is **{verdict}** than the seed spread "
+                               f"(two-sided 95%, |t| > {T_CRIT_95.get(len(seeds) - 1, 1.96)}).")  # fmt: skip
+                else:  # one run of `other`: compare with the spread of the entropy seeds
+                    e_vals = [r[metric] for r in ent.values()]
+                    m, s = mean_std(e_vals)
+                    o = mean([r[metric] for r in oth.values()])
+                    outside = s is not None and abs(m - o) > 2 * s
+                    ahead = (m < o) == (better == "lower")
+                    out.append(f"- {ratio:.0%}, {metric}: entropy {m:.3f}"
+                               + (f" ± {s:.3f}" if s is not None else "")
+                               + f" vs {other} {o:.3f}: entropy is {'ahead' if ahead else 'behind'} by "
+                               f"{abs(m - o):.3f}, which is {'more' if outside else 'not more'} than twice "
+                               f"the entropy seed std.")  # fmt: skip
+    return out
+
+
+def recovery_lines(rows: list[dict], dense: dict, cfg: StudyConfig) -> list[str]:
+    out = []
+    for criterion in cfg.recovery_list:
+        source = [r for r in group(rows, criterion, cfg.recovery_ratio) if r["seed"] == cfg.seed_list[0]]
+        for mode in cfg.mode_list:
+            rec = group(rows, criterion, cfg.recovery_ratio, mode)
+            if not source or not rec:
+                continue
+            p, r = source[0], rec[0]
+            parts = []
+            for metric, label in (("ppl", "perplexity"), ("avg", "zero-shot average")):
+                if p[metric] is None:
+                    continue
+                gap = p[metric] - dense[metric]
+                back = f"{(p[metric] - r[metric]) / gap:.0%} of the gap recovered" if gap else "no gap"
+                parts.append(f"{label} {p[metric]:.2f} → {r[metric]:.2f} (dense {dense[metric]:.2f}; {back})")
+            out.append(f"- {criterion} {cfg.recovery_ratio:.0%} + {mode} ({cfg.sft_steps} steps, "
+                       f"{r['train_seconds']:.0f} s, train loss {r['train_loss_first']:.3f} → "
+                       f"{r['train_loss_last']:.3f}): " + "; ".join(parts))  # fmt: skip
+    return out
+
+
+def taylor_lines(taylor: dict | None) -> list[str]:
+    if taylor is None:
+        return ["(skipped: --taylor_windows 0)"]
+    layers = [r["layer"] for r in next(iter(taylor["results"].values()))]
+    head = "| criterion | " + " | ".join(f"layer {i}" for i in layers) + " | mean |"
+    lines = [head, "|" + "---|" * (len(layers) + 2)]
+    for kind, label in (("spearman_score_vs_abs_delta", "ρ(score, abs ΔL)"),
+                        ("spearman_estimate_vs_delta", "ρ(−a·g, ΔL)")):  # fmt: skip
+        for criterion, res in taylor["results"].items():
+            vals = [r[kind] for r in res]
+            lines.append(f"| {criterion} {label} | " + " | ".join(f"{v:.2f}" for v in vals) + f" | {mean(vals):.2f} |")
+    return lines
+
+
+def plot(rows: list[dict], dense: dict, cfg: StudyConfig, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [("ppl", "WikiText-2 perplexity (log)")] + ([("avg", "zero-shot average (%)")] if dense["avg"] else [])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.2), squeeze=False)
+    width = 0.8 / max(1, len(cfg.criteria_list))
+    for ax, (metric, title) in zip(axes[0], metrics):
+        for c, criterion in enumerate(cfg.criteria_list):
+            xs, ys, es = [], [], []
+            for x, ratio in enumerate(cfg.ratio_list):
+                vals = [r[metric] for r in group(rows, criterion, ratio)]
+                if vals:
+                    m, s = mean_std(vals)
+                    xs.append(x + (c - (len(cfg.criteria_list) - 1) / 2) * width)
+                    ys.append(m)
+                    es.append(s or 0.0)
+            ax.bar(xs, ys, width, yerr=es, capsize=3, label=criterion)
+        for criterion in cfg.recovery_list:
+            for m_i, mode in enumerate(cfg.mode_list):
+                rec = group(rows, criterion, cfg.recovery_ratio, mode)
+                if rec:
+                    c = cfg.criteria_list.index(criterion)
+                    x = cfg.ratio_list.index(cfg.recovery_ratio) + (c - (len(cfg.criteria_list) - 1) / 2) * width
+                    ax.plot([x], [rec[0][metric]], marker="v^"[m_i % 2], color="black", linestyle="none",
+                            label=f"+{mode}" if criterion == cfg.recovery_list[0] else None)  # fmt: skip
+        ax.axhline(dense[metric], color="gray", linestyle="--", label="dense")
+        ax.set_xticks(range(len(cfg.ratio_list)), [f"{r:.0%} pruned" for r in cfg.ratio_list])
+        ax.set_title(title)
+        if metric == "ppl":
+            ax.set_yscale("log")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M-Instruct: pruning criteria (mean ± std over calibration seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(rows: list[dict], taylor: dict | None, context: dict, cfg: StudyConfig, seconds: float) -> str:
+    dense = next(r for r in rows if r["stage"] == "dense")
+    v = context["versions"]
+    importance = [r for r in rows if r.get("importance_seconds")]
+    tok_s = sum(r["calib_tokens"] for r in importance) / sum(r["importance_seconds"] for r in importance) \
+        if importance else 0.0  # fmt: skip
+    png = Path(cfg.out).with_name("results.png").name
+    lines = [
+        f"# Reproduction study: {context['model']}, criteria × pruning ratio, recovery, Taylor check",
+        "",
+        "Written by `python bench/criteria.py` (this file, `results.png` and `results.json` beside it); no number "
+        "here was edited by hand. "
+        f"Run on {v['device_name']} ({context['device']}, fp32), torch {v['torch']}, transformers "
+        f"{v['transformers']}, lm_eval {v['lm_eval']}, peft {v['peft']}, commit "
+        f"{(v['hfprune_commit'] or '?')[:12]}; {seconds / 60:.0f} min wall time"
+        + (" (part of the rows reused with `--resume`)." if cfg.resume else "."),
+        "",
+        "## Protocol",
+        f"- **Pruning**: uniform MLP-neuron pruning of {', '.join(f'{r:.0%}' for r in cfg.ratio_list)} of all "
+        f"{context['params_dense'] / 1e6:.1f}M parameters (the same number of neurons removed in every layer), "
+        "scores from `module/criteria.py`, no recovery unless the row says so.",
+        f"- **Calibration** (entropy, ce, wanda_sp): {cfg.calib_samples} windows × {cfg.seq_len} tokens of "
+        f"`{cfg.calib_file}` (one random window per document longer than the window), seeds {cfg.seed_list} for "
+        f"entropy and ce (each seed = another draw of windows, the same draw for both), seed {cfg.seed_list[0]} for "
+        f"wanda_sp and random; magnitude needs no data. Importance pass: {tok_s:.0f} tokens/s.",
+        f"- **Perplexity**: WikiText-2 raw test, the first {cfg.ppl_windows} windows of {cfg.ppl_seq_len} tokens.",
+        f"- **Zero-shot**: lm_eval {', '.join(base_task(t) for t in cfg.tasks.split(','))} (offline twins in "
+        f"`cfg/lm_eval_tasks`), **the first {cfg.limit} items of each task**, the same for every model; acc_norm "
+        "for ARC, OBQA, PIQA, HellaSwag, acc for BoolQ, WinoGrande (the paper's choice). With this few items a "
+        f"single task's accuracy has a standard error of about ±{100 * math.sqrt(0.25 / max(1, cfg.limit)):.0f} "
+        "points; only differences in the average over tasks and in perplexity carry signal.",
+        f"- **Recovery**: the {cfg.recovery_ratio:.0%} models of seed {cfg.seed_list[0]} fine-tuned with "
+        f"`module/sft.py` (the code of fintune_lora.py / fintune_full.py) on `{cfg.sft_data}`: {cfg.sft_steps} "
+        f"steps of one packed {cfg.sft_seq_len}-token row, the release's optimizer and learning rates (LoRA r 32 "
+        "on all seven projections, merged; full with AnyPrecisionAdamW), cosine schedule: at most "
+        f"{cfg.sft_steps * cfg.sft_seq_len} training tokens, a smoke-scale recovery, not the paper's 2-3 epochs of "
+        "LaMini.",
+        "- Std is the sample standard deviation over calibration seeds (n = the Seeds column).",
+        "",
+        "## Results",
+        "",
+        *table(rows, dense, cfg),
+        "",
+        f"![criteria]({png})",
+        "",
+        "## Does entropy beat the others here?",
+        "",
+        "Generated from the rows above. For ce the seeds are paired (the same windows), so the test is on the "
+        "per-seed differences; for the single-run criteria the entropy seed spread is the yardstick.",
+        "",
+        *comparison(rows, cfg),
+        "",
+        "## Recovery",
+        "",
+        *(recovery_lines(rows, dense, cfg) or ["(no recovery runs)"]),
+        "",
+        "## Taylor check",
+        "",
+    ]
+    if taylor is not None:
+        lines += [
+            f"On the dense model, {cfg.taylor_neurons} random neurons in each of {cfg.taylor_layers} evenly spaced "
+            f"layers, {cfg.taylor_windows} windows × {cfg.seq_len} tokens (seed {cfg.seed_list[0]}): Spearman rank "
+            "correlation of the pruning score S_j = Σ|a_j·g_j| with the absolute loss change |ΔL_j| when neuron j "
+            "alone is removed (measured by a forward pass), and of the signed first-order estimate −Σ a_j·g_j "
+            f"with ΔL_j itself; {taylor['seconds']:.0f} s (`bench/taylor_check.py`).",
+            "",
+        ]
+    lines += taylor_lines(taylor)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+
+    def go() -> None:
+        cfg = parse_config(StudyConfig, sys.argv[1:] if argv is None else argv)
+        log.info("config: %s", json.dumps(cfg.settings(), sort_keys=True))
+        start = time.perf_counter()
+        rows, taylor, context = measure(cfg)
+        seconds = time.perf_counter() - start
+        out = Path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        dense = next(r for r in rows if r["stage"] == "dense")
+        plot(rows, dense, cfg, out.with_name("results.png"))
+        out.with_name("results.json").write_text(
+            json.dumps({"context": context, "seconds": seconds, "rows": rows, "taylor": taylor}, indent=1)
+        )
+        out.write_text(report(rows, taylor, context, cfg, seconds))
+        print(f"wrote {out} ({seconds / 60:.1f} min)")
+
+    return run_cli(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
