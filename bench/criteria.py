@@ -154,6 +154,11 @@ class Evaluation:
         self.tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
         os.environ["HFPRUNE_DATA"] = str(Path(cfg.data_dir).resolve())  # read by cfg/lm_eval_tasks/local_data.py
         self.task_dict = get_task_dict(self.tasks, TaskManager(include_path=str(ROOT / "cfg" / "lm_eval_tasks")))
+        self.boolq_yes_share = None  # BoolQ's majority answer decides much of its score on few items
+        if "boolq_local" in self.task_dict and cfg.limit > 0:
+            task = self.task_dict["boolq_local"]
+            labels = [task.doc_to_target(d) for d in list(task.eval_docs)[: cfg.limit]]
+            self.boolq_yes_share = 100.0 * sum(labels) / len(labels)
 
     def __call__(self, model) -> dict:
         from lm_eval.evaluator import evaluate
@@ -191,11 +196,13 @@ class Rows:
             shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict] = []
+        self.reused = 0
 
     def get(self, name: str) -> dict | None:
         row = self.done.get(name)
         if row is not None:
             self.rows.append(row)
+            self.reused += 1
             log.info("reused %s", name)
         return row
 
@@ -327,11 +334,29 @@ def measure(cfg: StudyConfig) -> tuple[list[dict], dict | None, dict]:
 
     context = {"model": Path(model_dir).name, "params_dense": params_dense, "device": device,
                "versions": {**versions(), "lm_eval": version("lm_eval"), "peft": version("peft")},
-               "settings": cfg.settings()}  # fmt: skip
+               "settings": cfg.settings(), "reused_rows": rows.reused,
+               "boolq_yes_share": evaluation.boolq_yes_share}  # fmt: skip
     return [r for r in rows.rows if r["name"] != "taylor"], taylor, context
 
 
 # ---- the report ----
+
+
+METRICS = {"ppl": ("perplexity", "lower"), "avg": ("zero-shot average", "higher"),
+           "avg_ex_boolq": ("zero-shot average without BoolQ", "higher")}  # fmt: skip
+
+
+def value(row: dict, metric: str) -> float:
+    """A row's perplexity, zero-shot average, or zero-shot average over the tasks other than BoolQ."""
+    if metric == "ppl":
+        return row["ppl"]
+    scores = [v for t, v in row["tasks"].items() if metric == "avg" or t != "boolq"]
+    return mean(scores)
+
+
+def metrics_of(dense: dict) -> list[str]:
+    tasks = dense["tasks"]
+    return ["ppl"] + (["avg"] if tasks else []) + (["avg_ex_boolq"] if "boolq" in tasks and len(tasks) > 1 else [])
 
 
 def group(rows: list[dict], criterion: str, ratio: float, stage: str = "pruned") -> list[dict]:
@@ -340,16 +365,19 @@ def group(rows: list[dict], criterion: str, ratio: float, stage: str = "pruned")
 
 def table(rows: list[dict], dense: dict, cfg: StudyConfig) -> list[str]:
     tasks = list(dense["tasks"])
-    head = ["Model", "Seeds", "Params", "PPL ↓", *[LABEL[t] for t in tasks], "Avg ↑", "Δ Avg"]
+    averages = metrics_of(dense)[1:]
+    head = ["Model", "Seeds", "Params", "PPL ↓", *[LABEL[t] for t in tasks]]
+    head += [h for m in averages for h in {"avg": ["Avg ↑", "Δ Avg"], "avg_ex_boolq": ["Avg ex. BoolQ ↑"]}[m]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def line(label: str, group_rows: list[dict]) -> str:
-        ppl = fmt([r["ppl"] for r in group_rows])
-        cells = [fmt([r["tasks"][t] for r in group_rows], 1) for t in tasks]
-        avg = [r["avg"] for r in group_rows] if tasks else []
-        delta = fmt([a - dense["avg"] for a in avg]) if tasks else "-"
-        return (f"| {label} | {len(group_rows)} | {group_rows[0]['params'] / 1e6:.1f}M | {ppl} | "
-                + " | ".join(cells) + (f" | {fmt(avg)} | {delta} |" if tasks else " | - | - |"))  # fmt: skip
+        cells = [fmt([r["ppl"] for r in group_rows])] + [fmt([r["tasks"][t] for r in group_rows], 1) for t in tasks]
+        for m in averages:
+            vals = [value(r, m) for r in group_rows]
+            cells.append(fmt(vals))
+            if m == "avg":
+                cells.append(fmt([v - value(dense, m) for v in vals]))
+        return f"| {label} | {len(group_rows)} | {group_rows[0]['params'] / 1e6:.1f}M | " + " | ".join(cells) + " |"
 
     lines.append(line("dense", [dense]))
     for ratio in cfg.ratio_list:
@@ -363,8 +391,8 @@ def table(rows: list[dict], dense: dict, cfg: StudyConfig) -> list[str]:
     return lines
 
 
-def comparison(rows: list[dict], cfg: StudyConfig) -> list[str]:
-    """entropy vs each other criterion, per ratio, on perplexity and the zero-shot average: generated text."""
+def comparison(rows: list[dict], dense: dict, cfg: StudyConfig) -> list[str]:
+    """entropy vs each other criterion, per ratio and metric: generated text."""
     if "entropy" not in cfg.criteria_list:
         return ["(entropy was not among the criteria measured.)"]
     out = []
@@ -374,29 +402,28 @@ def comparison(rows: list[dict], cfg: StudyConfig) -> list[str]:
             oth = {r["seed"]: r for r in group(rows, other, ratio)}
             if not ent or not oth:
                 continue
-            for metric, better in (("ppl", "lower"), ("avg", "higher")):
-                if metric == "avg" and ent[next(iter(ent))]["avg"] is None:
-                    continue
+            for metric in metrics_of(dense):
+                name, better = METRICS[metric]
                 seeds = sorted(set(ent) & set(oth))
                 if other in GRADIENT_CRITERIA and len(seeds) > 1:  # same windows per seed: a paired comparison
-                    d = paired_difference([ent[s][metric] for s in seeds], [oth[s][metric] for s in seeds])
-                    wins = sum((ent[s][metric] < oth[s][metric]) == (better == "lower") for s in seeds)
+                    e, o = [value(ent[s], metric) for s in seeds], [value(oth[s], metric) for s in seeds]
+                    d = paired_difference(e, o)
+                    wins = sum((a < b) if better == "lower" else (a > b) for a, b in zip(e, o))  # ties: no win
                     verdict = "larger" if d["significant"] else "not larger"
-                    out.append(f"- {ratio:.0%}, {metric}: entropy − {other} = {d['mean']:+.3f} (paired over seeds "
+                    out.append(f"- {ratio:.0%}, {name}: entropy − {other} = {d['mean']:+.3f} (paired over seeds "
                                f"{seeds}: std {d['std']:.3f}, t = {d['t']:+.2f}); entropy is {better} in "
                                f"{wins}/{len(seeds)} seeds; the difference is **{verdict}** than the seed spread "
                                f"(two-sided 95%, |t| > {T_CRIT_95.get(len(seeds) - 1, 1.96)}).")  # fmt: skip
                 else:  # one run of `other`: compare with the spread of the entropy seeds
-                    e_vals = [r[metric] for r in ent.values()]
-                    m, s = mean_std(e_vals)
-                    o = mean([r[metric] for r in oth.values()])
+                    m, s = mean_std([value(r, metric) for r in ent.values()])
+                    o = mean([value(r, metric) for r in oth.values()])
                     outside = s is not None and abs(m - o) > 2 * s
-                    ahead = (m < o) == (better == "lower")
-                    out.append(f"- {ratio:.0%}, {metric}: entropy {m:.3f}"
+                    ahead = (m < o) if better == "lower" else (m > o)
+                    where = "level with" if m == o else f"{'ahead of' if ahead else 'behind'}"
+                    out.append(f"- {ratio:.0%}, {name}: entropy {m:.3f}"
                                + (f" ± {s:.3f}" if s is not None else "")
-                               + f" vs {other} {o:.3f}: entropy is {'ahead' if ahead else 'behind'} by "
-                               f"{abs(m - o):.3f}, which is {'more' if outside else 'not more'} than twice "
-                               f"the entropy seed std.")  # fmt: skip
+                               + f" vs {other} {o:.3f}: entropy is {where} {other} by {abs(m - o):.3f}, which is "
+                               f"{'more' if outside else 'not more'} than twice the entropy seed std.")  # fmt: skip
     return out
 
 
@@ -410,12 +437,10 @@ def recovery_lines(rows: list[dict], dense: dict, cfg: StudyConfig) -> list[str]
                 continue
             p, r = source[0], rec[0]
             parts = []
-            for metric, label in (("ppl", "perplexity"), ("avg", "zero-shot average")):
-                if p[metric] is None:
-                    continue
-                gap = p[metric] - dense[metric]
-                back = f"{(p[metric] - r[metric]) / gap:.0%} of the gap recovered" if gap else "no gap"
-                parts.append(f"{label} {p[metric]:.2f} → {r[metric]:.2f} (dense {dense[metric]:.2f}; {back})")
+            for metric in metrics_of(dense):
+                before, after, base = value(p, metric), value(r, metric), value(dense, metric)
+                back = f"{(before - after) / (before - base):.0%} of the gap recovered" if before != base else "no gap"
+                parts.append(f"{METRICS[metric][0]} {before:.2f} → {after:.2f} (dense {base:.2f}; {back})")
             out.append(f"- {criterion} {cfg.recovery_ratio:.0%} + {mode} ({cfg.sft_steps} steps, "
                        f"{r['train_seconds']:.0f} s, train loss {r['train_loss_first']:.3f} → "
                        f"{r['train_loss_last']:.3f}): " + "; ".join(parts))  # fmt: skip
@@ -436,20 +461,22 @@ def taylor_lines(taylor: dict | None) -> list[str]:
     return lines
 
 
-def plot(rows: list[dict], dense: dict, cfg: StudyConfig, path: Path) -> None:
+def plot(rows: list[dict], dense: dict, cfg: StudyConfig, path: Path, model_name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [("ppl", "WikiText-2 perplexity (log)")] + ([("avg", "zero-shot average (%)")] if dense["avg"] else [])
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.2), squeeze=False)
+    titles = {"ppl": "WikiText-2 perplexity (log scale)", "avg": "zero-shot average (%)",
+              "avg_ex_boolq": "zero-shot average without BoolQ (%)"}  # fmt: skip
+    metrics = metrics_of(dense)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
     width = 0.8 / max(1, len(cfg.criteria_list))
-    for ax, (metric, title) in zip(axes[0], metrics):
+    for ax, metric in zip(axes[0], metrics):
         for c, criterion in enumerate(cfg.criteria_list):
             xs, ys, es = [], [], []
             for x, ratio in enumerate(cfg.ratio_list):
-                vals = [r[metric] for r in group(rows, criterion, ratio)]
+                vals = [value(r, metric) for r in group(rows, criterion, ratio)]
                 if vals:
                     m, s = mean_std(vals)
                     xs.append(x + (c - (len(cfg.criteria_list) - 1) / 2) * width)
@@ -462,18 +489,26 @@ def plot(rows: list[dict], dense: dict, cfg: StudyConfig, path: Path) -> None:
                 if rec:
                     c = cfg.criteria_list.index(criterion)
                     x = cfg.ratio_list.index(cfg.recovery_ratio) + (c - (len(cfg.criteria_list) - 1) / 2) * width
-                    ax.plot([x], [rec[0][metric]], marker="v^"[m_i % 2], color="black", linestyle="none",
+                    ax.plot([x], [value(rec[0], metric)], marker="v^"[m_i % 2], color="black", linestyle="none",
                             label=f"+{mode}" if criterion == cfg.recovery_list[0] else None)  # fmt: skip
-        ax.axhline(dense[metric], color="gray", linestyle="--", label="dense")
+        ax.axhline(value(dense, metric), color="gray", linestyle="--", label="dense")
         ax.set_xticks(range(len(cfg.ratio_list)), [f"{r:.0%} pruned" for r in cfg.ratio_list])
-        ax.set_title(title)
+        ax.set_title(titles[metric])
         if metric == "ppl":
             ax.set_yscale("log")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("SmolLM2-135M-Instruct: pruning criteria (mean ± std over calibration seeds)")
+    fig.suptitle(f"{model_name}: pruning criteria (bars: mean ± std over calibration seeds; markers: recovered)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def compute_minutes(rows: list[dict], taylor: dict | None) -> float:
+    """Time the measurements took: evaluations, importance passes (one per criterion and seed),
+    fine-tuning and the Taylor check; model loading not counted."""
+    passes = {(r["criterion"], r["seed"]): r.get("importance_seconds", 0.0) for r in rows if r["stage"] == "pruned"}
+    total = sum(r["eval_seconds"] + r.get("train_seconds", 0.0) for r in rows) + sum(passes.values())
+    return (total + (taylor["seconds"] if taylor else 0.0)) / 60
 
 
 def report(rows: list[dict], taylor: dict | None, context: dict, cfg: StudyConfig, seconds: float) -> str:
@@ -490,8 +525,14 @@ def report(rows: list[dict], taylor: dict | None, context: dict, cfg: StudyConfi
         "here was edited by hand. "
         f"Run on {v['device_name']} ({context['device']}, fp32), torch {v['torch']}, transformers "
         f"{v['transformers']}, lm_eval {v['lm_eval']}, peft {v['peft']}, commit "
-        f"{(v['hfprune_commit'] or '?')[:12]}; {seconds / 60:.0f} min wall time"
-        + (" (part of the rows reused with `--resume`)." if cfg.resume else "."),
+        f"{(v['hfprune_commit'] or '?')[:12]}. The measurements took {compute_minutes(rows, taylor):.0f} min "
+        f"(evaluation, importance passes, fine-tuning, Taylor check; model loading not counted); this invocation "
+        f"ran {seconds / 60:.0f} min"
+        + (
+            f", reusing {context['reused_rows']} rows measured before with `--resume`."
+            if context["reused_rows"]
+            else "."
+        ),
         "",
         "## Protocol",
         f"- **Pruning**: uniform MLP-neuron pruning of {', '.join(f'{r:.0%}' for r in cfg.ratio_list)} of all "
@@ -506,7 +547,14 @@ def report(rows: list[dict], taylor: dict | None, context: dict, cfg: StudyConfi
         f"`cfg/lm_eval_tasks`), **the first {cfg.limit} items of each task**, the same for every model; acc_norm "
         "for ARC, OBQA, PIQA, HellaSwag, acc for BoolQ, WinoGrande (the paper's choice). With this few items a "
         f"single task's accuracy has a standard error of about ±{100 * math.sqrt(0.25 / max(1, cfg.limit)):.0f} "
-        "points; only differences in the average over tasks and in perplexity carry signal.",
+        "points; only differences in the average over tasks and in perplexity carry signal."
+        + (
+            f" BoolQ: {context['boolq_yes_share']:.0f}% of its first {cfg.limit} items are answered 'yes', so a "
+            "model that always says yes scores that much; a shift of answer bias moves the average by several "
+            "points, which is why the average without BoolQ stands beside it."
+            if context["boolq_yes_share"] is not None
+            else ""
+        ),
         f"- **Recovery**: the {cfg.recovery_ratio:.0%} models of seed {cfg.seed_list[0]} fine-tuned with "
         f"`module/sft.py` (the code of fintune_lora.py / fintune_full.py) on `{cfg.sft_data}`: {cfg.sft_steps} "
         f"steps of one packed {cfg.sft_seq_len}-token row, the release's optimizer and learning rates (LoRA r 32 "
@@ -526,7 +574,7 @@ def report(rows: list[dict], taylor: dict | None, context: dict, cfg: StudyConfi
         "Generated from the rows above. For ce the seeds are paired (the same windows), so the test is on the "
         "per-seed differences; for the single-run criteria the entropy seed spread is the yardstick.",
         "",
-        *comparison(rows, cfg),
+        *comparison(rows, dense, cfg),
         "",
         "## Recovery",
         "",
@@ -545,6 +593,13 @@ def report(rows: list[dict], taylor: dict | None, context: dict, cfg: StudyConfi
             "",
         ]
     lines += taylor_lines(taylor)
+    lines += [
+        "",
+        "## At full scale",
+        "",
+        "The commands that repeat the paper's LLaMA-2-7B table (SLURM and `accelerate launch`), the expected "
+        "GPU memory and time, and the paper's numbers are in [FULL_SCALE.md](FULL_SCALE.md).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -560,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         dense = next(r for r in rows if r["stage"] == "dense")
-        plot(rows, dense, cfg, out.with_name("results.png"))
+        plot(rows, dense, cfg, out.with_name("results.png"), context["model"])
         out.with_name("results.json").write_text(
             json.dumps({"context": context, "seconds": seconds, "rows": rows, "taylor": taylor}, indent=1)
         )
