@@ -30,8 +30,9 @@ def test_mean_std_and_paired_difference_by_hand():
 def test_study_runs_end_to_end_on_a_tiny_model_and_resumes(tiny_long_llama_dir, tmp_path, capsys):
     out, work = tmp_path / "docs" / "RESULTS.md", tmp_path / "work"
     argv = ["--model", str(tiny_long_llama_dir), "--data_dir", str(DATA), "--out", str(out), "--work_dir", str(work),
-            "--seeds", "0,1", "--calib_samples", "3", "--seq_len", "32", "--tasks", "arc_easy_local,winogrande_local",
-            "--limit", "2", "--eval_batch_size", "4", "--ppl_windows", "2", "--ppl_seq_len", "32",
+            "--seeds", "0,1", "--calib_samples", "3", "--seq_len", "32",
+            "--tasks", "arc_easy_local,boolq_local,winogrande_local", "--limit", "2", "--eval_batch_size", "4",
+            "--ppl_windows", "2", "--ppl_seq_len", "32",
             "--sft_steps", "2", "--sft_seq_len", "512", "--taylor_windows", "1", "--taylor_layers", "2",
             "--taylor_neurons", "3"]  # fmt: skip
     assert study.main(argv) == 0
@@ -40,7 +41,7 @@ def test_study_runs_end_to_end_on_a_tiny_model_and_resumes(tiny_long_llama_dir, 
     assert len(rows) == 1 + 2 * (2 + 2 + 1 + 1 + 1) + 4
     names = {r["name"] for r in rows}
     assert {"dense", "entropy-0.2-s1", "ce-0.3-s0", "wanda_sp-0.3-s0", "random-0.2-s0", "ce-0.2-s0+full"} <= names
-    assert all(math.isfinite(r["ppl"]) and set(r["tasks"]) == {"arc_easy", "winogrande"} for r in rows)
+    assert all(math.isfinite(r["ppl"]) and set(r["tasks"]) == {"arc_easy", "boolq", "winogrande"} for r in rows)
     dense = next(r for r in rows if r["name"] == "dense")
     pruned = [r for r in rows if r["stage"] == "pruned"]
     assert all(r["params"] < dense["params"] for r in pruned)
@@ -48,7 +49,9 @@ def test_study_runs_end_to_end_on_a_tiny_model_and_resumes(tiny_long_llama_dir, 
     assert all(r["importance_seconds"] > 0 for r in pruned if r["criterion"] in ("entropy", "ce", "wanda_sp"))
     md = out.read_text()
     assert "| entropy 20% | 2 |" in md and "| magnitude 30% | 1 |" in md and "| ce 20% + lora | 1 |" in md
-    assert md.count("the difference is **") == 4  # entropy vs ce, ppl and avg, at each ratio
+    # entropy vs ce at each ratio: perplexity, average, average without BoolQ
+    assert md.count("the difference is **") == 6 and "| Avg ex. BoolQ ↑ |" in md
+    assert "BoolQ: 50% of its first 2 items are answered 'yes'" in md  # labels of the first two: no, yes
     assert "| entropy ρ(score, abs ΔL) |" in md and out.with_name("results.png").stat().st_size > 10_000
     lines = len((work / next(p.name for p in work.iterdir()) / "rows.jsonl").read_text().splitlines())
 
