@@ -625,7 +625,12 @@ def report(rows: list[dict], taylor: dict | None, context: dict, cfg: StudyConfi
             f"layers, {cfg.taylor_windows} windows × {cfg.seq_len} tokens (seed {cfg.seed_list[0]}): Spearman rank "
             "correlation of the pruning score S_j = Σ|a_j·g_j| with the absolute loss change |ΔL_j| when neuron j "
             "alone is removed (measured by a forward pass), and of the signed first-order estimate −Σ a_j·g_j "
-            f"with ΔL_j itself; {taylor['seconds']:.0f} s (`bench/taylor_check.py`).",
+            f"with ΔL_j itself; {taylor['seconds']:.0f} s (`bench/taylor_check.py`). With {cfg.taylor_neurons} "
+            f"neurons a single layer's ρ has a standard error of about 1/√(n−1) = "
+            f"{1 / math.sqrt(max(1, cfg.taylor_neurons - 1)):.2f}, the mean over {cfg.taylor_layers} layers about "
+            f"{1 / math.sqrt(max(1, cfg.taylor_neurons - 1) * cfg.taylor_layers):.2f}; "
+            "[taylor_check_smollm2.md](taylor_check_smollm2.md) samples 24 neurons per layer (`python "
+            "bench/taylor_check.py --neurons_per_layer 24 --layers 6 --out docs/taylor_check_smollm2`).",
             "",
         ]
     lines += taylor_lines(taylor)
