@@ -391,32 +391,43 @@ def table(rows: list[dict], dense: dict, cfg: StudyConfig) -> list[str]:
     return lines
 
 
+def paired_by_seed(rows: list[dict], ratio: float, criterion: str, other: str, metric: str) -> dict | None:
+    """`criterion` − `other` over the seeds both have (the same calibration windows per seed): the paired
+    difference, the seeds, in how many `criterion` was better (ties are no win) and `other`'s mean."""
+    a = {r["seed"]: r for r in group(rows, criterion, ratio)}
+    b = {r["seed"]: r for r in group(rows, other, ratio)}
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    x, y = [value(a[s], metric) for s in seeds], [value(b[s], metric) for s in seeds]
+    lower = METRICS[metric][1] == "lower"
+    wins = sum((p < q) if lower else (p > q) for p, q in zip(x, y))
+    return {**paired_difference(x, y), "seeds": seeds, "wins": wins, "other_mean": mean(y)}
+
+
 def comparison(rows: list[dict], dense: dict, cfg: StudyConfig) -> list[str]:
     """entropy vs each other criterion, per ratio and metric: generated text."""
     if "entropy" not in cfg.criteria_list:
         return ["(entropy was not among the criteria measured.)"]
     out = []
     for ratio in cfg.ratio_list:
-        ent = {r["seed"]: r for r in group(rows, "entropy", ratio)}
+        ent = group(rows, "entropy", ratio)
         for other in [c for c in cfg.criteria_list if c != "entropy"]:
-            oth = {r["seed"]: r for r in group(rows, other, ratio)}
+            oth = group(rows, other, ratio)
             if not ent or not oth:
                 continue
             for metric in metrics_of(dense):
                 name, better = METRICS[metric]
-                seeds = sorted(set(ent) & set(oth))
-                if other in GRADIENT_CRITERIA and len(seeds) > 1:  # same windows per seed: a paired comparison
-                    e, o = [value(ent[s], metric) for s in seeds], [value(oth[s], metric) for s in seeds]
-                    d = paired_difference(e, o)
-                    wins = sum((a < b) if better == "lower" else (a > b) for a, b in zip(e, o))  # ties: no win
+                d = paired_by_seed(rows, ratio, "entropy", other, metric) if other in GRADIENT_CRITERIA else None
+                if d is not None:
                     verdict = "larger" if d["significant"] else "not larger"
                     out.append(f"- {ratio:.0%}, {name}: entropy − {other} = {d['mean']:+.3f} (paired over seeds "
-                               f"{seeds}: std {d['std']:.3f}, t = {d['t']:+.2f}); entropy is {better} in "
-                               f"{wins}/{len(seeds)} seeds; the difference is **{verdict}** than the seed spread "
-                               f"(two-sided 95%, |t| > {T_CRIT_95.get(len(seeds) - 1, 1.96)}).")  # fmt: skip
+                               f"{d['seeds']}: std {d['std']:.3f}, t = {d['t']:+.2f}); entropy is {better} in "
+                               f"{d['wins']}/{d['n']} seeds; the difference is **{verdict}** than the seed spread "
+                               f"(two-sided 95%, |t| > {T_CRIT_95.get(d['n'] - 1, 1.96)}).")  # fmt: skip
                 else:  # one run of `other`: compare with the spread of the entropy seeds
-                    m, s = mean_std([value(r, metric) for r in ent.values()])
-                    o = mean([value(r, metric) for r in oth.values()])
+                    m, s = mean_std([value(r, metric) for r in ent])
+                    o = mean([value(r, metric) for r in oth])
                     outside = s is not None and abs(m - o) > 2 * s
                     ahead = (m < o) if better == "lower" else (m > o)
                     where = "level with" if m == o else f"{'ahead of' if ahead else 'behind'}"
@@ -435,21 +446,16 @@ def summary(rows: list[dict], dense: dict, cfg: StudyConfig) -> list[str]:
                         if group(rows, c, ratio))  # fmt: skip
         out.append(f"- **{ratio:.0%} pruned, perplexity** (dense {dense['ppl']:.2f}), best first: "
                    + ", ".join(f"{c} {m:.2f}" for m, c in ranked) + ".")  # fmt: skip
-        ent = {r["seed"]: r for r in group(rows, "entropy", ratio)}
-        ce = {r["seed"]: r for r in group(rows, "ce", ratio)}
-        seeds = sorted(set(ent) & set(ce))
-        if len(seeds) < 2:
-            continue
         for metric in metrics_of(dense):
+            d = paired_by_seed(rows, ratio, "entropy", "ce", metric)
+            if d is None:
+                break
             name, better = METRICS[metric]
-            e, c = [value(ent[s], metric) for s in seeds], [value(ce[s], metric) for s in seeds]
-            d = paired_difference(e, c)
-            wins = sum((a < b) if better == "lower" else (a > b) for a, b in zip(e, c))
-            rel = f" ({d['mean'] / mean(c):+.1%})" if metric == "ppl" else " points"
-            out.append(f"  - entropy vs ce, {name}: entropy {better} in {wins}/{len(seeds)} seeds, mean difference "
+            rel = f" ({d['mean'] / d['other_mean']:+.1%})" if metric == "ppl" else " points"
+            out.append(f"  - entropy vs ce, {name}: entropy {better} in {d['wins']}/{d['n']} seeds, mean difference "
                        f"{d['mean']:+.2f}{rel}, paired t = {d['t']:+.2f}: "
                        + ("**significant** at 95%" if d["significant"] else "**not significant** at 95%")
-                       + f" with {len(seeds)} seeds.")  # fmt: skip
+                       + f" with {d['n']} seeds.")  # fmt: skip
     return out
 
 
