@@ -38,7 +38,7 @@ from module.adapters import find_mlps  # noqa: E402
 from module.criteria import CRITERIA, DATA_FREE, score_neurons  # noqa: E402
 from module.importance import GRADIENT_CRITERIA, collect_statistics  # noqa: E402
 from module.pruning import count_parameters, plan_keep, prune_mlps, top_k_sorted  # noqa: E402
-from utils.cli import parse_config  # noqa: E402
+from utils.cli import load_causal_lm, load_tokenizer, parse_config  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.io import atomic_dir, digest  # noqa: E402
 from utils.perplexity import local_rows, perplexity, text_windows  # noqa: E402
@@ -206,11 +206,16 @@ class Rows:
             log.info("reused %s", name)
         return row
 
-    def add(self, row: dict) -> dict:
+    def save(self, row: dict) -> dict:
         row = {"settings": self.settings_key, **row}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         self.rows.append(row)
+        return row
+
+    def add(self, row: dict) -> dict:
+        """Save a model's row and print its line."""
+        row = self.save(row)
         avg = f"{row['avg']:.2f}" if row.get("avg") is not None else "-"
         print(f"{row['name']}: ppl {row['ppl']:.3f}, zero-shot avg {avg}, params {row['params'] / 1e6:.2f}M "
               f"({row['eval_seconds']:.0f} s eval)", flush=True)  # fmt: skip
@@ -237,8 +242,6 @@ def pruned_copy(dense, scores: list[torch.Tensor], ratio: float):
 
 def recover(cfg: StudyConfig, pruned_dir: Path, mode: str, run_dir: Path):
     """A short fine-tuning run of the pruned model through fintune_{lora,full}.py's code path."""
-    from transformers import AutoModelForCausalLM
-
     from module.sft import run_sft
 
     argv = ["--model", str(pruned_dir), "--dataset_name", str(Path(cfg.data_dir) / cfg.sft_data),
@@ -256,28 +259,26 @@ def recover(cfg: StudyConfig, pruned_dir: Path, mode: str, run_dir: Path):
     seconds = time.perf_counter() - start
     report = json.loads((out / "train_report.json").read_text())
     losses = [e["loss"] for e in report["log_history"] if "loss" in e]
-    model = AutoModelForCausalLM.from_pretrained(out / "merged" if mode == "lora" else out, dtype=torch.float32)
+    model = load_causal_lm(str(out / "merged" if mode == "lora" else out), f"the {mode} run", torch.float32)
     info = {"train_seconds": seconds, "train_loss_first": losses[0] if losses else None,
             "train_loss_last": losses[-1] if losses else None, "train_rows": report["data"]["rows"]}  # fmt: skip
     return model, info
 
 
 def measure(cfg: StudyConfig) -> tuple[list[dict], dict | None, dict]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model_dir = cfg.model
     if not model_dir:
-        from utils.smollm2 import cache_dir, materialize
+        from utils.smollm2 import cached_model
 
-        model_dir = str(materialize(cache_dir() / "SmolLM2-135M-Instruct"))
+        model_dir = str(cached_model())
     if not Path(model_dir).is_dir():
         raise UserError(f"--model {model_dir} is not a folder")
     for name, rel in (("--calib_file", cfg.calib_file), ("--sft_data", cfg.sft_data)):
         if not (Path(cfg.data_dir) / rel).exists():
             raise UserError(f"{name}: {Path(cfg.data_dir) / rel} does not exist (--data_dir {cfg.data_dir})")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dense = load_causal_lm(model_dir, "--model", torch.float32).to(device).eval()
+    tokenizer = load_tokenizer(model_dir, "--model")
     evaluation = Evaluation(cfg, tokenizer, device)
     docs = load_documents(str(Path(cfg.data_dir) / cfg.calib_file))
     rows = Rows(cfg)
@@ -325,11 +326,7 @@ def measure(cfg: StudyConfig) -> tuple[list[dict], dict | None, dict]:
             start = time.perf_counter()
             results = taylor_check.run(dense, windows.to(device), ["entropy", "ce"], layers, cfg.taylor_neurons,
                                  cfg.seed_list[0])  # fmt: skip
-            taylor = {"name": "taylor", "settings": rows.settings_key, "results": results,
-                      "seconds": time.perf_counter() - start}  # fmt: skip
-            with rows.path.open("a") as f:
-                f.write(json.dumps(taylor) + "\n")
-            rows.rows.append(taylor)
+            taylor = rows.save({"name": "taylor", "results": results, "seconds": time.perf_counter() - start})
     from importlib.metadata import version
 
     context = {"model": Path(model_dir).name, "params_dense": params_dense, "device": device,

@@ -133,9 +133,9 @@ def load_model(args, device, dtype):
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
         return model.eval()
     if args.model is None:
-        from utils.smollm2 import cache_dir, materialize
+        from utils.smollm2 import cached_model
 
-        args.model = str(materialize(cache_dir() / "SmolLM2-135M-Instruct"))
+        args.model = str(cached_model())
     return AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
 
 

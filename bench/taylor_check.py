@@ -145,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.model is None:
-        from utils.smollm2 import cache_dir, materialize
+        from utils.smollm2 import cached_model
 
-        args.model = str(materialize(cache_dir() / "SmolLM2-135M-Instruct"))
+        args.model = str(cached_model())
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(args.model)
     windows = sample_windows(load_documents(args.calib_dataset), tok, args.samples, args.seq_len, args.seed)

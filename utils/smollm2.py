@@ -73,6 +73,11 @@ def materialize(out: Path, cache: Path | None = None) -> Path:
     return out
 
 
+def cached_model() -> Path:
+    """SmolLM2-135M-Instruct as an HF folder in the cache (built on first use): the benchmarks' default model."""
+    return materialize(cache_dir() / "SmolLM2-135M-Instruct")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("models/SmolLM2-135M-Instruct"), help="folder to write")
