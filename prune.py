@@ -33,9 +33,18 @@ from module.adapters import find_mlps
 from module.criteria import DATA_FREE, score_neurons
 from module.importance import all_reduce_statistics, collect_statistics
 from module.pruning import count_parameters, plan_keep, prune_mlps, relative_keep, top_k_sorted
-from utils.cli import load_model_and_tokenizer, parse_config, resolve_device_dtype
+from utils.atomic import atomic_dir
+from utils.cli import (
+    check_context,
+    load_config,
+    load_model,
+    load_tokenizer,
+    meta_model,
+    parse_config,
+    resolve_device_dtype,
+)
 from utils.errors import UserError, run_cli
-from utils.io import atomic_dir, check_output_dir, digest, load_importance, model_fingerprint, save_importance
+from utils.io import check_output_dir, digest, load_importance, model_fingerprint, save_importance
 from utils.perplexity import perplexity, text_windows
 from utils.report import peak_memory_bytes, plot_layer_scores, reset_peak_memory, setup_logging, versions, write_json
 
@@ -52,19 +61,42 @@ def output_dirs(cfg: PruneConfig) -> list[Path]:
     return [parent / f"{name}-{t}" for t in tags]
 
 
-def importance(cfg, model, tokenizer, mlps, device, dtype, state) -> tuple[list[torch.Tensor], dict]:
+def calibration_windows(cfg: PruneConfig, tokenizer) -> torch.Tensor | None:
+    """The seeded calibration windows (None for criteria that need no data)."""
+    if cfg.criterion in DATA_FREE:
+        return None
+    docs = load_documents(cfg.calib_dataset, cfg.calib_text_field)
+    windows = sample_windows(docs, tokenizer, cfg.calib_samples, cfg.seq_len, cfg.seed)
+    log.info("calibration: %d windows x %d tokens from %s (%d documents)", *windows.shape, cfg.calib_dataset, len(docs))
+    return windows
+
+
+def size_plans(cfg: PruneConfig, model) -> list:
+    """One KeepPlan per requested size (errors name the size that the model cannot reach)."""
+    mlps = find_mlps(model)
+    params = count_parameters(model)
+    hidden = model.config.hidden_size
+    return [plan_keep(params, mlps, hidden_size=hidden, round_to=cfg.round_to, **{k: v}) for k, v in cfg.sizes]
+
+
+def check_before_loading(cfg: PruneConfig) -> None:
+    """Everything that the config alone decides, on a weightless copy of the model: the MLP shape, every
+    size, and the window lengths, so that a mistake is reported before minutes of weight loading."""
+    config = load_config(cfg.origin_path, "model --origin_path", cfg.trust_remote_code)
+    shapes = meta_model(config, cfg.trust_remote_code)
+    if cfg.criterion not in DATA_FREE:
+        check_context(shapes, cfg.seq_len, "--seq_len", cfg.allow_long_context)
+    if cfg.eval_text:
+        check_context(shapes, cfg.eval_seq_len, "--eval_seq_len", cfg.allow_long_context)
+    size_plans(cfg, shapes)
+
+
+def importance(cfg, model, mlps, windows, dtype, device, state) -> tuple[list[torch.Tensor], dict]:
     """Scores per layer, from the cache when every setting that changes them matches.
 
     Under `accelerate launch`, every rank draws the same windows, runs its share (every N-th window)
     and the per-neuron sums are all-reduced before scoring, so every rank ranks the same scores.
     """
-    windows = None
-    if cfg.criterion not in DATA_FREE:
-        docs = load_documents(cfg.calib_dataset, cfg.calib_text_field)
-        windows = sample_windows(docs, tokenizer, cfg.calib_samples, cfg.seq_len, cfg.seed)
-        log.info(
-            "calibration: %d windows x %d tokens from %s (%d documents)", *windows.shape, cfg.calib_dataset, len(docs)
-        )
     key_fields = {
         "scores_version": SCORES_VERSION,
         "model": model_fingerprint(model),
@@ -131,14 +163,15 @@ def run(cfg: PruneConfig) -> list[Path]:
     if cfg.device_map and state.num_processes > 1:
         raise UserError("--device_map shards one model over the GPUs of one process; do not combine it with "
                         "accelerate launch")  # fmt: skip
-    model, tokenizer = load_model_and_tokenizer(cfg.origin_path, device, dtype, cfg.trust_remote_code, cfg.device_map)
+    check_before_loading(cfg)
+    tokenizer = load_tokenizer(cfg.origin_path, "model --origin_path", cfg.trust_remote_code)
+    windows = calibration_windows(cfg, tokenizer)
+    eval_docs = load_documents(cfg.eval_text, cfg.calib_text_field) if cfg.eval_text else None
+    model = load_model(cfg.origin_path, device, dtype, cfg.trust_remote_code, cfg.device_map)
     mlps = find_mlps(model)
-    hidden, neurons = model.config.hidden_size, mlps.neurons
+    neurons = mlps.neurons
     params_before = count_parameters(model)
-    plans = [
-        plan_keep(params_before, mlps, hidden_size=hidden, round_to=cfg.round_to, **{kind: value})
-        for kind, value in cfg.sizes
-    ]
+    plans = size_plans(cfg, model)
     log.info(
         "model: %s, %d layers x %d neurons (%s MLP), %.2fM parameters",
         type(model).__name__,
@@ -147,14 +180,14 @@ def run(cfg: PruneConfig) -> list[Path]:
         mlps.shape.name,
         params_before / 1e6,
     )
-    scores, imp = importance(cfg, model, tokenizer, mlps, device, dtype, state)
+    scores, imp = importance(cfg, model, mlps, windows, dtype, device, state)
     if not state.is_main_process:  # the other ranks only helped with the importance pass
         state.wait_for_everyone()
         return outs
     ppl_windows = None
     ppl_before = None
-    if cfg.eval_text:
-        ppl_windows = text_windows(tokenizer, load_documents(cfg.eval_text, cfg.calib_text_field), cfg.eval_seq_len)
+    if eval_docs is not None:
+        ppl_windows = text_windows(tokenizer, eval_docs, cfg.eval_seq_len)
         ppl_windows = ppl_windows[: cfg.eval_windows or None]
         ppl_before = perplexity(model, ppl_windows, cfg.batch_size, cfg.progress)
         log.info(

@@ -38,9 +38,10 @@ from module.adapters import find_mlps  # noqa: E402
 from module.criteria import CRITERIA, DATA_FREE, score_neurons  # noqa: E402
 from module.importance import GRADIENT_CRITERIA, collect_statistics  # noqa: E402
 from module.pruning import count_parameters, plan_keep, prune_mlps, top_k_sorted  # noqa: E402
+from utils.atomic import atomic_dir  # noqa: E402
 from utils.cli import load_causal_lm, load_tokenizer, parse_config  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
-from utils.io import atomic_dir, digest  # noqa: E402
+from utils.io import digest  # noqa: E402
 from utils.perplexity import local_rows, perplexity, text_windows  # noqa: E402
 from utils.report import setup_logging, versions  # noqa: E402
 from utils.results_table import LABEL, METRIC, base_task  # noqa: E402

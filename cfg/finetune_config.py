@@ -8,6 +8,7 @@ lr 4e-4 (the release's scripts), 2 epochs, no weight decay; 1024-token examples,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -15,6 +16,11 @@ from transformers import TrainingArguments
 from dataset.packing.packed_dataset import STRATEGIES
 
 ATTENTION = ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager")
+
+
+def check_learning_rate(value: float, flag: str) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{flag} {value:g} is not valid; a learning rate must be a finite number > 0, e.g. 1e-4")
 
 
 @dataclass
@@ -47,6 +53,10 @@ class SFTArguments:
     use_kahan_summation: bool = field(default=False, metadata={"help": "Kahan-compensated weight updates."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output_dir (not resuming)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
+    allow_long_context: bool = field(
+        default=False,
+        metadata={"help": "Allow rows longer than the model's max_position_embeddings (rotary positions only)."},
+    )
 
     def __post_init__(self) -> None:
         self.pack_length = self.pack_length or self.tokenizer_max
@@ -64,6 +74,10 @@ class SFTArguments:
             raise ValueError(f"--optimizer {self.optimizer!r} is not one of anyprecision, adamw")
         if self.dtype not in ("auto", "bfloat16", "float32"):
             raise ValueError(f"--dtype {self.dtype!r} is not one of auto, bfloat16, float32")
+        if self.lr is not None:
+            check_learning_rate(self.lr, "--lr")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ValueError(f"--max_train_samples must be >= 1 (got {self.max_train_samples})")
 
 
 @dataclass
@@ -93,6 +107,10 @@ class FullTrainingArguments(TrainingArguments):
     save_steps: float = field(default=500, metadata={"help": "Checkpoint every N updates."})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in backward."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep position_ids for packing."})
+
+    def __post_init__(self) -> None:
+        check_learning_rate(self.learning_rate, "--learning_rate")
+        super().__post_init__()
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from module.criteria import CRITERIA
@@ -9,13 +10,19 @@ from module.criteria import CRITERIA
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
-def parse_ratios(text: str | None, flag: str) -> list[float]:
+def parse_ratios(text: str | None, flag: str, upper: float = math.inf) -> list[float]:
+    """A comma list of distinct finite numbers in (0, upper); anything sloppy (empty items, nan) is refused."""
     if text is None or str(text).strip() == "":
         return []
+    items = [v.strip() for v in str(text).split(",")]
     try:
-        values = [float(v) for v in str(text).split(",") if v.strip()]
+        values = [float(v) for v in items]  # an empty item ("0.2,,0.3", "0.2,") fails here too
     except ValueError:
         raise ValueError(f"{flag} {text!r} must be a number or a comma list of numbers, e.g. 0.2,0.3") from None
+    for v in values:
+        if not (math.isfinite(v) and 0 < v < upper):
+            bound = f"in (0, {upper:g})" if math.isfinite(upper) else "> 0 and finite"
+            raise ValueError(f"{flag} {text!r}: {v:g} is not valid; each value must be {bound}")
     if len(set(values)) != len(values):
         raise ValueError(f"{flag} {text!r} repeats a value")
     return values
@@ -49,6 +56,13 @@ class PruneConfig:
     calib_text_field: str = field(default="text", metadata={"help": "Field holding the text in records."})
     calib_samples: int = field(default=1024, metadata={"help": "Calibration windows (at most one per document)."})
     seq_len: int = field(default=1024, metadata={"help": "Tokens per calibration window."})
+    allow_long_context: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow --seq_len/--eval_seq_len beyond the model's max_position_embeddings (rotary or other "
+            "computed positions only; a learned position table cannot be extended)."
+        },
+    )
     seed: int = field(default=42, metadata={"help": "Seed of the window draw (and of the random criterion)."})
     batch_size: int = field(default=1, metadata={"help": "Windows per forward/backward pass."})
     loss_chunk_tokens: int = field(
@@ -101,7 +115,7 @@ class PruneConfig:
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self) -> None:
-        self.pruning_ratios = parse_ratios(self.pruning_ratio, "--pruning_ratio")
+        self.pruning_ratios = parse_ratios(self.pruning_ratio, "--pruning_ratio", upper=1.0)
         self.mlp_ratios = parse_ratios(self.mlp_ratio, "--mlp_ratio")
         if bool(self.pruning_ratios) == bool(self.mlp_ratios):
             raise ValueError("give exactly one of --pruning_ratio and --mlp_ratio")

@@ -17,8 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dataset.prompter import Prompter
+from dataset.records import read_records
+from utils.atomic import atomic_dir
 from utils.errors import UserError, first_line
-from utils.io import atomic_dir, digest
+from utils.io import digest
 
 log = logging.getLogger("hfprune")
 HUB_ALIASES = {"lamini": "MBZUAI/LaMini-instruction", "alpaca": "yahma/alpaca-cleaned"}
@@ -31,20 +33,6 @@ class Example:
     instruction: str
     input: str
     response: str
-
-
-def _read(path: Path) -> list[dict]:
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    if path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, list):
-            raise UserError(f"{path} must hold a JSON list of records")
-        return data
-    import pyarrow.parquet as pq
-
-    return pq.read_table(path).to_pylist()
 
 
 def load_records(source: str) -> tuple[list[dict], str]:
@@ -64,7 +52,7 @@ def load_records(source: str) -> tuple[list[dict], str]:
         if path.is_file() and path.suffix not in SUFFIXES:
             raise UserError(f"--dataset_name {source}: unsupported file type; valid: {', '.join(SUFFIXES)}")
         ident = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-        return [r for f in files for r in _read(f)], digest(ident)
+        return [r for f in files for r in read_records(f, "--dataset_name file")], digest(ident)
     if source.startswith((".", "/", "~")):
         raise UserError(f"--dataset_name {source} does not exist")
     import datasets
@@ -85,6 +73,8 @@ def to_examples(records: list[dict]) -> list[Example]:
         raise UserError("the instruction dataset is empty")
     examples = []
     for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise UserError(f"record {i} of the instruction dataset is a {type(r).__name__}, not a record")
         if "instruction" in r and "response" in r:
             examples.append(Example(r["instruction"], "", r["response"]))
         elif "instruction" in r and "output" in r:

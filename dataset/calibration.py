@@ -11,13 +11,13 @@ Sources (`--calib_dataset`):
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
 
 import torch
 
+from dataset.records import read_records, read_text
 from utils.errors import UserError, first_line
 
 C4_HUB = ("allenai/c4", "en/c4-train.00000-of-01024.json.gz")
@@ -41,6 +41,8 @@ def builtin_documents(heldout: bool = False) -> list[str]:
 def _records_text(records: list, field: str, source: str) -> list[str]:
     if records and isinstance(records[0], str):
         return list(records)
+    if records and not isinstance(records[0], dict):
+        raise CalibrationError(f"calibration data {source} holds {type(records[0]).__name__} values, not records")
     if records and field not in records[0]:
         raise CalibrationError(
             f"calibration data {source} has no field {field!r} (fields: {', '.join(map(str, records[0]))}); "
@@ -52,28 +54,11 @@ def _records_text(records: list, field: str, source: str) -> list[str]:
 def _read_file(path: Path, field: str) -> list[str]:
     suffix = path.suffix.lower()
     if suffix in TEXT_SUFFIXES:  # documents are separated by blank (or whitespace-only) lines
-        text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+        text = read_text(path, "calibration file")
         return [d.strip() for d in re.split(r"\n[ \t]*\n", text) if d.strip()]
-    if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        return _records_text(records, field, str(path))
-    if suffix == ".json":
-        records = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(records, list):
-            raise CalibrationError(f"calibration file {path} must hold a JSON list of records or strings")
-        return _records_text(records, field, str(path))
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        if field not in table.column_names:
-            raise CalibrationError(
-                f"calibration data {path} has no field {field!r} (fields: {', '.join(table.column_names)}); "
-                "set --calib_text_field"
-            )
-        return table.column(field).to_pylist()
-    raise CalibrationError(f"calibration file {path} has an unsupported type; valid: {', '.join(LOCAL_SUFFIXES)}")
+    if suffix not in LOCAL_SUFFIXES:
+        raise CalibrationError(f"calibration file {path} has an unsupported type; valid: {', '.join(LOCAL_SUFFIXES)}")
+    return _records_text(read_records(path, "calibration file"), field, str(path))
 
 
 def _load_hub(dataset_id: str, field: str, data_files: str | None = None) -> list[str]:

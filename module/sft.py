@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from cfg.finetune_config import FullTrainingArguments, LoraArguments, LoraTrainingArguments, SFTArguments
 from dataset.LaMini_dataset import tokenized_dataset
@@ -16,7 +19,8 @@ from dataset.packing.packed_dataset import Collator, pack_examples
 from module.adapters import find_mlps
 from module.anyprecisionAdamw import AnyPrecisionAdamW
 from module.trainer import PackedSFTTrainer
-from utils.cli import load_causal_lm, load_tokenizer
+from utils.atomic import apply_umask, atomic_dir
+from utils.cli import check_context, load_causal_lm, load_config, load_tokenizer, meta_model, parse_dataclasses
 from utils.errors import UserError, run_cli
 from utils.report import plot_loss_curve, versions, write_json
 
@@ -62,8 +66,6 @@ def prepare_output(args, sft: SFTArguments, kind: str) -> Path:
     if out.exists() and any(out.iterdir()) and not resuming:
         if not sft.overwrite:
             raise UserError(f"--output_dir {out} already holds a run; pass --resume_from_checkpoint or --overwrite")
-        import shutil
-
         shutil.rmtree(out)
     model_dir = Path(sft.model).expanduser()
     if model_dir.exists() and (out.resolve() == model_dir.resolve() or model_dir.resolve() in out.resolve().parents):
@@ -71,8 +73,49 @@ def prepare_output(args, sft: SFTArguments, kind: str) -> Path:
     return out
 
 
+def resume_checkpoint(out: Path, requested) -> str | None:
+    """The checkpoint to resume from: `last`/True means the newest *complete* one in `out`.
+
+    The Trainer writes a checkpoint in place, its trainer_state.json last, so a run killed while saving
+    leaves a checkpoint without it. Such leftovers newer than the one resumed from are removed (the
+    resumed run writes those steps again); an explicitly named incomplete checkpoint is an error.
+    """
+    if requested in (None, "", False):
+        return None
+    if isinstance(requested, str) and requested.lower() not in ("true", "last"):
+        ckpt = Path(requested)
+        if not ckpt.is_dir():
+            raise UserError(f"--resume_from_checkpoint {requested}: no such folder")
+        if not (ckpt / "trainer_state.json").is_file():
+            raise UserError(f"--resume_from_checkpoint {requested} is incomplete (no trainer_state.json: the run "
+                            "was killed while saving it); name an earlier checkpoint or pass last")  # fmt: skip
+        return str(ckpt)
+    steps = {p: re.fullmatch(r"checkpoint-(\d+)", p.name) for p in out.glob("checkpoint-*") if p.is_dir()}
+    found = sorted((int(m[1]), p) for p, m in steps.items() if m)
+    complete = [p for _, p in found if (p / "trainer_state.json").is_file()]
+    if not complete:
+        raise UserError(f"--resume_from_checkpoint {requested}: no complete checkpoint in {out}")
+    for step, p in found:
+        if step > int(complete[-1].name.split("-")[1]):
+            shutil.rmtree(p)
+            log.warning("removed %s: incomplete (the run was killed while saving it)", p)
+    return str(complete[-1])
+
+
+def remove_if_empty(folder: Path) -> None:
+    """Remove `folder` when it holds no file at any depth (what a run that failed before saving leaves)."""
+    if folder.is_dir() and not any(p.is_file() or p.is_symlink() for p in folder.rglob("*")):
+        shutil.rmtree(folder)
+
+
 def build(sft: SFTArguments, args, lora: LoraArguments | None, callbacks=()):
     """The trainer, its tokenizer and a summary of the data."""
+    # Seed before anything random is built (LoRA's A matrices): the Trainer seeds only in its own
+    # __init__, after get_peft_model, so two runs with one --seed would start from different adapters.
+    if args.full_determinism:
+        enable_full_determinism(args.seed)
+    else:
+        set_seed(args.seed)
     cuda = torch.cuda.is_available() and not args.use_cpu
     dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "bfloat16": torch.bfloat16,
              "float32": torch.float32}[sft.dtype]  # fmt: skip
@@ -80,6 +123,11 @@ def build(sft: SFTArguments, args, lora: LoraArguments | None, callbacks=()):
         args.bf16 = True
     if sft.lr is not None:
         args.learning_rate = sft.lr
+    # the config alone decides these: refuse before tokenizing data and loading weights
+    shapes = meta_model(load_config(sft.model, "--model", sft.trust_remote_code), sft.trust_remote_code)
+    row_length = sft.tokenizer_max if sft.packing == "none" else sft.pack_length
+    check_context(shapes, row_length, "--pack_length" if sft.packing != "none" else "--tokenizer_max",
+                  sft.allow_long_context)  # fmt: skip
     tokenizer = load_tokenizer(sft.model, "--model", sft.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -126,41 +174,39 @@ def build(sft: SFTArguments, args, lora: LoraArguments | None, callbacks=()):
 
 def run_sft(argv: list[str], lora_mode: bool, callbacks=()) -> Path:
     """Parse, train, save. Returns the run folder."""
-    from transformers import HfArgumentParser
-
-    from utils.cli import expand_recipe
-
     classes = (
         (SFTArguments, LoraArguments, LoraTrainingArguments) if lora_mode else (SFTArguments, FullTrainingArguments)
     )
-    parser = HfArgumentParser(classes)
-    try:
-        parsed = parser.parse_args_into_dataclasses(args=expand_recipe(argv))
-    except ValueError as err:
-        raise UserError(str(err)) from None
+    parsed = parse_dataclasses(classes, argv)
     sft, args = parsed[0], parsed[-1]
     lora = parsed[1] if lora_mode else None
     out = prepare_output(args, sft, "lora" if lora_mode else "full")
     log.info("config: %s", json.dumps({"sft": asdict(sft), "lora": asdict(lora) if lora else None,
                                        "training": args.to_dict()}, default=str))  # fmt: skip
-    trainer, tokenizer, data = build(sft, args, lora, callbacks)
-    resume = args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "last"):
-        resume = True
-    result = trainer.train(resume_from_checkpoint=resume or None)
+    created = not out.exists()
+    try:
+        resume = resume_checkpoint(out, args.resume_from_checkpoint)
+        trainer, tokenizer, data = build(sft, args, lora, callbacks)
+        result = trainer.train(resume_from_checkpoint=resume)
+    except BaseException:
+        if created:
+            remove_if_empty(out)  # a run that failed before its first save leaves nothing behind
+        raise
     if trainer.is_world_process_zero():
         trainer.save_model(str(out))
         tokenizer.save_pretrained(str(out))
         if lora is not None and lora.merge:
             merged = trainer.model.merge_and_unload()
-            merged.save_pretrained(str(out / "merged"))
-            tokenizer.save_pretrained(str(out / "merged"))
+            with atomic_dir(out / "merged") as tmp:
+                merged.save_pretrained(str(tmp))
+                tokenizer.save_pretrained(str(tmp))
         plot_loss_curve(out / "loss_curve.png", trainer.state.log_history,
                         f"{Path(sft.model.rstrip('/')).name}: {'LoRA' if lora else 'full'} fine-tuning")  # fmt: skip
         write_json(out / "train_report.json", {
             "sft": asdict(sft), "lora": asdict(lora) if lora else None, "training": args.to_dict(), "data": data,
             "metrics": result.metrics, "log_history": trainer.state.log_history, "versions": versions(),
         })  # fmt: skip
+        apply_umask(out)  # the Trainer writes its weights 0600; written last, the report marks a complete run
     return out
 
 

@@ -75,13 +75,24 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
+def save_tiny(tmp_path_factory, tokenizer, family: str, name: str) -> Path:
+    """A tiny model of `family` saved with the tiny tokenizer, as a model folder."""
+    path = tmp_path_factory.mktemp("models") / name
+    tiny_model(family).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A saved tiny Llama folder with tokenizer: what prune.py gets as --origin_path."""
-    path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
+    return save_tiny(tmp_path_factory, tiny_tokenizer, "llama", "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """GPT-2: a learned position table of 128 rows."""
+    return save_tiny(tmp_path_factory, tiny_tokenizer, "gpt2", "tiny-gpt2")
 
 
 @pytest.fixture(scope="session")

@@ -1,19 +1,16 @@
-"""Files: output folders written atomically, and the importance cache (safetensors + JSON, no pickles)."""
+"""Files: output-folder checks, digests and fingerprints, the importance cache (safetensors + JSON, no pickles)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from utils.atomic import atomic_dir, clear_leftovers
 from utils.errors import UserError
 
 
@@ -24,32 +21,13 @@ class OutputError(UserError):
 def check_output_dir(output: Path, protected: list[Path], overwrite: bool) -> None:
     """Refuse an existing folder without --overwrite, and any place inside (or equal to) a protected one."""
     out = output.resolve()
+    clear_leftovers(out)
     for p in protected:
         p = p.resolve()
         if out == p or p in out.parents:
             raise OutputError(f"--output_dir {output} is inside the source model folder {p}; choose another place")
     if out.exists() and not overwrite:
         raise OutputError(f"--output_dir {output} already exists; pass --overwrite to replace it")
-
-
-@contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `final`, on failure it is removed."""
-    final = final.resolve()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def digest(obj) -> str:

