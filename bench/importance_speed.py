@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from module.adapters import find_mlps  # noqa: E402
 from module.importance import collect_statistics  # noqa: E402
 from module.pruning import count_parameters, plan_keep, top_k_sorted  # noqa: E402
+from utils.tiny import random_llama  # noqa: E402
 
 SHAPES = {  # random-weight models of the published shapes
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -81,8 +82,8 @@ class PeakMemory:
             self._thread.join()
 
 
-def release_scores(model, mlps, windows: torch.Tensor) -> list[torch.Tensor]:
-    """The released loop: batch 1, MLP weight grads on, full-logit autograd entropy, bf16 sums."""
+def release_scores(model, mlps, windows: torch.Tensor, sum_dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
+    """The released loop: batch 1, MLP weight grads on, full-logit autograd entropy, bf16 sums (or `sum_dtype`)."""
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in mlps.layers:
@@ -95,7 +96,7 @@ def release_scores(model, mlps, windows: torch.Tensor) -> list[torch.Tensor]:
         hooks.append(mod.register_forward_hook(lambda m, inp, out, i=i: acts.__setitem__(i, inp[0].detach())))
         hooks.append(mod.register_full_backward_hook(lambda m, gi, go, i=i: grads.__setitem__(i, gi[0].detach())))
     device = next(model.parameters()).device
-    scores = [torch.zeros(mlps.neurons, dtype=torch.bfloat16, device=device) for _ in mlps.layers]
+    scores = [torch.zeros(mlps.neurons, dtype=sum_dtype, device=device) for _ in mlps.layers]
     for w in windows:
         model.zero_grad()
         logits = model(input_ids=w.unsqueeze(0).to(device)).logits
@@ -103,7 +104,7 @@ def release_scores(model, mlps, windows: torch.Tensor) -> list[torch.Tensor]:
         logp = torch.log_softmax(logits.float(), dim=-1)
         (-(probs * logp).sum(-1).mean()).backward()
         for i in range(len(scores)):
-            scores[i] += (acts[i] * grads[i]).abs().sum(dim=(0, 1)).to(torch.bfloat16)
+            scores[i] += (acts[i] * grads[i]).abs().sum(dim=(0, 1)).to(sum_dtype)
         acts.clear()
         grads.clear()
         del logits, probs, logp
@@ -124,14 +125,55 @@ def timed(fn, device):
     return out, seconds, mem.peak
 
 
+def kept_overlap(a: list[torch.Tensor], b: list[torch.Tensor], k: int) -> float:
+    """Share of the top-k sets (every layer) that two score lists agree on."""
+    same = sum(len(set(top_k_sorted(x, k).tolist()) & set(top_k_sorted(y, k).tolist())) for x, y in zip(a, b))
+    return same / (k * len(a))
+
+
+def compare(model, mlps, windows: torch.Tensor, batch_sizes: list[int], device: torch.device,
+            release: bool = True) -> dict:  # fmt: skip
+    """Ours at each batch size, then the release (bf16 sums) and the release with fp32 sums as the reference.
+
+    `windows[0]` warms up; the rest are timed. Seconds and peak memory (above the weights) per window,
+    the kept-set overlap at 20% pruning against the fp32-sum reference, and the speed-up of our best batch.
+    """
+    timed_windows = windows[1:]
+    n, seq = timed_windows.shape
+    collect_statistics(model, mlps, windows[:1], "entropy", 1, progress=False)  # warm-up
+    k = plan_keep(count_parameters(model), mlps, pruning_ratio=0.2).k
+    out = {"windows": n, "seq_len": seq, "k_at_20pct": k, "ours": {}}
+    scores = {}
+    for b in batch_sizes:
+        stats, t, m = timed(lambda b=b: collect_statistics(model, mlps, timed_windows, "entropy", b, progress=False),
+                            device)  # fmt: skip
+        scores[b] = [s.cpu() for s in stats.taylor]
+        out["ours"][b] = {"s_per_window": t / n, "tokens_per_s": n * seq / t, "peak_bytes": m,
+                          "peak_bytes_per_window": m / b}  # fmt: skip
+    best = min(out["ours"], key=lambda b: out["ours"][b]["s_per_window"])
+    out["best_batch"] = best
+    if not release:
+        return out
+    release_scores(model, mlps, windows[:1])  # warm-up
+    rel, t, m = timed(lambda: release_scores(model, mlps, timed_windows), device)
+    out["release"] = {"s_per_window": t / n, "tokens_per_s": n * seq / t, "peak_bytes": m}
+    ref, t_ref, _ = timed(lambda: release_scores(model, mlps, timed_windows, torch.float32), device)
+    out["release_fp32_sums_s_per_window"] = t_ref / n
+    out["overlap_ours_vs_fp32_reference"] = min(kept_overlap(scores[b], ref, k) for b in batch_sizes)
+    out["overlap_release_vs_fp32_reference"] = kept_overlap(rel, ref, k)
+    out["speedup_best_batch"] = out["release"]["s_per_window"] / out["ours"][best]["s_per_window"]
+    out["speedup_batch_1"] = out["release"]["s_per_window"] / out["ours"][batch_sizes[0]]["s_per_window"]
+    out["memory_per_window_ours_best_over_release"] = out["ours"][best]["peak_bytes_per_window"] / max(
+        out["release"]["peak_bytes"], 1
+    )
+    return out
+
+
 def load_model(args, device, dtype):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     if args.shape:
-        cfg = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=max(4096, args.seq_len))
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-        return model.eval()
+        return random_llama({**SHAPES[args.shape], "max_position_embeddings": max(4096, args.seq_len)}, device, dtype)
     if args.model is None:
         from utils.smollm2 import cached_model
 
@@ -170,31 +212,30 @@ def main() -> None:
     print(f"{name} on {dev_name} ({torch.get_num_threads()} threads), {dtype}, {args.windows} windows x "
           f"{args.seq_len} tokens, torch {torch.__version__}")  # fmt: skip
 
-    ours_fn = lambda w: collect_statistics(model, mlps, w, "entropy", args.batch_size, progress=False)  # noqa: E731
-    ours_fn(windows[:1])  # warm-up
-    stats, t_ours, m_ours = timed(lambda: ours_fn(windows[1:]), device)
-    ours = [s.cpu() for s in stats.taylor]
-    print(f"ours    (batch {args.batch_size}): {t_ours / args.windows:.3f} s/window, "
-          f"{args.windows * args.seq_len / t_ours:.0f} tokens/s, peak {m_ours / 2**30:.2f} GiB")  # fmt: skip
+    result = compare(model, mlps, windows, [args.batch_size], device, release=not args.skip_release)
+    ours = result["ours"][args.batch_size]
+    print(f"ours    (batch {args.batch_size}): {ours['s_per_window']:.3f} s/window, "
+          f"{ours['tokens_per_s']:.0f} tokens/s, peak {ours['peak_bytes'] / 2**30:.2f} GiB")  # fmt: skip
+    plain = collect_statistics(model, mlps, windows[1:], "entropy", args.batch_size, progress=False)
     ck_stats, t_ck, m_ck = timed(
         lambda: collect_statistics(model, mlps, windows[1:], "entropy", args.batch_size, progress=False,
                                    activation_checkpointing=True), device)  # fmt: skip
-    same = all(torch.allclose(a.cpu(), b, rtol=1e-5) for a, b in zip(ck_stats.taylor, ours))
+    same = all(torch.allclose(a.cpu(), b.cpu(), rtol=1e-5) for a, b in zip(ck_stats.taylor, plain.taylor))
+    t_ours = ours["s_per_window"] * args.windows
     print(
         f"ours with activation checkpointing: {t_ck / args.windows:.3f} s/window, peak {m_ck / 2**30:.2f} GiB "
-        f"(memory {m_ck / max(m_ours, 1):.2f}x, time {t_ck / t_ours:.2f}x of ours without; scores equal: {same})"
+        f"(memory {m_ck / max(ours['peak_bytes'], 1):.2f}x, time {t_ck / t_ours:.2f}x of ours without; "
+        f"scores equal: {same})"
     )
     if args.skip_release:
         return
-    release_scores(model, mlps, windows[:1])  # warm-up
-    rel, t_rel, m_rel = timed(lambda: release_scores(model, mlps, windows[1:]), device)
-    print(f"release (batch 1): {t_rel / args.windows:.3f} s/window, "
-          f"{args.windows * args.seq_len / t_rel:.0f} tokens/s, peak {m_rel / 2**30:.2f} GiB")  # fmt: skip
-    k = plan_keep(count_parameters(model), mlps, pruning_ratio=0.2).k
-    overlap = sum(len(set(top_k_sorted(a, k).tolist()) & set(top_k_sorted(b, k).tolist())) for a, b in zip(ours, rel))
-    overlap /= k * len(ours)
-    print(f"speed-up {t_rel / t_ours:.2f}x, peak memory ours/release {m_ours / max(m_rel, 1):.2f}, "
-          f"kept-set overlap at 20% pruning {overlap:.4f} (release sums in bf16)")  # fmt: skip
+    rel = result["release"]
+    print(f"release (batch 1): {rel['s_per_window']:.3f} s/window, "
+          f"{rel['tokens_per_s']:.0f} tokens/s, peak {rel['peak_bytes'] / 2**30:.2f} GiB")  # fmt: skip
+    print(f"speed-up {result['speedup_best_batch']:.2f}x, peak memory ours/release "
+          f"{ours['peak_bytes'] / max(rel['peak_bytes'], 1):.2f}, kept-set overlap at 20% pruning with an fp32-sum "
+          f"reference: ours {result['overlap_ours_vs_fp32_reference']:.4f}, release (bf16 sums) "
+          f"{result['overlap_release_vs_fp32_reference']:.4f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -52,6 +52,55 @@ def train_tokens_per_second(model, batches, device, real_tokens: int, opt) -> fl
     return real_tokens / (time.perf_counter() - start)
 
 
+def padded_vs_packed(model, rows: list[dict], pad_id: int, device, padded_batch: int, packed_batch: int,
+                     max_len: int) -> dict:  # fmt: skip
+    """Non-pad tokens/s of forward + backward + AnyPrecisionAdamW step on the same examples, padded vs packed."""
+    real = sum(len(r["input_ids"]) for r in rows)
+    padded = [Collator(pad_id, packed=False)(rows[i : i + padded_batch]) for i in range(0, len(rows), padded_batch)]
+    packed_rows, fill = pack_examples(rows, max_len, "bfd")
+    packed = [Collator(pad_id)(packed_rows[i : i + packed_batch]) for i in range(0, len(packed_rows), packed_batch)]
+    opt = AnyPrecisionAdamW(model.parameters(), lr=1e-5, momentum_dtype="bfloat16", variance_dtype="bfloat16")
+    padded_tokens = sum(b["input_ids"].numel() for b in padded)
+    out = {"examples": len(rows), "real_tokens": real, "padded_fill": real / padded_tokens, "packed_fill": fill}
+    for name, batches in (("padded", padded), ("packed", packed)):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        out[f"{name}_tokens_per_s"] = train_tokens_per_second(model, batches, device, real, opt)
+        if device.type == "cuda":
+            out[f"{name}_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+    out["packed_over_padded"] = out["packed_tokens_per_s"] / out["padded_tokens_per_s"]
+    del opt
+    return out
+
+
+def optimizer_steps(params: list[torch.Tensor], device, makers: dict, steps: int = 5) -> dict:
+    """Seconds per step and state bytes of each optimizer in `makers` (label -> factory) on `params`."""
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    out = {}
+    for label, make in makers.items():
+        o = make(params)
+        o.step()  # creates the states
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            o.step()
+        sync(device)
+        out[label] = {"s_per_step": (time.perf_counter() - start) / steps, "state_bytes": state_bytes(o)}
+        del o
+    for p in params:
+        p.grad = None
+    return out
+
+
+def peak_flops(device) -> float | None:
+    """Dense bf16 peak of the card, for MFU (H100 and H200 SXM: 989 TFLOP/s); None where unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return 989e12 if ("H100" in name or "H200" in name) else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -76,57 +125,35 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     rows = tokenized_dataset(args.data, tok, args.max_len, max_samples=args.examples)
     lengths = [len(r["input_ids"]) for r in rows]
-    real = sum(lengths)
     cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=4096, use_cache=False, **SHAPES[args.shape])
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa").to(device)
     n_params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"{args.shape} Llama ({n_params / 1e6:.1f}M params) on {name}, {dtype}; {len(rows)} LaMini examples, "
-          f"mean {real / len(rows):.0f} / max {max(lengths)} tokens, torch {torch.__version__}")  # fmt: skip
+          f"mean {sum(lengths) / len(rows):.0f} / max {max(lengths)} tokens, torch {torch.__version__}")  # fmt: skip
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    padded = [
-        Collator(pad, packed=False)(rows[i : i + args.padded_batch]) for i in range(0, len(rows), args.padded_batch)
-    ]
-    packed_rows, fill = pack_examples(rows, args.max_len, "bfd")
-    packed = [Collator(pad)(packed_rows[i : i + args.packed_batch])
-              for i in range(0, len(packed_rows), args.packed_batch)]  # fmt: skip
-    pad_fill = real / sum(b["input_ids"].numel() for b in padded)
-    opt = AnyPrecisionAdamW(model.parameters(), lr=1e-5, momentum_dtype="bfloat16", variance_dtype="bfloat16")
-    tps_padded = train_tokens_per_second(model, padded, device, real, opt)
-    tps_packed = train_tokens_per_second(model, packed, device, real, opt)
-    print(f"padded (batch {args.padded_batch}, fill {pad_fill:.3f}): {tps_padded:.0f} non-pad tokens/s")
-    print(f"packed (batch {args.packed_batch} x {args.max_len}, fill {fill:.3f}): {tps_packed:.0f} non-pad tokens/s")
-    print(f"packed / padded: {tps_packed / tps_padded:.2f}x")
-    if device.type == "cuda":
-        peak = {"cuda": 989e12}.get(device.type)  # H100 SXM dense bf16
-        flops_per_token = 6 * n_params
-        print(f"MFU (6N FLOPs/token vs 989 TFLOP/s bf16): {tps_packed * flops_per_token / peak:.3f}")
+    r = padded_vs_packed(model, rows, pad, device, args.padded_batch, args.packed_batch, args.max_len)
+    print(f"padded (batch {args.padded_batch}, fill {r['padded_fill']:.3f}): {r['padded_tokens_per_s']:.0f} "
+          "non-pad tokens/s")  # fmt: skip
+    print(f"packed (batch {args.packed_batch} x {args.max_len}, fill {r['packed_fill']:.3f}): "
+          f"{r['packed_tokens_per_s']:.0f} non-pad tokens/s")  # fmt: skip
+    print(f"packed / padded: {r['packed_over_padded']:.2f}x")
+    if peak_flops(device):
+        mfu = r["packed_tokens_per_s"] * 6 * n_params / peak_flops(device)
+        print(f"MFU (6N FLOPs/token vs {peak_flops(device) / 1e12:.0f} TFLOP/s bf16): {mfu:.3f}")
 
     # Part 2: optimizer step time and state memory on the same parameters
-    params = [p for p in model.parameters()]
-    for p in params:
-        p.grad = torch.randn_like(p) * 1e-3
-    results = {}
-    for label, make in (
-        ("torch AdamW (fp32 states, defaults)", lambda: torch.optim.AdamW(params, lr=1e-5)),
-        ("torch AdamW (fp32 states, foreach)", lambda: torch.optim.AdamW(params, lr=1e-5, foreach=True)),
-        ("AnyPrecisionAdamW (bf16 states)", lambda: AnyPrecisionAdamW(params, lr=1e-5, momentum_dtype="bfloat16",
-                                                                       variance_dtype="bfloat16")),
-    ):  # fmt: skip
-        o = make()
-        o.step()
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(5):
-            o.step()
-        sync(device)
-        seconds = (time.perf_counter() - start) / 5
-        state = state_bytes(o)
-        results[label] = (seconds, state)
-        print(f"{label}: {seconds * 1e3:.1f} ms/step, state {state / 2**20:.1f} MiB")
-    (t_ref, m_ref), (t_foreach, _), (t_ours, m_ours) = results.values()
+    results = optimizer_steps(list(model.parameters()), device, {
+        "torch AdamW (fp32 states, defaults)": lambda ps: torch.optim.AdamW(ps, lr=1e-5),
+        "torch AdamW (fp32 states, foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-5, foreach=True),
+        "AnyPrecisionAdamW (bf16 states)": lambda ps: AnyPrecisionAdamW(ps, lr=1e-5, momentum_dtype="bfloat16",
+                                                                        variance_dtype="bfloat16"),
+    })  # fmt: skip
+    for label, v in results.items():
+        print(f"{label}: {v['s_per_step'] * 1e3:.1f} ms/step, state {v['state_bytes'] / 2**20:.1f} MiB")
+    (t_ref, m_ref), (t_foreach, _), (t_ours, m_ours) = [(v["s_per_step"], v["state_bytes"]) for v in results.values()]
     print(f"AnyPrecisionAdamW / AdamW: step time {t_ours / t_ref:.2f}x (vs foreach {t_ours / t_foreach:.2f}x), "
           f"state memory {m_ours / m_ref:.2f}x")  # fmt: skip
 

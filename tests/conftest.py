@@ -60,19 +60,9 @@ def tiny_model(family: str, seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A byte-level BPE tokenizer of VOCAB tokens trained on the built-in text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from utils.tiny import train_tokenizer
 
-    from dataset.calibration import builtin_documents
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(builtin_documents(), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    return train_tokenizer(VOCAB)
 
 
 def save_tiny(tmp_path_factory, tokenizer, family: str, name: str) -> Path:

@@ -1,10 +1,12 @@
 """Fine-tuning building blocks: prompts and masking, packing, packed attention, AnyPrecisionAdamW."""
 
+import math
+
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import tiny_model
 
+from bench.gpu_check import packing_agreement
 from dataset.LaMini_dataset import Example, to_examples, tokenize_example
 from dataset.packing.packed_dataset import (
     Collator,
@@ -82,23 +84,24 @@ def test_packed_loss_equals_per_example_loss_and_examples_stay_apart(attn):
     for n in (7, 5, 9):
         ids = torch.randint(0, 300, (n,), generator=gen).tolist()
         examples.append({"input_ids": ids, "labels": [-100, -100, *ids[2:]]})
-    rows, _ = pack_examples(examples, 32, "consecutive")
-    batch = Collator(0)(rows)
+    r = packing_agreement(model, examples, 32)
+    assert r["packed_loss"] == pytest.approx(r["per_example_loss"], rel=1e-4)
+    # changing the first example must not change any logit of the second one ...
+    assert r["max_logit_change_isolated"] <= 1e-5
+    # ... which it does when the row is read as one sequence (no position_ids): the check can fail
+    assert r["max_logit_change_without_position_ids"] > 1e-2
+
+
+def test_packing_agreement_per_example_loss_by_hand():
+    """The per-example reference of `packing_agreement` on a model whose logits are known: uniform."""
+    model = tiny_model("llama")
     with torch.no_grad():
-        packed = model(**batch).loss
-        total, count = 0.0, 0
-        for ex in examples:
-            ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]])
-            logits = model(input_ids=ids).logits
-            total += F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum").item()
-            count += int((labels[0, 1:] != -100).sum())
-        torch.testing.assert_close(packed.item(), total / count, rtol=1e-4, atol=0)
-        # changing the first example must not change any logit of the second one
-        changed = batch["input_ids"].clone()
-        changed[0, :7] = (changed[0, :7] + 1) % 300
-        a = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0, 7:12]
-        b = model(input_ids=changed, position_ids=batch["position_ids"]).logits[0, 7:12]
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        model.lm_head.weight.zero_()  # every logit 0: each token's loss is log(vocab)
+    model.config.use_cache = False
+    examples = [{"input_ids": [1, 2, 3, 4], "labels": [-100, 2, 3, 4]}, {"input_ids": [5, 6, 7], "labels": [5, 6, 7]}]
+    r = packing_agreement(model, examples, 16)
+    assert r["per_example_loss"] == pytest.approx(math.log(300), rel=1e-6)
+    assert r["packed_loss"] == pytest.approx(math.log(300), rel=1e-6)
 
 
 def regression_run(make_opt, dtype=torch.float32, steps=50, seed=0):
