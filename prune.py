@@ -31,8 +31,12 @@ from cfg.prune_config import PruneConfig
 from dataset.calibration import load_documents, sample_windows
 from module.adapters import find_mlps
 from module.criteria import DATA_FREE, score_neurons
-from module.importance import all_reduce_statistics, collect_statistics
+from module.importance import ACTIVATION_CRITERIA, GRADIENT_CRITERIA, all_reduce_statistics, collect_statistics
 from module.pruning import count_parameters, plan_keep, prune_mlps, relative_keep, top_k_sorted
+from module.structure_importance import StructureTaps
+from module.structure_plan import all_reduce as all_reduce_structures
+from module.structure_plan import apply, check_sizes, kept_sets, structure_scores
+from module.structures import layout_of
 from utils.atomic import atomic_dir
 from utils.cli import (
     check_context,
@@ -46,7 +50,15 @@ from utils.cli import (
 from utils.errors import UserError, run_cli
 from utils.io import check_output_dir, digest, load_importance, model_fingerprint, save_importance
 from utils.perplexity import perplexity, text_windows
-from utils.report import peak_memory_bytes, plot_layer_scores, reset_peak_memory, setup_logging, versions, write_json
+from utils.report import (
+    peak_memory_bytes,
+    plot_layer_scores,
+    plot_structures,
+    reset_peak_memory,
+    setup_logging,
+    versions,
+    write_json,
+)
 
 log = logging.getLogger("hfprune")
 SCORES_VERSION = 1  # bump when the score computation changes, so old cache entries are not reused
@@ -54,7 +66,13 @@ SCORES_VERSION = 1  # bump when the score computation changes, so old cache entr
 
 def output_dirs(cfg: PruneConfig) -> list[Path]:
     name = Path(cfg.origin_path.rstrip("/")).name
-    tags = [f"{cfg.criterion}-{'pr' if kind == 'pruning_ratio' else 'mlp'}{v:g}-s{cfg.seed}" for kind, v in cfg.sizes]
+    sizes = cfg.structure_sizes
+    parts = "".join(f"-{tag}{v}" for tag, v in (("heads", sizes.heads_keep), ("layers-", sizes.layers_remove),
+                                                 ("hidden", sizes.hidden_keep)) if v)  # fmt: skip
+    if sizes.heads_keep and sizes.head_mode != "kv_group":
+        parts += f"-{sizes.head_mode}"
+    mlp = [f"-{'pr' if kind == 'pruning_ratio' else 'mlp'}{v:g}" for kind, v in cfg.sizes] or [""]
+    tags = [f"{cfg.criterion}{m}{parts}-s{cfg.seed}" for m in mlp]
     if cfg.output_dir and len(tags) == 1:
         return [Path(cfg.output_dir)]
     parent = Path(cfg.output_dir) if cfg.output_dir else Path("out")
@@ -72,7 +90,9 @@ def calibration_windows(cfg: PruneConfig, tokenizer) -> torch.Tensor | None:
 
 
 def size_plans(cfg: PruneConfig, model) -> list:
-    """One KeepPlan per requested size (errors name the size that the model cannot reach)."""
+    """One KeepPlan per requested MLP size (errors name the size that the model cannot reach)."""
+    if not cfg.sizes:
+        return []
     mlps = find_mlps(model)
     params = count_parameters(model)
     hidden = model.config.hidden_size
@@ -89,14 +109,17 @@ def check_before_loading(cfg: PruneConfig) -> None:
     if cfg.eval_text:
         check_context(shapes, cfg.eval_seq_len, "--eval_seq_len", cfg.allow_long_context)
     size_plans(cfg, shapes)
+    check_sizes(shapes, cfg.structure_sizes)
 
 
-def importance(cfg, model, mlps, windows, dtype, device, state) -> tuple[list[torch.Tensor], dict]:
-    """Scores per layer, from the cache when every setting that changes them matches.
+def importance(cfg, model, mlps, windows, dtype, device, state) -> tuple[list[torch.Tensor], dict, dict]:
+    """Neuron scores per layer, other structures' scores by name, and the metadata; from the cache when every
+    setting that changes them matches.
 
     Under `accelerate launch`, every rank draws the same windows, runs its share (every N-th window)
-    and the per-neuron sums are all-reduced before scoring, so every rank ranks the same scores.
+    and the per-unit sums are all-reduced before scoring, so every rank ranks the same scores.
     """
+    sizes = cfg.structure_sizes
     key_fields = {
         "scores_version": SCORES_VERSION,
         "model": model_fingerprint(model),
@@ -108,21 +131,30 @@ def importance(cfg, model, mlps, windows, dtype, device, state) -> tuple[list[to
         "calib_samples": cfg.calib_samples,
         "seq_len": cfg.seq_len,
     }
+    if sizes.parts:  # a run of --prune_parts mlp keeps its key (and its cache entries) unchanged
+        key_fields["parts"] = sorted(cfg.parts)
     key = digest(key_fields)[:20]
     entry = Path(cfg.importance_cache) / f"{cfg.criterion}-{key}" if cfg.importance_cache else None
     if entry is not None and not cfg.recompute and (cached := load_importance(entry)) is not None:
         log.info("importance: reusing cached scores from %s", entry)
-        return cached[0], {**cached[1], "cache_hit": True, "cache_entry": str(entry)}
+        return cached[0], cached[2], {**cached[1], "cache_hit": True, "cache_entry": str(entry)}
     reset_peak_memory(device)
     stats = None
+    taps = None
     if windows is not None:
         shard = windows[state.process_index :: state.num_processes]
+        if sizes.parts:
+            taps = StructureTaps(model, layout_of(model, sizes.parts[0]), cfg.criterion in GRADIENT_CRITERIA,
+                                 cfg.criterion in ACTIVATION_CRITERIA)  # fmt: skip
         stats = collect_statistics(
             model, mlps, shard, cfg.criterion, cfg.batch_size, cfg.loss_chunk_tokens or None,
-            cfg.progress and state.is_main_process, cfg.activation_checkpointing,
+            cfg.progress and state.is_main_process, cfg.activation_checkpointing, taps=(taps,) if taps else (),
         )  # fmt: skip
         all_reduce_statistics(stats)
-    scores = score_neurons(cfg.criterion, mlps, stats, cfg.seed)
+        if taps is not None:
+            all_reduce_structures(taps.stats)
+    scores = score_neurons(cfg.criterion, mlps, stats, cfg.seed) if "mlp" in cfg.parts else []
+    extra = structure_scores(model, sizes, cfg.criterion, taps.stats if taps else None, cfg.seed)
     meta = {
         "key": key,
         "key_fields": key_fields,
@@ -142,9 +174,65 @@ def importance(cfg, model, mlps, windows, dtype, device, state) -> tuple[list[to
             meta["tokens_per_second"],
         )
     if entry is not None and state.is_main_process:
-        save_importance(entry, scores, meta)
+        save_importance(entry, scores, meta, extra)
         log.info("importance: cached in %s", entry)
-    return scores, {**meta, "cache_hit": False, "cache_entry": str(entry) if entry else None}
+    return scores, extra, {**meta, "cache_hit": False, "cache_entry": str(entry) if entry else None}
+
+
+def save_pruned(cfg, out: Path, model, tokenizer, report: dict, ppl_windows, ppl_before, files: dict, plot) -> None:
+    """Perplexity after (when asked), then the model folder with the kept indices, report and plot, atomically."""
+    if ppl_windows is not None:
+        report["perplexity_before"] = ppl_before
+        report["perplexity_after"] = perplexity(model, ppl_windows, cfg.batch_size, cfg.progress)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name, tensors in files.items():
+            save_file(tensors, str(tmp / name))
+        write_json(tmp / "prune_report.json", report)
+        plot(tmp)
+
+
+CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+               "num_hidden_layers")  # fmt: skip
+
+
+def prune_structures(cfg, model, tokenizer, mlps, plans, scores, structure, base_report, out, ppl_windows,
+                     ppl_before) -> None:  # fmt: skip
+    """Several structures at one size: kept sets from the one pass's scores, sliced, saved with the report."""
+    sizes = cfg.structure_sizes
+    kept = kept_sets(model, sizes, structure)
+    mlp_keep = [top_k_sorted(s, plans[0].k) for s in scores] if plans else None
+    config_before = {k: getattr(model.config, k, None) for k in CONFIG_KEYS}
+    params_before = count_parameters(model)
+    removed = apply(model, mlps if plans else None, mlp_keep, sizes, kept)
+    params_after = count_parameters(model)
+    report = {
+        **base_report,
+        **(plans[0].as_dict() if plans else {}),
+        "parts": cfg.parts,
+        "structure_sizes": asdict(sizes),
+        "params_after": params_after,
+        "achieved_ratio": 1 - params_after / params_before,
+        "params_removed_per_structure": removed,
+        "config_before": config_before,
+        "config_after": {k: getattr(model.config, k, None) for k in CONFIG_KEYS},
+        "kept": {k: v.tolist() for k, v in kept.items()},
+        "kept_neurons_per_layer": [len(k) for k in mlp_keep] if mlp_keep else None,
+    }
+    files = {"kept_structures.safetensors": {k: v.contiguous() for k, v in kept.items()}}
+    if mlp_keep:
+        files["kept_neurons.safetensors"] = {f"layer.{j}": k for j, k in enumerate(mlp_keep)}
+    title = f"{Path(cfg.origin_path).name}: {cfg.criterion}, {', '.join(cfg.parts)}"
+    save_pruned(cfg, out, model, tokenizer, report, ppl_windows, ppl_before, files,
+                lambda tmp: plot_structures(tmp / "prune_structures.png", structure, kept, scores, mlp_keep, title))
+    line = (
+        f"{out}: {params_before / 1e6:.2f}M -> {params_after / 1e6:.2f}M parameters (removed "
+        f"{report['achieved_ratio']:.4f}: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in removed.items()) + ")"
+    )
+    if ppl_windows is not None:
+        line += f", perplexity {ppl_before['perplexity']:.3f} -> {report['perplexity_after']['perplexity']:.3f}"
+    print(line, flush=True)
 
 
 def run(cfg: PruneConfig) -> list[Path]:
@@ -180,7 +268,7 @@ def run(cfg: PruneConfig) -> list[Path]:
         mlps.shape.name,
         params_before / 1e6,
     )
-    scores, imp = importance(cfg, model, mlps, windows, dtype, device, state)
+    scores, structure, imp = importance(cfg, model, mlps, windows, dtype, device, state)
     if not state.is_main_process:  # the other ranks only helped with the importance pass
         state.wait_for_everyone()
         return outs
@@ -193,8 +281,6 @@ def run(cfg: PruneConfig) -> list[Path]:
         log.info(
             "perplexity before: %.3f on %d windows of %s", ppl_before["perplexity"], len(ppl_windows), cfg.eval_text
         )
-    current = [torch.arange(neurons) for _ in scores]
-    order = sorted(range(len(plans)), key=lambda i: -plans[i].k)  # larger models first: kept sets are nested
     base_report = {
         "settings": asdict(cfg),
         "versions": versions(),
@@ -207,6 +293,13 @@ def run(cfg: PruneConfig) -> list[Path]:
         "criterion": cfg.criterion,
         **imp,
     }
+    if cfg.structure_sizes.parts:
+        prune_structures(cfg, model, tokenizer, mlps, plans, scores, structure, base_report, outs[0], ppl_windows,
+                         ppl_before)  # fmt: skip
+        state.wait_for_everyone()
+        return outs
+    current = [torch.arange(neurons) for _ in scores]
+    order = sorted(range(len(plans)), key=lambda i: -plans[i].k)  # larger models first: kept sets are nested
     for i in order:
         plan, out = plans[i], outs[i]
         keep = [top_k_sorted(s, plan.k) for s in scores]
@@ -222,20 +315,11 @@ def run(cfg: PruneConfig) -> list[Path]:
             "kept_per_layer": [len(k) for k in keep],
             "total_seconds": time.perf_counter() - start,
         }
-        if ppl_windows is not None:
-            report["perplexity_before"] = ppl_before
-            report["perplexity_after"] = perplexity(model, ppl_windows, cfg.batch_size, cfg.progress)
-        with atomic_dir(out) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            save_file({f"layer.{j}": k for j, k in enumerate(keep)}, str(tmp / "kept_neurons.safetensors"))
-            write_json(tmp / "prune_report.json", report)
-            plot_layer_scores(
-                tmp / "prune_layers.png",
-                scores,
-                keep,
-                f"{origin.name}: {cfg.criterion}, {plan.kind} {plan.requested:g}",
-            )
+        title = f"{origin.name}: {cfg.criterion}, {plan.kind} {plan.requested:g}"
+        save_pruned(cfg, out, model, tokenizer, report, ppl_windows, ppl_before,
+                    {"kept_neurons.safetensors": {f"layer.{j}": k for j, k in enumerate(keep)}},
+                    lambda tmp, keep=keep, title=title: plot_layer_scores(tmp / "prune_layers.png", scores, keep,
+                                                                          title))  # fmt: skip
         line = (
             f"{out}: {params_before / 1e6:.2f}M -> {params_after / 1e6:.2f}M parameters "
             f"(removed {plan.achieved_ratio:.4f}; {plan.k}/{neurons} neurons per layer)"

@@ -6,6 +6,9 @@ import math
 from dataclasses import dataclass, field
 
 from module.criteria import CRITERIA
+from module.structure_criteria import STRUCTURE_CRITERIA
+from module.structure_plan import StructureSizes
+from module.structures import HEAD_MODES, STRUCTURES
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -45,7 +48,34 @@ class PruneConfig:
             "(comma list allowed). Give this or --pruning_ratio."
         },
     )
-    criterion: str = field(default="entropy", metadata={"help": f"Neuron score: {', '.join(CRITERIA)}."})
+    prune_parts: str = field(
+        default="mlp",
+        metadata={
+            "help": f"Comma list of the structures to prune: {', '.join(STRUCTURES)}. mlp takes its size from "
+            "--pruning_ratio/--mlp_ratio; heads from --heads_keep, layers from --layers_remove, hidden from "
+            "--hidden_keep."
+        },
+    )
+    heads_keep: int = field(
+        default=0, metadata={"help": "Attention (query) heads kept per layer (--prune_parts heads)."}
+    )
+    head_mode: str = field(
+        default="kv_group",
+        metadata={
+            "help": "kv_group: remove whole key/value groups with their query heads; query: the same number of "
+            "query heads inside every group."
+        },
+    )
+    layers_remove: int = field(default=0, metadata={"help": "Decoder layers to remove (--prune_parts layers)."})
+    hidden_keep: int = field(default=0, metadata={"help": "Hidden (residual) channels kept (--prune_parts hidden)."})
+    criterion: str = field(
+        default="entropy",
+        metadata={
+            "help": f"Score: {', '.join(CRITERIA)} for MLP neurons; heads: "
+            f"{', '.join(STRUCTURE_CRITERIA['heads'])}; layers: {', '.join(STRUCTURE_CRITERIA['layers'])}; "
+            f"hidden: {', '.join(STRUCTURE_CRITERIA['hidden'])}."
+        },
+    )
     calib_dataset: str = field(
         default="c4",
         metadata={
@@ -117,10 +147,30 @@ class PruneConfig:
     def __post_init__(self) -> None:
         self.pruning_ratios = parse_ratios(self.pruning_ratio, "--pruning_ratio", upper=1.0)
         self.mlp_ratios = parse_ratios(self.mlp_ratio, "--mlp_ratio")
-        if bool(self.pruning_ratios) == bool(self.mlp_ratios):
+        self.parts = [p.strip() for p in self.prune_parts.split(",")]
+        if any(p not in STRUCTURES for p in self.parts) or len(set(self.parts)) != len(self.parts):
+            raise ValueError(
+                f"--prune_parts {self.prune_parts!r} must be a comma list of distinct {', '.join(STRUCTURES)}"
+            )
+        if "mlp" in self.parts and bool(self.pruning_ratios) == bool(self.mlp_ratios):
             raise ValueError("give exactly one of --pruning_ratio and --mlp_ratio")
-        if self.criterion not in CRITERIA:
-            raise ValueError(f"--criterion {self.criterion!r} is not one of {', '.join(CRITERIA)}")
+        if "mlp" not in self.parts and (self.pruning_ratios or self.mlp_ratios):
+            raise ValueError("--pruning_ratio/--mlp_ratio size the MLP: add mlp to --prune_parts or drop them")
+        sizes = {"heads": ("heads_keep", self.heads_keep), "layers": ("layers_remove", self.layers_remove),
+                 "hidden": ("hidden_keep", self.hidden_keep)}  # fmt: skip
+        for part, (flag, value) in sizes.items():
+            if value < 0 or (part in self.parts) != (value > 0):
+                raise ValueError(f"--prune_parts {part} goes with --{flag} N > 0 (got --{flag} {value})")
+        if self.head_mode not in HEAD_MODES:
+            raise ValueError(f"--head_mode {self.head_mode!r} is not one of {', '.join(HEAD_MODES)}")
+        if self.parts != ["mlp"] and len(self.sizes) > 1:
+            raise ValueError("several sizes from one pass are for --prune_parts mlp only; give one --pruning_ratio")
+        if "mlp" in self.parts and self.criterion not in CRITERIA:
+            raise ValueError(f"--criterion {self.criterion!r} does not score MLP neurons; valid: {', '.join(CRITERIA)}")
+        for part in self.parts[:]:
+            if part != "mlp" and self.criterion not in STRUCTURE_CRITERIA[part]:
+                raise ValueError(f"--criterion {self.criterion!r} does not score {part}; valid: "
+                                 f"{', '.join(STRUCTURE_CRITERIA[part])}")  # fmt: skip
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         for name in ("calib_samples", "batch_size", "round_to", "eval_seq_len"):
@@ -134,5 +184,10 @@ class PruneConfig:
 
     @property
     def sizes(self) -> list[tuple[str, float]]:
+        """The MLP sizes (none when the MLP is not pruned)."""
         kind = "pruning_ratio" if self.pruning_ratios else "mlp_ratio"
         return [(kind, v) for v in (self.pruning_ratios or self.mlp_ratios)]
+
+    @property
+    def structure_sizes(self) -> StructureSizes:
+        return StructureSizes(self.heads_keep, self.head_mode, self.layers_remove, self.hidden_keep)

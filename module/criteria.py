@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from module.adapters import LayerMLP, ModelMLPs
-from module.importance import ACTIVATION_CRITERIA, GRADIENT_CRITERIA, NeuronStatistics
+from module.importance import GRADIENT_CRITERIA, NeuronStatistics
 
-CRITERIA = ("entropy", "ce", "wanda_sp", "magnitude", "random")
+CRITERIA = ("entropy", "ce", "wanda_sp", "entropy_wanda", "magnitude", "random")
 DATA_FREE = ("magnitude", "random")
 
 
@@ -43,9 +43,11 @@ def random_scores(mlps: ModelMLPs, seed: int) -> list[torch.Tensor]:
 
 def score_neurons(criterion: str, mlps: ModelMLPs, stats: NeuronStatistics | None, seed: int) -> list[torch.Tensor]:
     """One fp64 CPU score vector per layer for `criterion`."""
-    if criterion in GRADIENT_CRITERIA:
+    if criterion == "entropy_wanda":  # the product of both scores of the same neuron, from the one pass
+        scores = [t * w for t, w in zip(taylor_scores(stats), wanda_sp_scores(stats, mlps))]
+    elif criterion in GRADIENT_CRITERIA:
         scores = taylor_scores(stats)
-    elif criterion in ACTIVATION_CRITERIA:
+    elif criterion == "wanda_sp":
         scores = wanda_sp_scores(stats, mlps)
     elif criterion == "magnitude":
         scores = magnitude_scores(mlps)

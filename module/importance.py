@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 from module.adapters import ModelMLPs, decoder_layers
 from utils.errors import UserError
 
-GRADIENT_CRITERIA = ("entropy", "ce")
-ACTIVATION_CRITERIA = ("wanda_sp",)
+GRADIENT_CRITERIA = ("entropy", "ce", "entropy_wanda")  # entropy_wanda: the entropy loss, times wanda_sp
+ACTIVATION_CRITERIA = ("wanda_sp", "entropy_wanda", "block_influence", "activation")
 
 
 def entropy_and_grad(logits: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,8 +203,12 @@ def collect_statistics(
     chunk_tokens: int | None = None,
     progress: bool = True,
     activation_checkpointing: bool = False,
+    taps: tuple = (),
 ) -> NeuronStatistics:
     """Run the calibration windows [N, T] through the model and sum the statistics `criterion` needs.
+
+    `taps` gather more statistics in the same passes (heads, layers, hidden channels: `StructureTaps`);
+    each gets `end_batch(tokens)` after a batch's backward and `close()` at the end.
 
     With `activation_checkpointing`, each decoder layer keeps only its input in the forward pass and is
     recomputed in backward (transformers' own checkpointing): far less memory for one more forward.
@@ -257,6 +261,8 @@ def collect_statistics(
             else:
                 with torch.no_grad():
                     base(input_ids=ids, use_cache=False)
+            for tap in taps:
+                tap.end_batch(ids.numel())
             stats.windows += ids.shape[0]
             stats.tokens += ids.numel()
             bar.update(ids.numel())
@@ -265,6 +271,8 @@ def collect_statistics(
     finally:
         bar.close()
         collector.close()
+        for tap in taps:
+            tap.close()
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
         if checkpointed:

@@ -25,6 +25,7 @@ def tiny_config(family: str):
     configs = {
         "llama": lambda: tf.LlamaConfig(**gated, mlp_bias=True),
         "qwen2": lambda: tf.Qwen2Config(**gated),
+        "qwen3": lambda: tf.Qwen3Config(**gated, head_dim=8),
         "mistral": lambda: tf.MistralConfig(**gated),
         "gemma": lambda: tf.GemmaConfig(**gated, head_dim=8),
         "gemma2": lambda: tf.Gemma2Config(**gated, head_dim=8, final_logit_softcapping=3.0),
@@ -42,7 +43,7 @@ def tiny_config(family: str):
     return cfg
 
 
-FAMILIES = ["llama", "qwen2", "mistral", "gemma", "gemma2", "granite", "phi3", "gpt2", "opt", "gpt_neox"]
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "granite", "phi3", "gpt2", "opt", "gpt_neox"]
 EXPECTED_SHAPE = {"phi3": "fused_gated", "gpt2": "gpt2", "opt": "opt", "gpt_neox": "neox"}
 
 

@@ -101,7 +101,7 @@ def test_same_seed_gives_identical_scores_without_the_cache(tmp_path, tiny_llama
         (["--pruning_ratio", "0.1", "--mlp_ratio", "1.0"], "exactly one of"),
         ([], "exactly one of"),
         (["--mlp_ratio", "9"], "valid is 1..48"),
-        (["--pruning_ratio", "0.1", "--criterion", "sparsegpt"], "is not one of"),
+        (["--pruning_ratio", "0.1", "--criterion", "sparsegpt"], "does not score MLP neurons; valid: entropy"),
         (["--pruning_ratio", "0.1", "--calib_samples", "500"], "found only"),
         (["--pruning_ratio", "0.1", "--calib_dataset", "/nonexistent/c4.jsonl"], "does not exist"),
         (["--pruning_ratio", "0.1", "--dtype", "fp8"], "is not one of"),

@@ -38,7 +38,7 @@ def test_study_runs_end_to_end_on_a_tiny_model_and_resumes(tiny_long_llama_dir, 
     assert study.main(argv) == 0
     rows = json.loads(out.with_name("results.json").read_text())["rows"]
     # dense + 2 ratios x (entropy, ce: 2 seeds; wanda_sp, magnitude, random: 1) + 2 criteria x (lora, full)
-    assert len(rows) == 1 + 2 * (2 + 2 + 1 + 1 + 1) + 4
+    assert len(rows) == 1 + 2 * (2 + 2 + 2 + 1 + 1 + 1) + 4  # entropy, ce, entropy_wanda: 2 seeds each
     names = {r["name"] for r in rows}
     assert {"dense", "entropy-0.2-s1", "ce-0.3-s0", "wanda_sp-0.3-s0", "random-0.2-s0", "ce-0.2-s0+full"} <= names
     assert all(math.isfinite(r["ppl"]) and set(r["tasks"]) == {"arc_easy", "boolq", "winogrande"} for r in rows)
@@ -49,8 +49,8 @@ def test_study_runs_end_to_end_on_a_tiny_model_and_resumes(tiny_long_llama_dir, 
     assert all(r["importance_seconds"] > 0 for r in pruned if r["criterion"] in ("entropy", "ce", "wanda_sp"))
     md = out.read_text()
     assert "| entropy 20% | 2 |" in md and "| magnitude 30% | 1 |" in md and "| ce 20% + lora | 1 |" in md
-    # entropy vs ce at each ratio: perplexity, average, average without BoolQ
-    assert md.count("the difference is **") == 6 and "| Avg ex. BoolQ ↑ |" in md
+    # entropy vs ce and vs entropy_wanda at each ratio: perplexity, average, average without BoolQ
+    assert md.count("the difference is **") == 12 and "| Avg ex. BoolQ ↑ |" in md
     assert "BoolQ: 50% of its first 2 items are answered 'yes'" in md  # labels of the first two: no, yes
     assert "| entropy ρ(score, abs ΔL) |" in md and out.with_name("results.png").stat().st_size > 10_000
     lines = len((work / next(p.name for p in work.iterdir()) / "rows.jsonl").read_text().splitlines())

@@ -51,19 +51,26 @@ def model_fingerprint(model: nn.Module, samples_per_tensor: int = 4096) -> str:
     return h.hexdigest()
 
 
-def save_importance(folder: Path, scores: list[torch.Tensor], meta: dict) -> None:
-    """Scores as `layer.{i}` fp64 tensors in safetensors, settings in JSON, written atomically."""
+def save_importance(folder: Path, scores: list[torch.Tensor], meta: dict, extra: dict | None = None) -> None:
+    """Neuron scores as `layer.{i}` fp64 tensors (and other structures' as `structure.<name>`) in safetensors,
+    settings in JSON, written atomically."""
     with atomic_dir(folder) as tmp:
         tensors = {f"layer.{i}": s.detach().to("cpu", torch.float64).contiguous() for i, s in enumerate(scores)}
+        tensors |= {
+            f"structure.{k}": v.detach().to("cpu", torch.float64).contiguous() for k, v in (extra or {}).items()
+        }
         save_file(tensors, str(tmp / "importance.safetensors"), metadata={"format": "hfprune-importance-v1"})
         (tmp / "importance.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
 
 
-def load_importance(folder: Path) -> tuple[list[torch.Tensor], dict] | None:
-    """Scores and metadata from `save_importance`, or None if the folder is not a complete entry."""
+def load_importance(folder: Path) -> tuple[list[torch.Tensor], dict, dict] | None:
+    """Neuron scores, metadata and other structures' scores from `save_importance`, or None if the folder is
+    not a complete entry."""
     st, js = folder / "importance.safetensors", folder / "importance.json"
     if not (st.is_file() and js.is_file()):
         return None
     tensors = load_file(str(st))
     meta = json.loads(js.read_text())
-    return [tensors[f"layer.{i}"] for i in range(len(tensors))], meta
+    n_layers = sum(k.startswith("layer.") for k in tensors)
+    extra = {k.removeprefix("structure."): v for k, v in tensors.items() if k.startswith("structure.")}
+    return [tensors[f"layer.{i}"] for i in range(n_layers)], meta, extra

@@ -106,6 +106,59 @@ def plot_layer_scores(path: Path, scores: list[torch.Tensor], keep: list[torch.T
     plt.close(fig)
 
 
+def plot_structures(
+    path: Path,
+    scores: dict[str, torch.Tensor],
+    kept: dict[str, torch.Tensor],
+    neuron_scores: list[torch.Tensor],
+    neuron_keep: list[torch.Tensor] | None,
+    title: str,
+) -> None:
+    """One panel per pruned structure: its scores with the kept units marked (heads as a layer x head map)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    heads = sorted((k for k in scores if k.startswith("heads.layer.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    if heads:
+        panels.append("heads")
+    panels += [p for p in ("layers", "hidden") if p in scores]
+    if neuron_keep:
+        panels.append("mlp")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "heads":
+            grid = torch.stack([scores[k] for k in heads]).double()
+            ax.imshow(grid.log1p(), aspect="auto", cmap="viridis")
+            for layer, k in enumerate(heads):
+                for h in kept[k].tolist():
+                    ax.plot(h, layer, "w.", markersize=4)
+            ax.set(xlabel="query head", ylabel="layer", title="head scores (log1p); dots = kept")
+        elif panel == "layers":
+            s = scores["layers"].double()
+            keep = set(kept["layers"].tolist())
+            ax.bar(range(len(s)), s, color=["tab:blue" if i in keep else "tab:red" for i in range(len(s))])
+            ax.set(xlabel="layer", ylabel="score", title=f"layers: {len(s) - len(keep)} removed (red)")
+        elif panel == "hidden":
+            s = scores["hidden"].double().sort(descending=True).values
+            ax.plot(s)
+            ax.axvline(len(kept["hidden"]) - 0.5, color="k", ls="--")
+            ax.set(xlabel="hidden channel (sorted)", ylabel="score", yscale="log" if float(s.min()) > 0 else "linear",
+                   title=f"hidden: {len(kept['hidden'])} of {len(s)} kept")  # fmt: skip
+        else:
+            kept_mass = [float(s[k].sum() / s.sum()) if float(s.sum()) > 0 else 0.0
+                         for s, k in zip(neuron_scores, neuron_keep)]  # fmt: skip
+            ax.bar(range(len(kept_mass)), kept_mass)
+            ax.set(xlabel="layer", ylabel="kept share of neuron score mass", ylim=(0, 1),
+                   title=f"MLP: {len(neuron_keep[0])} of {len(neuron_scores[0])} neurons kept")  # fmt: skip
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_loss_curve(path: Path, log_history: list[dict], title: str) -> bool:
     """Training loss (and learning rate) per logged step; False when nothing was logged."""
     points = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
