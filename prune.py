@@ -224,8 +224,17 @@ def prune_structures(cfg, model, tokenizer, mlps, plans, scores, structure, base
     if mlp_keep:
         files["kept_neurons.safetensors"] = {f"layer.{j}": k for j, k in enumerate(mlp_keep)}
     title = f"{Path(cfg.origin_path).name}: {cfg.criterion}, {', '.join(cfg.parts)}"
-    save_pruned(cfg, out, model, tokenizer, report, ppl_windows, ppl_before, files,
-                lambda tmp: plot_structures(tmp / "prune_structures.png", structure, kept, scores, mlp_keep, title))
+    save_pruned(
+        cfg,
+        out,
+        model,
+        tokenizer,
+        report,
+        ppl_windows,
+        ppl_before,
+        files,
+        lambda tmp: plot_structures(tmp / "prune_structures.png", structure, kept, scores, mlp_keep, title),
+    )
     line = (
         f"{out}: {params_before / 1e6:.2f}M -> {params_after / 1e6:.2f}M parameters (removed "
         f"{report['achieved_ratio']:.4f}: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in removed.items()) + ")"
