@@ -1,4 +1,5 @@
-"""HFPrune: prune LLM MLP neurons with the entropy-Taylor criterion (or a baseline) and save HF models.
+"""HFPrune: prune LLM structure (MLP neurons, heads, layers, hidden width) with the entropy-Taylor criterion (or a
+baseline) and save Hugging Face models that load anywhere.
 
     # the paper's setting (C4 calibration, 1024 windows of 1024 tokens, seed 42), 20% of all parameters
     python prune.py --origin_path meta-llama/Llama-2-7b-hf --pruning_ratio 0.2 --batch_size 8
@@ -11,6 +12,9 @@
     accelerate launch --num_processes 4 prune.py --origin_path meta-llama/Llama-2-7b-hf --pruning_ratio 0.2
     # a recipe file, with flags after it overriding it
     python prune.py --config cfg/recipes/llama2_7b.yaml --pruning_ratio 0.3
+    # other structures: 10% from the MLPs, one of three key/value groups, 4 whole layers
+    python prune.py --origin_path models/SmolLM2-135M-Instruct --prune_parts mlp,heads,layers --pruning_ratio 0.1 \\
+        --heads_keep 6 --layers_remove 4 --calib_dataset builtin --calib_samples 32 --seq_len 256
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import ROOT
 from safetensors.torch import load_file
@@ -12,19 +13,28 @@ ARGS = ["--pruning_ratio", "0.1", "--calib_dataset", "builtin", "--calib_samples
         "--importance_cache", "", "--no_progress"]  # fmt: skip
 
 
-def test_two_processes_keep_the_same_neurons_and_write_the_same_weights(tiny_llama_dir, tmp_path):
-    one = ["prune.py", "--origin_path", str(tiny_llama_dir), *ARGS, "--output_dir", str(tmp_path / "one")]
+STRUCTURES = ["--prune_parts", "mlp,heads,layers,hidden", "--heads_keep", "2", "--layers_remove", "1", "--hidden_keep",
+              "28"]  # fmt: skip
+
+
+@pytest.mark.parametrize("extra", [[], STRUCTURES], ids=["mlp", "every structure"])
+def test_two_processes_keep_the_same_neurons_and_write_the_same_weights(tiny_llama_dir, tmp_path, extra):
+    one = ["prune.py", "--origin_path", str(tiny_llama_dir), *ARGS, *extra, "--output_dir", str(tmp_path / "one")]
     single = subprocess.run([sys.executable, *one], cwd=ROOT, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr[-2000:]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines",
               "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
-    double = subprocess.run([*launch, "prune.py", "--origin_path", str(tiny_llama_dir), *ARGS, "--output_dir",
+    double = subprocess.run([*launch, "prune.py", "--origin_path", str(tiny_llama_dir), *ARGS, *extra, "--output_dir",
                              str(tmp_path / "two")], cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert double.returncode == 0, double.stderr[-3000:]
     assert double.stdout.count("parameters (removed") == 1  # only rank 0 writes and reports
     kept_one = load_file(str(tmp_path / "one" / "kept_neurons.safetensors"))
     kept_two = load_file(str(tmp_path / "two" / "kept_neurons.safetensors"))
     assert all(torch.equal(kept_one[k], kept_two[k]) for k in kept_one)
+    if extra:
+        s_one = load_file(str(tmp_path / "one" / "kept_structures.safetensors"))
+        s_two = load_file(str(tmp_path / "two" / "kept_structures.safetensors"))
+        assert s_one.keys() == s_two.keys() and all(torch.equal(s_one[k], s_two[k]) for k in s_one)
     w_one = load_file(str(tmp_path / "one" / "model.safetensors"))
     w_two = load_file(str(tmp_path / "two" / "model.safetensors"))
     assert w_one.keys() == w_two.keys() and all(torch.equal(w_one[k], w_two[k]) for k in w_one)

@@ -296,3 +296,53 @@ def test_structure_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_llama
 def test_unsupported_family_fails_before_loading(tmp_path, tiny_gpt2_dir, capsys):
     assert run_prune(tmp_path, tiny_gpt2_dir, "--prune_parts", "heads", "--heads_keep", "2") == 2
     assert "--prune_parts heads is not supported for gpt2 models" in capsys.readouterr().err
+
+
+def test_structure_study_runs_on_a_tiny_model(tmp_path, tiny_long_llama_dir):
+    import json
+
+    from bench import structures
+
+    peers = tmp_path / "peers.json"
+    peers.write_text(json.dumps({"peers": [
+        {"name": "peer A", "ran": True, "removed": 0.1, "params": 1, "ppl": 50.0, "ours": {"pruning_ratio": 0.1},
+         "how": "by hand"},
+        {"name": "peer B", "ran": False, "why": "it hangs"}]}))  # fmt: skip
+    out = tmp_path / "STRUCTURES.md"
+    argv = ["--model", str(tiny_long_llama_dir), "--calib_samples", "4", "--seq_len", "32", "--ppl_windows", "2",
+            "--ppl_seq_len", "64", "--out", str(out), "--peers", str(peers)]  # fmt: skip
+    assert structures.main(argv) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    rows = result["rows"]
+    assert rows[0]["structure"] == "dense"
+    by_structure = {}
+    for row in rows[1:]:
+        by_structure.setdefault(row["structure"], set()).add(row["criterion"])
+        assert row["params"] < rows[0]["params"] and math.isfinite(row["ppl"])
+    assert by_structure["layers"] == {"entropy", "ce", "block_influence", "magnitude", "random"}
+    assert {"mlp", "heads (kv_group)", "heads (query)", "hidden"} <= set(by_structure)
+    text = out.read_text()
+    assert "| peer A | 10.0% | 50.0 |" in text and "| peer B | – | did not run |" in text and "it hangs" in text
+    assert result["peers"][0]["ours_measured"]["entropy"][0] == pytest.approx(0.1, abs=0.02)
+
+
+@pytest.mark.parametrize("mode", ["kv_group", "query"])
+def test_every_structure_at_once_loads_and_matches_the_report(tmp_path, tiny_llama_dir, mode):
+    import json
+
+    from safetensors.torch import load_file
+
+    args = ["--prune_parts", "mlp,heads,layers,hidden", "--pruning_ratio", "0.05", "--heads_keep", "2",
+            "--head_mode", mode, "--layers_remove", "1", "--hidden_keep", "28"]  # fmt: skip
+    assert run_prune(tmp_path, tiny_llama_dir, *args) == 0
+    report = json.loads((tmp_path / "out" / "prune_report.json").read_text())
+    assert set(report["params_removed_per_structure"]) == {"mlp", "heads", "hidden", "layers"}
+    assert report["params_before"] - sum(report["params_removed_per_structure"].values()) == report["params_after"]
+    after = report["config_after"]
+    assert (after["num_attention_heads"], after["num_hidden_layers"], after["hidden_size"]) == (2, 1, 28)
+    assert after["num_key_value_heads"] == (1 if mode == "kv_group" else 2) and after["head_dim"] == 8
+    kept = load_file(str(tmp_path / "out" / "kept_structures.safetensors"))
+    assert len(kept["layers"]) == 1 and len(kept["hidden"]) == 28 and len(kept["heads.layer.0"]) == 2
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert sum(p.numel() for p in model.parameters()) == report["params_after"]
+    reloads_and_generates(model, tmp_path)
