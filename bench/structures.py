@@ -1,6 +1,6 @@
 """Each structure alone at the loadable size nearest to 10% of the parameters, every criterion, on SmolLM2-135M.
 
-    python bench/structures.py                       # -> docs/STRUCTURES.md and docs/structures.json (~15 min, CPU)
+    python bench/structures.py                       # -> docs/STRUCTURES.md and docs/STRUCTURES.json (~15 min, CPU)
     python bench/structures.py --target 0.2 --out /tmp/STRUCTURES.md
 
 One calibration pass with the entropy loss gathers the Taylor scores of every structure and the activation

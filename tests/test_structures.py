@@ -346,3 +346,19 @@ def test_every_structure_at_once_loads_and_matches_the_report(tmp_path, tiny_lla
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert sum(p.numel() for p in model.parameters()) == report["params_after"]
     reloads_and_generates(model, tmp_path)
+
+
+def test_structure_scores_are_cached_and_device_map_gives_the_same_kept_sets(tmp_path, tiny_llama_dir, caplog):
+    from safetensors.torch import load_file
+
+    args = ["--prune_parts", "heads,layers,hidden", "--heads_keep", "2", "--layers_remove", "1", "--hidden_keep", "28"]
+    assert run_prune(tmp_path, tiny_llama_dir, *args, out="first") == 0
+    caplog.clear()
+    assert run_prune(tmp_path, tiny_llama_dir, *args, out="cached") == 0
+    assert any("reusing cached scores" in r.message for r in caplog.records)
+    assert run_prune(tmp_path, tiny_llama_dir, *args, "--device_map", "auto", "--recompute", out="mapped") == 0
+    first = load_file(str(tmp_path / "first" / "kept_structures.safetensors"))
+    for other in ("cached", "mapped"):
+        again = load_file(str(tmp_path / other / "kept_structures.safetensors"))
+        assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first), other
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # the structure entry has its own key, reused
