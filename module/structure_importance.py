@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from module.adapters import decoder_layers
-from module.structures import Layout, _get, attention_modules, head_counts
+from module.structures import Layout, attention_modules, head_counts, submodule
 
 
 @dataclass
@@ -66,20 +66,17 @@ class StructureTaps:
         self.layer_tokens: dict[int, torch.Tensor] = {}  # per-token layer-gate derivative, this batch
         self.hidden_tokens: torch.Tensor | None = None  # per-token channel-gate derivative, this batch
         self.handles = []
-        hook = lambda m, fn, **kw: self.handles.append(fn(m, **kw))  # noqa: E731
         if taylor:
-            hook(model.get_input_embeddings(), nn.Module.register_forward_hook, hook=self._embedding)
+            self.handles.append(model.get_input_embeddings().register_forward_hook(self._embedding))
         for i, layer in enumerate(layers):
-            _, _, _, _, o_proj = attention_modules(layer, layout)
-            down = _get(layer, layout.mlp_output)
-            hook(o_proj, nn.Module.register_forward_pre_hook, hook=self._head_input(i))
+            o_proj, down = attention_modules(layer, layout)[-1], submodule(layer, layout.mlp_output)
+            self.handles.append(o_proj.register_forward_pre_hook(self._head_input(i)))
             if taylor:
-                hook(o_proj, nn.Module.register_forward_hook, hook=self._write(("o", i), i))
-                hook(down, nn.Module.register_forward_hook, hook=self._write(("down", i), i))
+                self.handles.append(o_proj.register_forward_hook(self._write(("o", i), i)))
+                self.handles.append(down.register_forward_hook(self._write(("down", i), i)))
             if activations:
-                hook(layer, nn.Module.register_forward_hook, hook=self._layer_cosine(i), with_kwargs=True)
-                for name in layout.norms:
-                    hook(_get(layer, name), nn.Module.register_forward_hook, hook=self._norm_output)
+                self.handles.append(layer.register_forward_hook(self._layer_cosine(i), with_kwargs=True))
+                self.handles += [submodule(layer, n).register_forward_hook(self._norm_output) for n in layout.norms]
 
     # -- gradients -------------------------------------------------------------------------------------
     def _embedding(self, module, args, out):

@@ -65,14 +65,15 @@ def layout_of(model: nn.Module, structure: str) -> Layout:
     )
 
 
-def _get(module: nn.Module, path: str) -> nn.Module:
+def submodule(module: nn.Module, path: str) -> nn.Module:
+    """The module at a dotted `path` below `module`."""
     for name in path.split("."):
         module = getattr(module, name)
     return module
 
 
 def attention_modules(layer: nn.Module, layout: Layout) -> tuple[nn.Module, nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
-    attn = _get(layer, layout.attention)
+    attn = submodule(layer, layout.attention)
     return attn, *(getattr(attn, n) for n in (layout.query, layout.key, layout.value, layout.output))
 
 
@@ -193,11 +194,12 @@ def hidden_slices(model: nn.Module, layout: Layout) -> list[tuple[nn.Module, str
     base = model.base_model
     found: list[tuple[nn.Module, str]] = [(model.get_input_embeddings(), "embed")]
     for layer in decoder_layers(model):
-        found += [(_get(layer, n), "norm") for n in layout.norms]
+        found += [(submodule(layer, n), "norm") for n in layout.norms]
         _, q, k, v, o = attention_modules(layer, layout)
         found += [(q, "in"), (k, "in"), (v, "in"), (o, "out")]
-        found += [(_get(layer, n), "in") for n in layout.mlp_inputs] + [(_get(layer, layout.mlp_output), "out")]
-    found += [(_get(base, layout.final_norm), "norm"), (model.get_output_embeddings(), "in")]
+        found += [(submodule(layer, n), "in") for n in layout.mlp_inputs]
+        found.append((submodule(layer, layout.mlp_output), "out"))
+    found += [(submodule(base, layout.final_norm), "norm"), (model.get_output_embeddings(), "in")]
     return found
 
 
