@@ -213,7 +213,7 @@ def prune_structures(cfg, model, tokenizer, mlps, plans, scores, structure, base
     params_after = count_parameters(model)
     report = {
         **base_report,
-        **(plans[0].as_dict() if plans else {}),
+        "mlp_plan": plans[0].as_dict() if plans else None,  # the MLP's share alone; the totals follow
         "parts": cfg.parts,
         "structure_sizes": asdict(sizes),
         "params_after": params_after,

@@ -97,7 +97,7 @@ def resume_checkpoint(out: Path, requested) -> str | None:
         raise UserError(f"--resume_from_checkpoint {requested}: no complete checkpoint in {out}")
     for step, p in found:
         if step > int(complete[-1].name.split("-")[1]):
-            shutil.rmtree(p)
+            shutil.rmtree(p, ignore_errors=True)  # every rank of a distributed run may get here
             log.warning("removed %s: incomplete (the run was killed while saving it)", p)
     return str(complete[-1])
 
