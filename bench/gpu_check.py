@@ -13,6 +13,8 @@ Sections (each one function registered with @section; adding a measurement is ad
   training    full fine-tuning of the Llama-3.2-1B shape on LaMini lengths, packed vs padded, flex_attention
               and sdpa (non-pad tokens/s, MFU, peak memory); AnyPrecisionAdamW (bf16 states) vs fused AdamW
   pipeline    prune 20% -> LoRA -> merge -> offline lm_eval task with --limit -> WikiText-2 perplexity
+  inference   prefill and greedy-decoding speed (batch 1 and 8, KV cache) of a 20%-pruned copy vs the dense
+              model, SmolLM2-135M's shape
 
 A section *checks* what must hold (a failed check makes the exit status 1 and names the section) and
 measures *targets* (reported met or missed). Every figure is measured in the same run as what it is
@@ -41,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.importance_speed import SHAPES as IMPORTANCE_SHAPES  # noqa: E402
 from bench.importance_speed import compare, timed  # noqa: E402
+from bench.inference_speed import measure_speed, mlp_pruned_copy, ratios  # noqa: E402
 from bench.train_throughput import SHAPES as TRAIN_SHAPES  # noqa: E402
 from bench.train_throughput import optimizer_steps, padded_vs_packed, peak_flops  # noqa: E402
 from dataset.packing.packed_dataset import Collator, pack_examples  # noqa: E402
@@ -402,6 +405,47 @@ def pipeline_section(ctx: Context, rep: Report) -> None:
     ppl = step("WikiText-2 perplexity", lambda: perplexity(model, windows, 4, progress=False))
     rep.figure(f"WikiText-2 perplexity ({len(windows)} x {seq} tokens)", round(ppl["perplexity"], 3))
     rep.check("perplexity is finite", math.isfinite(ppl["perplexity"]), f"{ppl['perplexity']:.3f}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+@section("inference", "Inference speed: a 20%-pruned model against its dense original")
+def inference_section(ctx: Context, rep: Report) -> None:
+    if ctx.tiny:
+        shape, prompt_len, new_tokens = (
+            dict(
+                hidden_size=64,
+                intermediate_size=176,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=1000,
+            ),
+            128,
+            8,
+        )
+    else:  # SmolLM2-135M's shape with random weights
+        shape, prompt_len, new_tokens = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                             num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                             tie_word_embeddings=True), 1024, 64  # fmt: skip
+    dense = random_llama(shape, ctx.device, ctx.dtype)
+    pruned = mlp_pruned_copy(dense, 0.2)
+    results = {"dense": measure_speed(dense, prompt_len, new_tokens, [1, 8]),
+               "pruned": measure_speed(pruned, prompt_len, new_tokens, [1, 8])}  # fmt: skip
+    r = ratios(results["dense"], results["pruned"])
+    rep.figure("prompt / new tokens", f"{prompt_len} / {new_tokens}")
+    for label, v in results.items():
+        rep.figure(f"{label}: prefill ms", round(v["prefill_seconds"] * 1e3, 2))
+        for b, tps in v["decode_tokens_per_s"].items():
+            rep.figure(f"{label}: decode tokens/s at batch {b}", round(tps, 1))
+        if "peak_memory_bytes" in v:
+            rep.figure(f"{label}: peak GiB", round(v["peak_memory_bytes"] / GiB, 3))
+    rep.figure("pruned / dense parameters", round(r["params"], 4))
+    rep.figure("prefill speed-up", round(r["prefill_speedup"], 3))
+    for b, v in r["decode_speedup"].items():
+        rep.figure(f"decode speed-up at batch {b}", round(v, 3))
+    rep.check("the pruned copy has 80% of the parameters", abs(r["params"] - 0.8) < 0.01, f"{r['params']:.4f}")
+    rep.check("every speed is finite and positive", all(math.isfinite(x) and x > 0 for x in
+              (r["prefill_speedup"], *r["decode_speedup"].values())), "ok")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------

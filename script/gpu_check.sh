@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The GPU check: importance pass (release vs ours, 7B/8B shapes), packing correctness per attention
-# implementation, fine-tuning throughput and the optimizer step, and the pipeline end to end (prune ->
-# LoRA -> merge -> lm_eval -> perplexity), written to OUT/gpu_check.json and OUT/gpu_check.md. A failed
-# check exits 1 and names its section; targets are reported met or missed. About 5 minutes on one H100.
+# implementation, fine-tuning throughput and the optimizer step, the pipeline end to end (prune -> LoRA ->
+# merge -> lm_eval -> perplexity) and a pruned model's inference speed-up, written to OUT/gpu_check.json and
+# OUT/gpu_check.md. A failed check exits 1 and names its section; targets are reported met or missed.
+# About 5 minutes on one H100.
 #
 # usage: script/gpu_check.sh [--prepare] [--tiny] [--out DIR] [bench/gpu_check.py flags...]
 #   bash script/gpu_check.sh --tiny --out out/gpu_check_tiny  # CPU, tiny shapes, every section (CI runs this)
 #   bash script/gpu_check.sh --prepare                        # on a machine with PyPI: fill .gpu_carry/ (~25 MB)
 #   bash script/gpu_check.sh --out "$OUT"                     # on the GPU machine, .gpu_carry carried along
-#   bash script/gpu_check.sh --sections packing,training      # a subset (importance, packing, training, pipeline)
+#   bash script/gpu_check.sh --sections packing,inference     # a subset (importance, packing, training,
+#                                                             # pipeline, inference)
 #
 # What to carry to a GPU machine that reaches no network (torch 2.11, transformers 5.17, peft 0.21,
 # accelerate 1.15; no datasets, lm_eval or flash_attn): `--prepare` writes, in the ignored folder

@@ -15,7 +15,8 @@ def test_tiny_check_fills_every_section_of_both_files(tmp_path):
                           "--data_dir", str(DATA)], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert list(result["sections"]) == list(gpu_check.SECTIONS) == ["importance", "packing", "training", "pipeline"]
+    assert list(result["sections"]) == list(gpu_check.SECTIONS)
+    assert list(gpu_check.SECTIONS) == ["importance", "packing", "training", "pipeline", "inference"]
     for name, sec in result["sections"].items():
         assert sec["ok"] and sec["figures"] and sec["checks"], name
         assert all(c["ok"] for c in sec["checks"]), name
@@ -75,3 +76,18 @@ def test_report_targets_and_checks():
 def test_help_names_what_to_carry():
     run = subprocess.run(["bash", str(ROOT / "script" / "gpu_check.sh"), "--help"], capture_output=True, text=True)
     assert run.returncode == 0 and "--prepare" in run.stdout and ".gpu_carry" in run.stdout
+
+
+def test_inference_speed_measures_both_models_on_the_same_settings():
+    from bench.inference_speed import measure_speed, mlp_pruned_copy, ratios
+    from utils.tiny import random_llama
+
+    dense = random_llama(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, vocab_size=300))  # fmt: skip
+    pruned = mlp_pruned_copy(dense, 0.3)
+    assert pruned.config.intermediate_size < 64 and dense.config.intermediate_size == 64  # the dense one untouched
+    a, b = (measure_speed(m, 32, 4, [1, 2], repeats=1) for m in (dense, pruned))
+    r = ratios(a, b)
+    assert r["params"] == pytest.approx(0.7, abs=0.02)
+    assert set(a["decode_tokens_per_s"]) == {1, 2} and set(r["decode_speedup"]) == {1, 2}
+    assert a["prefill_seconds"] > 0 and all(v > 0 for v in r["decode_speedup"].values())

@@ -1,0 +1,130 @@
+"""Inference speed of a pruned model against its dense original, in one process on the same inputs.
+
+    python bench/inference_speed.py                                   # SmolLM2-135M vs a 20% MLP-pruned copy, CPU
+    python bench/inference_speed.py --dense models/SmolLM2-135M-Instruct --pruned out/quickstart
+    python bench/inference_speed.py --prompt_len 1024 --new_tokens 64 --batch_sizes 1,8     # GPU defaults alike
+
+Measures the prefill time of one prompt, greedy decoding tokens/s with a KV cache at each batch size
+(a fixed number of new tokens: no early stop at EOS), and peak memory (CUDA: the allocator's peak; CPU:
+the process's peak RSS, which only grows, so it is reported for the first model measured only), and
+prints pruned / dense ratios. Without --pruned, a copy of the dense model is pruned in memory by
+removing `--ratio` of all parameters from its MLP neurons (which neurons does not change the speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from module.adapters import find_mlps  # noqa: E402
+from module.pruning import count_parameters, plan_keep, prune_mlps  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_speed(model, prompt_len: int, new_tokens: int, batch_sizes: list[int], repeats: int = 3) -> dict:
+    """Prefill seconds (median of `repeats`, batch 1) and decode tokens/s per batch size, on random token ids."""
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=gen).to(device)
+    model.eval()
+    model(prompt[:, :8])  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        model(prompt, use_cache=False)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    out = {"params": count_parameters(model), "prefill_seconds": statistics.median(times), "decode_tokens_per_s": {}}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    short = min(prompt_len, 128)  # decoding speed: a short prompt, then `new_tokens` greedy steps with the cache
+    for b in batch_sizes:
+        ids = torch.randint(0, vocab, (b, short), generator=gen).to(device)
+        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                      pad_token_id=0, eos_token_id=None)  # fmt: skip
+        model.generate(ids, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        model.generate(ids, **kwargs)
+        sync(device)
+        out["decode_tokens_per_s"][b] = b * new_tokens / (time.perf_counter() - start)
+    if device.type == "cuda":
+        out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    return out
+
+
+def ratios(dense: dict, pruned: dict) -> dict:
+    """Speed-ups of the pruned model (> 1: faster) and its parameter share."""
+    return {
+        "params": pruned["params"] / dense["params"],
+        "prefill_speedup": dense["prefill_seconds"] / pruned["prefill_seconds"],
+        "decode_speedup": {
+            b: pruned["decode_tokens_per_s"][b] / dense["decode_tokens_per_s"][b] for b in dense["decode_tokens_per_s"]
+        },  # fmt: skip
+    }
+
+
+def mlp_pruned_copy(model, ratio: float):
+    """A copy with `ratio` of all parameters removed from the MLP neurons (the first neurons kept)."""
+    pruned = copy.deepcopy(model)
+    mlps = find_mlps(pruned)
+    k = plan_keep(count_parameters(pruned), mlps, pruning_ratio=ratio).k
+    prune_mlps(mlps, pruned.config, [torch.arange(k) for _ in mlps.layers])
+    return pruned
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers import AutoModelForCausalLM
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dense", help="dense model folder (default: SmolLM2-135M-Instruct, built offline)")
+    parser.add_argument("--pruned", help="pruned model folder (default: the dense model pruned in memory)")
+    parser.add_argument("--ratio", type=float, default=0.2, help="without --pruned: share of parameters removed")
+    parser.add_argument("--prompt_len", type=int, default=1024)
+    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--batch_sizes", default="1,8")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.dense is None:
+        from utils.smollm2 import cached_model
+
+        args.dense = str(cached_model())
+    dense = AutoModelForCausalLM.from_pretrained(args.dense, dtype=dtype).to(device)
+    pruned = (AutoModelForCausalLM.from_pretrained(args.pruned, dtype=dtype).to(device) if args.pruned
+              else mlp_pruned_copy(dense, args.ratio))  # fmt: skip
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"{Path(args.dense).name} on {name}, {dtype}: prompt {args.prompt_len}, {args.new_tokens} new tokens")
+    results = {label: measure_speed(m, args.prompt_len, args.new_tokens, batches) for label, m in
+               (("dense", dense), ("pruned", pruned))}  # fmt: skip
+    for label, r in results.items():
+        decode = ", ".join(f"batch {b}: {v:.1f} tok/s" for b, v in r["decode_tokens_per_s"].items())
+        memory = f", peak {r['peak_memory_bytes'] / 2**30:.2f} GiB" if "peak_memory_bytes" in r else ""
+        print(
+            f"{label}: {r['params'] / 1e6:.2f}M params, prefill {r['prefill_seconds'] * 1e3:.0f} ms, {decode}{memory}"
+        )
+    r = ratios(results["dense"], results["pruned"])
+    decode = ", ".join(f"batch {b} {v:.2f}x" for b, v in r["decode_speedup"].items())
+    print(f"pruned / dense: params {r['params']:.3f}, prefill speed-up {r['prefill_speedup']:.2f}x, decode {decode}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
