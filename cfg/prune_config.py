@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from module.criteria import CRITERIA
-from module.structure_criteria import STRUCTURE_CRITERIA
+from module.structure_criteria import STRUCTURE_CRITERIA, check_criterion
 from module.structure_plan import StructureSizes
 from module.structures import HEAD_MODES, STRUCTURES
 
@@ -167,10 +167,9 @@ class PruneConfig:
             raise ValueError("several sizes from one pass are for --prune_parts mlp only; give one --pruning_ratio")
         if "mlp" in self.parts and self.criterion not in CRITERIA:
             raise ValueError(f"--criterion {self.criterion!r} does not score MLP neurons; valid: {', '.join(CRITERIA)}")
-        for part in self.parts[:]:
-            if part != "mlp" and self.criterion not in STRUCTURE_CRITERIA[part]:
-                raise ValueError(f"--criterion {self.criterion!r} does not score {part}; valid: "
-                                 f"{', '.join(STRUCTURE_CRITERIA[part])}")  # fmt: skip
+        for part in self.parts:
+            if part != "mlp":
+                check_criterion(part, self.criterion)
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         for name in ("calib_samples", "batch_size", "round_to", "eval_seq_len"):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from module.adapters import decoder_layers
+from module.pruning import top_k_sorted
 from module.structure_importance import StructureStatistics
 from module.structures import Layout, StructureError, attention_modules, head_counts, head_rows, hidden_slices
 
@@ -28,7 +29,7 @@ STRUCTURE_CRITERIA = {
 def check_criterion(structure: str, criterion: str) -> None:
     valid = STRUCTURE_CRITERIA[structure]
     if criterion not in valid:
-        raise StructureError(f"--criterion {criterion} does not score {structure}; valid: {', '.join(valid)}")
+        raise StructureError(f"--criterion {criterion!r} does not score {structure}; valid: {', '.join(valid)}")
 
 
 def head_magnitude(model: nn.Module, layout: Layout) -> list[torch.Tensor]:
@@ -107,11 +108,6 @@ def hidden_scores(criterion: str, model, layout, stats: StructureStatistics | No
     return torch.rand(model.config.hidden_size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k highest scores, sorted; ties to the lower index (a total order)."""
-    return torch.sort(-scores, stable=True).indices[:k].sort().values
-
-
 def keep_heads(head: list[torch.Tensor], group: list[torch.Tensor], heads_keep: int, group_size: int,
                mode: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
     """Kept query heads and key/value heads per layer: whole groups (`kv_group`) or the same number of
@@ -120,12 +116,12 @@ def keep_heads(head: list[torch.Tensor], group: list[torch.Tensor], heads_keep: 
     for h_scores, g_scores in zip(head, group):
         n_kv = len(g_scores)
         if mode == "kv_group":
-            kv = top(g_scores, heads_keep // group_size)
+            kv = top_k_sorted(g_scores, heads_keep // group_size)
             q = head_rows(kv, group_size)
         else:
             per_group = heads_keep // n_kv
             kv = torch.arange(n_kv)
-            q = torch.cat([g * group_size + top(h_scores[g * group_size : (g + 1) * group_size], per_group)
+            q = torch.cat([g * group_size + top_k_sorted(h_scores[g * group_size : (g + 1) * group_size], per_group)
                            for g in range(n_kv)])  # fmt: skip
         keep_q.append(q)
         keep_kv.append(kv)

@@ -47,20 +47,20 @@ class StructureTaps:
     """
 
     def __init__(self, model: nn.Module, layout: Layout, taylor: bool, activations: bool):
-        self.model, self.taylor, self.activations = model, taylor, activations
+        self.taylor, self.activations = taylor, activations
         device = next(model.parameters()).device
         layers = decoder_layers(model)
-        h = head_counts(model.config)
-        self.h, self.n_layers, self.hidden = h, len(layers), model.config.hidden_size
+        self.h = h = head_counts(model.config)
+        hidden = model.config.hidden_size
         zeros = lambda n: torch.zeros(n, dtype=torch.float64, device=device)  # noqa: E731
         self.stats = StructureStatistics(
             head_taylor=[zeros(h.query) for _ in layers] if taylor else [],
             group_taylor=[zeros(h.kv) for _ in layers] if taylor else [],
             layer_taylor=zeros(len(layers)) if taylor else None,
-            hidden_taylor=zeros(self.hidden) if taylor else None,
+            hidden_taylor=zeros(hidden) if taylor else None,
             head_act_sq=[zeros(h.query * h.head_dim) for _ in layers] if activations else [],
             layer_cosine=zeros(len(layers)) if activations else None,
-            hidden_activation=zeros(self.hidden) if activations else None,
+            hidden_activation=zeros(hidden) if activations else None,
         )
         self.slots: dict[tuple[str, int], torch.Tensor] = {}
         self.layer_tokens: dict[int, torch.Tensor] = {}  # per-token layer-gate derivative, this batch
@@ -96,14 +96,11 @@ class StructureTaps:
         return hook
 
     def _write_grad(self, key, layer: int | None, grad: torch.Tensor) -> None:
-        prod = self.slots.pop(key).float() * grad.float()  # [B, T, H]: a_c * dL/da_c of one write
-        acc = self.stats.hidden_taylor
-        self.hidden_tokens = (
-            prod.to(acc.device) if self.hidden_tokens is None else self.hidden_tokens + prod.to(acc.device)
-        )
+        # [B, T, H]: a_c * dL/da_c of one write, on the first device (layers may sit on others: --device_map)
+        prod = (self.slots.pop(key).float() * grad.float()).to(self.stats.hidden_taylor.device)
+        self.hidden_tokens = prod if self.hidden_tokens is None else self.hidden_tokens + prod
         if layer is not None:
-            per_token = prod.sum(-1).to(acc.device)
-            self.layer_tokens[layer] = self.layer_tokens.get(layer, 0) + per_token
+            self.layer_tokens[layer] = self.layer_tokens.get(layer, 0) + prod.sum(-1)
 
     def _head_input(self, layer: int):
         def hook(module, args):

@@ -13,7 +13,7 @@ from torch import nn
 
 from module.adapters import ModelMLPs, decoder_layers
 from module.pruning import count_parameters, prune_mlps, top_k_sorted
-from module.structure_criteria import group_scores, head_scores, hidden_scores, keep_heads, layer_scores, top
+from module.structure_criteria import group_scores, head_scores, hidden_scores, keep_heads, layer_scores
 from module.structure_importance import StructureStatistics
 from module.structures import (
     StructureError,
@@ -83,9 +83,9 @@ def kept_sets(model: nn.Module, sizes: StructureSizes, scores: dict[str, torch.T
         q, kv = keep_heads(heads, groups, sizes.heads_keep, head_counts(model.config).group, sizes.head_mode)
         kept |= {f"heads.layer.{i}": k for i, k in enumerate(q)} | {f"kv_heads.layer.{i}": k for i, k in enumerate(kv)}
     if sizes.layers_remove:
-        kept["layers"] = top(scores["layers"], n_layers - sizes.layers_remove)
+        kept["layers"] = top_k_sorted(scores["layers"], n_layers - sizes.layers_remove)
     if sizes.hidden_keep:
-        kept["hidden"] = top(scores["hidden"], sizes.hidden_keep)
+        kept["hidden"] = top_k_sorted(scores["hidden"], sizes.hidden_keep)
     return kept
 
 
@@ -111,10 +111,6 @@ def apply(model: nn.Module, mlps: ModelMLPs | None, mlp_keep: list[torch.Tensor]
     if sizes.layers_remove:
         step("layers", lambda: prune_layers(model, kept["layers"]))
     return removed
-
-
-def mlp_keep_sets(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
-    return [top_k_sorted(s, k) for s in scores]
 
 
 def all_reduce(stats: StructureStatistics) -> StructureStatistics:

@@ -73,6 +73,11 @@ def write_json(path: Path, obj: dict) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def kept_share(scores: list[torch.Tensor], keep: list[torch.Tensor]) -> list[float]:
+    """Per layer, the share of the score mass that the kept units hold (nan where the scores sum to 0)."""
+    return [float(s[k].sum() / s.sum()) if float(s.sum()) > 0 else float("nan") for s, k in zip(scores, keep)]
+
+
 def plot_layer_scores(path: Path, scores: list[torch.Tensor], keep: list[torch.Tensor], title: str) -> None:
     """Two panels: per-layer score spread with the keep threshold, and the share of score mass kept."""
     import matplotlib
@@ -84,7 +89,7 @@ def plot_layer_scores(path: Path, scores: list[torch.Tensor], keep: list[torch.T
     q = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
     spread = torch.stack([torch.quantile(s.double(), q) for s in scores])
     threshold = [float(s[k].min()) if len(k) else float("nan") for s, k in zip(scores, keep)]
-    kept_mass = [float(s[k].sum() / s.sum()) if float(s.sum()) > 0 else float("nan") for s, k in zip(scores, keep)]
+    kept_mass = kept_share(scores, keep)
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
     a.fill_between(layers, spread[:, 0], spread[:, 2], alpha=0.3, label="10-90% of neurons")
     a.plot(layers, spread[:, 1], label="median score")
@@ -148,8 +153,7 @@ def plot_structures(
             ax.set(xlabel="hidden channel (sorted)", ylabel="score", yscale="log" if float(s.min()) > 0 else "linear",
                    title=f"hidden: {len(kept['hidden'])} of {len(s)} kept")  # fmt: skip
         else:
-            kept_mass = [float(s[k].sum() / s.sum()) if float(s.sum()) > 0 else 0.0
-                         for s, k in zip(neuron_scores, neuron_keep)]  # fmt: skip
+            kept_mass = kept_share(neuron_scores, neuron_keep)
             ax.bar(range(len(kept_mass)), kept_mass)
             ax.set(xlabel="layer", ylabel="kept share of neuron score mass", ylim=(0, 1),
                    title=f"MLP: {len(neuron_keep[0])} of {len(neuron_scores[0])} neurons kept")  # fmt: skip
