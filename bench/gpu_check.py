@@ -43,13 +43,14 @@ sys.path.insert(0, str(ROOT))
 
 from bench.importance_speed import SHAPES as IMPORTANCE_SHAPES  # noqa: E402
 from bench.importance_speed import compare, timed  # noqa: E402
-from bench.inference_speed import measure_speed, mlp_pruned_copy, ratios  # noqa: E402
+from bench.inference_speed import mlp_pruned_copy  # noqa: E402
 from bench.train_throughput import SHAPES as TRAIN_SHAPES  # noqa: E402
 from bench.train_throughput import optimizer_steps, padded_vs_packed, peak_flops  # noqa: E402
 from dataset.packing.packed_dataset import Collator, pack_examples  # noqa: E402
 from module.adapters import find_mlps  # noqa: E402
 from module.anyprecisionAdamw import AnyPrecisionAdamW  # noqa: E402
 from module.importance import collect_statistics  # noqa: E402
+from utils.speed import measure_speed, ratios  # noqa: E402
 from utils.tiny import random_llama, train_tokenizer  # noqa: E402
 
 GiB = 2**30

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,57 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from module.adapters import find_mlps  # noqa: E402
 from module.pruning import count_parameters, plan_keep, prune_mlps  # noqa: E402
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def measure_speed(model, prompt_len: int, new_tokens: int, batch_sizes: list[int], repeats: int = 3) -> dict:
-    """Prefill seconds (median of `repeats`, batch 1) and decode tokens/s per batch size, on random token ids."""
-    device = next(model.parameters()).device
-    vocab = model.config.vocab_size
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, vocab, (1, prompt_len), generator=gen).to(device)
-    model.eval()
-    model(prompt[:, :8])  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        model(prompt, use_cache=False)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    out = {"params": count_parameters(model), "prefill_seconds": statistics.median(times), "decode_tokens_per_s": {}}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    short = min(prompt_len, 128)  # decoding speed: a short prompt, then `new_tokens` greedy steps with the cache
-    for b in batch_sizes:
-        ids = torch.randint(0, vocab, (b, short), generator=gen).to(device)
-        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
-                      pad_token_id=0, eos_token_id=None)  # fmt: skip
-        model.generate(ids, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
-        sync(device)
-        start = time.perf_counter()
-        model.generate(ids, **kwargs)
-        sync(device)
-        out["decode_tokens_per_s"][b] = b * new_tokens / (time.perf_counter() - start)
-    if device.type == "cuda":
-        out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
-    return out
-
-
-def ratios(dense: dict, pruned: dict) -> dict:
-    """Speed-ups of the pruned model (> 1: faster) and its parameter share."""
-    return {
-        "params": pruned["params"] / dense["params"],
-        "prefill_speedup": dense["prefill_seconds"] / pruned["prefill_seconds"],
-        "decode_speedup": {
-            b: pruned["decode_tokens_per_s"][b] / dense["decode_tokens_per_s"][b] for b in dense["decode_tokens_per_s"]
-        },  # fmt: skip
-    }
+from utils.speed import measure_speed, ratios  # noqa: E402
 
 
 def mlp_pruned_copy(model, ratio: float):

@@ -29,10 +29,11 @@ from dataset.calibration import load_documents, sample_windows  # noqa: E402
 from module.adapters import find_mlps  # noqa: E402
 from module.criteria import score_neurons  # noqa: E402
 from module.importance import collect_statistics  # noqa: E402
+from module.mix_search import Mix, sliced_meta  # noqa: E402
 from module.pruning import count_parameters, plan_keep, top_k_sorted  # noqa: E402
 from module.structure_criteria import STRUCTURE_CRITERIA  # noqa: E402
 from module.structure_importance import StructureTaps  # noqa: E402
-from module.structure_plan import StructureSizes, apply, check_sizes, kept_sets, structure_scores  # noqa: E402
+from module.structure_plan import StructureSizes, apply, kept_sets, structure_scores  # noqa: E402
 from module.structures import StructureError, layout_of, valid_head_counts  # noqa: E402
 from utils.cli import load_causal_lm, load_tokenizer, meta_model, parse_config  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
@@ -69,18 +70,7 @@ class StructureStudyConfig:
 
 def removed_by(model, sizes: StructureSizes) -> int:
     """Parameters a size removes, measured by slicing a weightless copy."""
-    shapes = meta_model(copy.deepcopy(model.config))
-    check_sizes(shapes, sizes)
-    n = len(find_mlps(shapes).layers)
-    fake = {f"heads.layer.{i}": torch.arange(shapes.config.num_attention_heads, 0, -1).double() for i in range(n)}
-    fake |= {f"groups.layer.{i}": torch.arange(shapes.config.num_key_value_heads, 0, -1).double() for i in range(n)}
-    fake |= {
-        "layers": torch.arange(n, 0, -1).double(),
-        "hidden": torch.arange(shapes.config.hidden_size, 0, -1).double(),
-    }
-    before = count_parameters(shapes)
-    apply(shapes, None, None, sizes, kept_sets(shapes, sizes, fake))
-    return before - count_parameters(shapes)
+    return sum(sliced_meta(meta_model(copy.deepcopy(model.config)), Mix(None, sizes))[1].values())
 
 
 def nearest_sizes(model, target: float) -> dict[str, StructureSizes]:
@@ -157,7 +147,7 @@ def main_study(cfg: StructureStudyConfig) -> Path:
         if mlp_ratio:
             k = plan_keep(total, mlps, pruning_ratio=mlp_ratio).k
             keep = [top_k_sorted(s, k) for s in score_neurons(criterion, mlps, n_stats, cfg.seed)]
-        kept = kept_sets(dense, sizes, structure_scores(dense, sizes, criterion, s_stats, cfg.seed))
+        kept = kept_sets(dense, sizes, structure_scores(dense, sizes.parts, criterion, s_stats, cfg.seed))
         removed = apply(model, find_mlps(model) if keep else None, keep, sizes, kept)
         ppl = perplexity(model, ppl_windows, progress=False)["perplexity"]
         return sum(removed.values()) / total, ppl, count_parameters(model)

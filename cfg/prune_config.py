@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from module.criteria import CRITERIA
+from module.mix_search import Mix
 from module.structure_criteria import STRUCTURE_CRITERIA, check_criterion
 from module.structure_plan import StructureSizes
 from module.structures import HEAD_MODES, STRUCTURES
@@ -51,9 +52,47 @@ class PruneConfig:
     prune_parts: str = field(
         default="mlp",
         metadata={
-            "help": f"Comma list of the structures to prune: {', '.join(STRUCTURES)}. mlp takes its size from "
-            "--pruning_ratio/--mlp_ratio; heads from --heads_keep, layers from --layers_remove, hidden from "
-            "--hidden_keep."
+            "help": f"Comma list of the structures to prune: {', '.join(STRUCTURES)}, or auto (every structure "
+            "the family supports). With --heads_keep/--layers_remove/--hidden_keep for each listed structure, "
+            "mlp takes its share from --pruning_ratio/--mlp_ratio; without them, --pruning_ratio is the total "
+            "and the mix that moves the model's predictions least (held-out KL) is searched."
+        },
+    )
+    mix: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prune exactly this mix, as the search's leaderboard writes it (e.g. "
+            "mlp_keep=1152,heads_keep=6,layers_remove=2); with the search's --prune_parts it reuses its cache."
+        },
+    )
+    search_steps: int = field(
+        default=4,
+        metadata={
+            "help": "Search grid: each structure besides the MLP is offered at the sizes removing about "
+            "0, 1/N, ..., N/N of the target."
+        },
+    )
+    search_tolerance: float = field(
+        default=0.01,
+        metadata={"help": "Without mlp in the search, how far a mix may land from --pruning_ratio (absolute)."},
+    )
+    search_windows: int = field(
+        default=16,
+        metadata={"help": "Held-out calibration windows (disjoint from the importance windows) for the search's KL."},
+    )
+    search_refine: int = field(
+        default=4,
+        metadata={
+            "help": "Rounds of hill climbing from the grid's best: each scores the mixes one loadable step of one "
+            "structure away (the MLP refilled), stopping when the best stays best (0 = the grid only)."
+        },
+    )
+    search_candidates: int = field(default=64, metadata={"help": "At most this many candidates are scored."})
+    measure_speed: bool = field(
+        default=False,
+        metadata={
+            "help": "Time prefill (1024-token prompt) and greedy decoding (batch 1 and 8) of the dense and the "
+            "pruned model; in a search, of every candidate (each sliced in turn: one extra model copy)."
         },
     )
     heads_keep: int = field(
@@ -147,24 +186,49 @@ class PruneConfig:
     def __post_init__(self) -> None:
         self.pruning_ratios = parse_ratios(self.pruning_ratio, "--pruning_ratio", upper=1.0)
         self.mlp_ratios = parse_ratios(self.mlp_ratio, "--mlp_ratio")
-        self.parts = [p.strip() for p in self.prune_parts.split(",")]
+        self.parts = list(STRUCTURES) if self.auto else [p.strip() for p in self.prune_parts.split(",")]
         if any(p not in STRUCTURES for p in self.parts) or len(set(self.parts)) != len(self.parts):
             raise ValueError(
-                f"--prune_parts {self.prune_parts!r} must be a comma list of distinct {', '.join(STRUCTURES)}"
+                f"--prune_parts {self.prune_parts!r} must be auto or a comma list of distinct {', '.join(STRUCTURES)}"
             )
-        if "mlp" in self.parts and bool(self.pruning_ratios) == bool(self.mlp_ratios):
-            raise ValueError("give exactly one of --pruning_ratio and --mlp_ratio")
-        if "mlp" not in self.parts and (self.pruning_ratios or self.mlp_ratios):
-            raise ValueError("--pruning_ratio/--mlp_ratio size the MLP: add mlp to --prune_parts or drop them")
-        sizes = {"heads": ("heads_keep", self.heads_keep), "layers": ("layers_remove", self.layers_remove),
-                 "hidden": ("hidden_keep", self.hidden_keep)}  # fmt: skip
-        for part, (flag, value) in sizes.items():
-            if value < 0 or (part in self.parts) != (value > 0):
-                raise ValueError(f"--prune_parts {part} goes with --{flag} N > 0 (got --{flag} {value})")
         if self.head_mode not in HEAD_MODES:
             raise ValueError(f"--head_mode {self.head_mode!r} is not one of {', '.join(HEAD_MODES)}")
-        if self.parts != ["mlp"] and len(self.sizes) > 1:
-            raise ValueError("several sizes from one pass are for --prune_parts mlp only; give one --pruning_ratio")
+        flags = {"heads": ("heads_keep", self.heads_keep), "layers": ("layers_remove", self.layers_remove),
+                 "hidden": ("hidden_keep", self.hidden_keep)}  # fmt: skip
+        for flag, value in flags.values():
+            if value < 0:
+                raise ValueError(f"--{flag} must be >= 0 (got {value})")
+        given = [f"--{flag}" for flag, value in flags.values() if value]
+        searchable = self.auto or (self.parts != ["mlp"] and not given)
+        self.selected_mix = Mix.parse(self.mix) if self.mix is not None else None
+        if self.selected_mix is not None:
+            if self.pruning_ratios or self.mlp_ratios or given:
+                raise ValueError(
+                    "--mix gives every size; drop --pruning_ratio/--mlp_ratio/" + "/".join(given or ["..."])
+                )
+            outside = [p for p in self.selected_mix.parts if p not in self.parts]
+            if outside:
+                raise ValueError(
+                    f"--mix prunes {', '.join(outside)}, which --prune_parts {self.prune_parts} leaves out"
+                )
+        elif searchable and self.pruning_ratios:
+            if given:
+                raise ValueError(f"--prune_parts {self.prune_parts} searches every size; drop {', '.join(given)}")
+        elif self.auto:
+            raise ValueError("--prune_parts auto searches a mix for --pruning_ratio R (the share of all parameters)")
+        else:
+            if "mlp" in self.parts and bool(self.pruning_ratios) == bool(self.mlp_ratios):
+                raise ValueError("give exactly one of --pruning_ratio and --mlp_ratio")
+            if "mlp" not in self.parts and (self.pruning_ratios or self.mlp_ratios):
+                raise ValueError("--pruning_ratio/--mlp_ratio size the MLP: add mlp to --prune_parts or drop them")
+            for part, (flag, value) in flags.items():
+                if (part in self.parts) != (value > 0):
+                    raise ValueError(
+                        f"--prune_parts {part} goes with --{flag} N > 0 (got --{flag} {value}); or give only "
+                        "--pruning_ratio to search the mix"
+                    )
+            if self.parts != ["mlp"] and len(self.sizes) > 1:
+                raise ValueError("several sizes from one pass are for --prune_parts mlp only; give one --pruning_ratio")
         if "mlp" in self.parts and self.criterion not in CRITERIA:
             raise ValueError(f"--criterion {self.criterion!r} does not score MLP neurons; valid: {', '.join(CRITERIA)}")
         for part in self.parts:
@@ -172,18 +236,38 @@ class PruneConfig:
                 check_criterion(part, self.criterion)
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        for name in ("calib_samples", "batch_size", "round_to", "eval_seq_len"):
+        if not 0 <= self.search_tolerance < 1:
+            raise ValueError(f"--search_tolerance must be in [0, 1) (got {self.search_tolerance})")
+        for name in ("calib_samples", "batch_size", "round_to", "eval_seq_len", "search_steps", "search_windows",
+                     "search_candidates"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1 (got {getattr(self, name)})")
         if self.seq_len < 2:
             raise ValueError(f"--seq_len must be >= 2 (got {self.seq_len})")
-        for name in ("loss_chunk_tokens", "eval_windows"):
+        for name in ("loss_chunk_tokens", "eval_windows", "search_refine"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0 (got {getattr(self, name)})")
 
     @property
+    def auto(self) -> bool:
+        return self.prune_parts.strip() == "auto"
+
+    @property
+    def search(self) -> bool:
+        """Search the mix for each --pruning_ratio (no explicit sizes of the other structures, no --mix)."""
+        return (
+            self.selected_mix is None
+            and bool(self.pruning_ratios)
+            and self.structure_sizes.parts == []
+            and (self.auto or self.parts != ["mlp"])
+        )
+
+    @property
     def sizes(self) -> list[tuple[str, float]]:
-        """The MLP sizes (none when the MLP is not pruned)."""
+        """The MLP sizes given by --pruning_ratio/--mlp_ratio (none when the MLP is not pruned, or when a
+        search or --mix decides every size)."""
+        if self.search or self.selected_mix is not None:
+            return []
         kind = "pruning_ratio" if self.pruning_ratios else "mlp_ratio"
         return [(kind, v) for v in (self.pruning_ratios or self.mlp_ratios)]
 

@@ -103,7 +103,28 @@ def load_documents(source: str, text_field: str = "text") -> list[str]:
 
 
 def sample_windows(documents: list[str], tokenizer, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
-    """`n_samples` windows of `seq_len` tokens, at most one per document, deterministic in `seed`.
+    """`n_samples` windows of `seq_len` tokens, at most one per document, deterministic in `seed` (see draw_windows)."""
+    return draw_windows(documents, tokenizer, n_samples, seq_len, seed)[0]
+
+
+def heldout_windows(documents: list[str], tokenizer, used: set[int], n_samples: int, seq_len: int, seed: int,
+                    what: str = "--search_windows") -> torch.Tensor:  # fmt: skip
+    """Windows drawn as `draw_windows` does from the documents NOT in `used` (the calibration windows' own)."""
+    rest = [d for i, d in enumerate(documents) if i not in used]
+    try:
+        return draw_windows(rest, tokenizer, n_samples, seq_len, seed)[0]
+    except CalibrationError:
+        raise CalibrationError(
+            f"{what} {n_samples}: too few documents longer than {seq_len} tokens remain beside the "
+            f"{len(used)} calibration windows' ({len(rest)} left); lower it, --calib_samples or --seq_len"
+        ) from None
+
+
+def draw_windows(
+    documents: list[str], tokenizer, n_samples: int, seq_len: int, seed: int
+) -> tuple[torch.Tensor, set[int]]:
+    """`n_samples` windows of `seq_len` tokens, at most one per document, deterministic in `seed`, and the
+    indices of the documents they came from.
 
     As in the release: documents are visited in a shuffled order, a document must be longer than
     `seq_len` tokens, and the window starts at a random offset in it. Unlike the release, the draw is
@@ -115,15 +136,17 @@ def sample_windows(documents: list[str], tokenizer, n_samples: int, seq_len: int
     order = list(range(len(documents)))
     rng.shuffle(order)
     windows: list[list[int]] = []
+    used: set[int] = set()
     step = 64
     for s in range(0, len(order), step):
-        batch = [documents[i] for i in order[s : s + step]]
-        for ids in tokenizer(batch, add_special_tokens=True)["input_ids"]:
+        batch = order[s : s + step]
+        for doc, ids in zip(batch, tokenizer([documents[i] for i in batch], add_special_tokens=True)["input_ids"]):
             if len(ids) > seq_len:
                 start = rng.randint(0, len(ids) - seq_len - 1)
                 windows.append(ids[start : start + seq_len])
+                used.add(doc)
                 if len(windows) == n_samples:
-                    return torch.tensor(windows, dtype=torch.long)
+                    return torch.tensor(windows, dtype=torch.long), used
     raise CalibrationError(
         f"found only {len(windows)} documents longer than {seq_len} tokens among {len(documents)} "
         f"(asked for --calib_samples {n_samples}); lower --calib_samples or --seq_len, or give more text"

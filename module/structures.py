@@ -43,6 +43,7 @@ class Layout:
     mlp_output: str = "mlp.down_proj"  # writes it
     norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
     final_norm: str = "norm"  # in the base model
+    norm_eps: str = "variance_epsilon"  # the norms' epsilon attribute
     hidden_divisible_by_heads: bool = False  # the config refuses hidden_size % num_attention_heads != 0
 
 
@@ -51,6 +52,12 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout(("qwen2", "qwen3", "mistral")),  # Qwen3's q_norm/k_norm span head_dim: untouched by every slice
 )
 SUPPORTED = {"heads": LAYOUTS, "layers": LAYOUTS, "hidden": LAYOUTS}
+
+
+def supports(model: nn.Module, structure: str) -> bool:
+    """Whether the model's family has a layout for `structure` (MLP neurons: every family find_mlps knows)."""
+    model_type = getattr(model.config, "model_type", None)
+    return structure == "mlp" or any(model_type in layout.model_types for layout in SUPPORTED.get(structure, ()))
 
 
 def layout_of(model: nn.Module, structure: str) -> Layout:

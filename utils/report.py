@@ -185,3 +185,36 @@ def plot_loss_curve(path: Path, log_history: list[dict], title: str) -> bool:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+STRUCTURE_COLORS = {"mlp": "tab:blue", "heads": "tab:orange", "layers": "tab:red", "hidden": "tab:green"}
+
+
+def plot_leaderboard(path: Path, board: list[dict], title: str) -> None:
+    """The mix search's candidates, best (lowest held-out KL) on top: their KL, and which structures each
+    one's removed parameters came from (with the prefill speed-up when it was measured)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = board[::-1]  # barh draws bottom-up
+    y = range(len(rows))
+    fig, (kl_ax, mix_ax) = plt.subplots(1, 2, figsize=(13, 0.3 * len(rows) + 1.8), sharey=True)
+    kl_ax.barh(y, [r["kl"] for r in rows], color=["tab:purple" if r is board[0] else "tab:gray" for r in rows])
+    kl_ax.set(yticks=list(y), xlabel="held-out KL(dense || pruned) per token", title="candidates (best on top)")
+    kl_ax.set_yticklabels([r["mix"] for r in rows], fontsize=7)
+    left = [0.0] * len(rows)
+    for part, color in STRUCTURE_COLORS.items():
+        share = [r["removed"].get(part, 0) / (r["removed"] and sum(r["removed"].values()) or 1) for r in rows]
+        mix_ax.barh(y, share, left=left, color=color, label=part)
+        left = [a + b for a, b in zip(left, share)]
+    for i, r in enumerate(rows):
+        if r.get("speed"):
+            mix_ax.text(1.01, i, f"{r['speed']['prefill_speedup']:.2f}x", va="center", fontsize=7)
+    mix_ax.set(xlim=(0, 1.12), xlabel="share of the removed parameters (text: prefill speed-up)")
+    mix_ax.legend(loc="lower right", fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
