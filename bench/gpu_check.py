@@ -12,7 +12,8 @@ Sections (each one function registered with @section; adding a measurement is ad
               move when another packed example changes (and, as a control, they do move without position_ids)
   training    full fine-tuning of the Llama-3.2-1B shape on LaMini lengths, packed vs padded, flex_attention
               and sdpa (non-pad tokens/s, MFU, peak memory); AnyPrecisionAdamW (bf16 states) vs fused AdamW
-  pipeline    prune 20% -> LoRA -> merge -> offline lm_eval task with --limit -> WikiText-2 perplexity
+  pipeline    prune 20% (the mix search, --prune_parts auto) -> LoRA -> merge -> offline lm_eval task with
+              --limit -> WikiText-2 perplexity
   inference   prefill and greedy-decoding speed (batch 1 and 8, KV cache) of a 20%-pruned copy vs the dense
               model, SmolLM2-135M's shape
 
@@ -365,15 +366,17 @@ def pipeline_section(ctx: Context, rep: Report) -> None:
         return result
 
     pruned, lora = ctx.work / "pruned", ctx.work / "lora"
-    code = step("prune 20%", lambda: prune.main([
-        "--origin_path", dense, "--pruning_ratio", "0.2", "--calib_dataset", "builtin", "--calib_samples", "16",
-        "--seq_len", str(seq), "--batch_size", "4", "--output_dir", str(pruned), "--overwrite",
-        "--importance_cache", "", "--no_progress", *device_flags]))  # fmt: skip
-    rep.check("prune.py exits 0", code == 0, f"exit {code}")
+    code = step("prune 20%, mix search", lambda: prune.main([
+        "--origin_path", dense, "--prune_parts", "auto", "--pruning_ratio", "0.2", "--calib_dataset", "builtin",
+        "--calib_samples", "16", "--search_windows", "8", "--seq_len", str(seq), "--batch_size", "4", "--output_dir",
+        str(pruned), "--overwrite", "--importance_cache", "", "--no_progress", *device_flags]))  # fmt: skip
+    rep.check("prune.py --prune_parts auto exits 0", code == 0, f"exit {code}")
     if code != 0:
         return
     report = json.loads((pruned / "prune_report.json").read_text())
     rep.figure("prune: parameters before -> after", f"{report['params_before']} -> {report['params_after']}")
+    board = report["search"]["leaderboard"]
+    rep.figure("prune: chosen mix (held-out KL), of", f"{board[0]['mix']} ({board[0]['kl']:.4f}), {len(board)}")
     data = ctx.data_dir / "instruct" / "lamini" / "lamini_10001_part1.jsonl"
     code = step(f"LoRA {steps} steps + merge", lambda: fintune_lora.main([
         "--model", str(pruned), "--dataset_name", str(data), "--tokenizer_max", str(seq), "--max_steps", str(steps),

@@ -57,9 +57,28 @@ class SFTArguments:
         default=False,
         metadata={"help": "Allow rows longer than the model's max_position_embeddings (rotary positions only)."},
     )
+    text_field: str | None = field(
+        default=None,
+        metadata={"help": "Train on plain text instead of instructions: the records' field holding it (a .txt/.raw "
+                  "--dataset_name is text already). Documents are joined with EOS into full --pack_length rows."},
+    )  # fmt: skip
+    distill_from: str | None = field(
+        default=None,
+        metadata={"help": "Distill from this model (the dense original): loss = alpha * KL(teacher || student) + "
+                  "(1 - alpha) * CE over the label tokens."},
+    )  # fmt: skip
+    distill_alpha: float = field(default=1.0, metadata={"help": "Weight of the KL term (1 = KL only, Minitron's)."})
+    distill_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KL term."})
+    teacher_device: str | None = field(
+        default=None, metadata={"help": "Device of the teacher (default: the student's), e.g. cuda:1."}
+    )
 
     def __post_init__(self) -> None:
         self.pack_length = self.pack_length or self.tokenizer_max
+        if not (math.isfinite(self.distill_alpha) and 0 <= self.distill_alpha <= 1):
+            raise ValueError(f"--distill_alpha must be in [0, 1] (got {self.distill_alpha})")
+        if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
+            raise ValueError(f"--distill_temperature must be > 0 (got {self.distill_temperature})")
         if self.tokenizer_max < 2:
             raise ValueError(f"--tokenizer_max must be >= 2 (got {self.tokenizer_max})")
         if self.packing != "none" and self.tokenizer_max > self.pack_length:

@@ -14,10 +14,12 @@ import torch
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from cfg.finetune_config import FullTrainingArguments, LoraArguments, LoraTrainingArguments, SFTArguments
+from dataset.calibration import TEXT_SUFFIXES, load_documents
 from dataset.LaMini_dataset import tokenized_dataset
-from dataset.packing.packed_dataset import Collator, pack_examples
+from dataset.packing.packed_dataset import Collator, pack_examples, pack_text
 from module.adapters import find_mlps
 from module.anyprecisionAdamw import AnyPrecisionAdamW
+from module.distill import Distiller, check_teacher
 from module.trainer import PackedSFTTrainer
 from utils.atomic import apply_umask, atomic_dir
 from utils.cli import check_context, load_causal_lm, load_config, load_tokenizer, meta_model, parse_dataclasses
@@ -108,6 +110,14 @@ def remove_if_empty(folder: Path) -> None:
         shutil.rmtree(folder)
 
 
+def teacher_tokenizer(sft: SFTArguments):
+    """The teacher's own tokenizer, or None when its folder has none (a bare model folder)."""
+    try:
+        return load_tokenizer(sft.distill_from, "--distill_from", sft.trust_remote_code)
+    except (UserError, OSError, ValueError):
+        return None
+
+
 def build(sft: SFTArguments, args, lora: LoraArguments | None, callbacks=()):
     """The trainer, its tokenizer and a summary of the data."""
     # Seed before anything random is built (LoRA's A matrices): the Trainer seeds only in its own
@@ -131,12 +141,27 @@ def build(sft: SFTArguments, args, lora: LoraArguments | None, callbacks=()):
     tokenizer = load_tokenizer(sft.model, "--model", sft.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    with args.main_process_first(desc="tokenize"):
-        rows = tokenized_dataset(sft.dataset_name, tokenizer, sft.tokenizer_max, sft.train_on_inputs,
-                                 sft.data_cache or None, sft.max_train_samples)  # fmt: skip
-    n_examples = len(rows)
+    if sft.distill_from:  # refuse a teacher that cannot teach this student before loading anything big
+        teacher_config = load_config(sft.distill_from, "--distill_from", sft.trust_remote_code)
+        check_teacher(shapes.config, teacher_config, tokenizer, teacher_tokenizer(sft), sft.distill_from)
+    text = sft.text_field is not None or Path(sft.dataset_name).suffix in TEXT_SUFFIXES
     fill = None
-    if sft.packing == "none":
+    if text:
+        docs = load_documents(sft.dataset_name, sft.text_field or "text")
+        ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
+        rows = pack_text(ids, sft.pack_length, tokenizer.eos_token_id)[: sft.max_train_samples]
+        if not rows:
+            raise UserError(f"--dataset_name {sft.dataset_name} holds fewer than {sft.pack_length} tokens")
+        n_examples, fill = len(docs), 1.0
+        log.info("plain text: %d documents into %d full rows of %d tokens", len(docs), len(rows), sft.pack_length)
+    else:
+        with args.main_process_first(desc="tokenize"):
+            rows = tokenized_dataset(sft.dataset_name, tokenizer, sft.tokenizer_max, sft.train_on_inputs,
+                                     sft.data_cache or None, sft.max_train_samples)  # fmt: skip
+        n_examples = len(rows)
+    if text:
+        collator = Collator(tokenizer.pad_token_id)
+    elif sft.packing == "none":
         collator = Collator(tokenizer.pad_token_id, packed=False)
     else:
         rows, fill = pack_examples(rows, sft.pack_length, sft.packing)
@@ -163,12 +188,20 @@ def build(sft: SFTArguments, args, lora: LoraArguments | None, callbacks=()):
     elif mlp_names is not None:
         for name, p in model.named_parameters():
             p.requires_grad_(any(f".{m}." in f".{name}" for m in mlp_names))
+    distiller = None
+    if sft.distill_from:
+        teacher = load_causal_lm(sft.distill_from, "--distill_from", dtype, sft.trust_remote_code,
+                                 attn_implementation=attn)  # fmt: skip
+        teacher.to(sft.teacher_device or args.device)
+        distiller = Distiller(teacher, sft.distill_alpha, sft.distill_temperature)
+        log.info("distilling from %s on %s: alpha %g, temperature %g", sft.distill_from, distiller.device,
+                 sft.distill_alpha, sft.distill_temperature)  # fmt: skip
     trainer = PackedSFTTrainer(
         model=model, args=args, train_dataset=rows, data_collator=collator,
-        optimizer_cls_and_kwargs=optimizer_spec(sft, args), callbacks=list(callbacks),
+        optimizer_cls_and_kwargs=optimizer_spec(sft, args), callbacks=list(callbacks), distiller=distiller,
     )  # fmt: skip
     data = {"examples": n_examples, "rows": len(rows), "fill_ratio": fill, "attn_implementation": attn,
-            "dtype": str(dtype)}  # fmt: skip
+            "dtype": str(dtype), "text": text}  # fmt: skip
     return trainer, tokenizer, data
 
 

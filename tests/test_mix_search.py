@@ -221,3 +221,28 @@ def test_hill_climb_reaches_a_better_mix_off_the_grid():
     board = search(space, score, steps=2, max_candidates=64, refine_rounds=20)
     assert board[0].description == goal_cand.description and board[0].kl == 0.5
     assert {c.description for c in search(space, score, steps=2, refine_rounds=0)} == grid
+
+
+def test_mix_study_runs_on_a_tiny_model(tmp_path, tiny_long_llama_dir):
+    from bench import mix_search
+
+    peers = tmp_path / "peers.json"
+    ran = {"name": "peer A", "ran": True, "removed": 0.3, "ppl": 9.0, "loads": "no", "how": "by hand"}
+    peers.write_text(json.dumps({"peers": [ran, {"name": "peer B", "ran": False, "why": "hangs"}]}))
+    out = tmp_path / "MIX.md"
+    argv = ["--model", str(tiny_long_llama_dir), "--ratios", "0.3", "--seeds", "0,1", "--calib_samples", "4",
+            "--seq_len", "32", "--search_windows", "2", "--ppl_windows", "2", "--ppl_seq_len", "64", "--out", str(out),
+            "--work", str(tmp_path / "work"), "--peers", str(peers)]  # fmt: skip
+    assert mix_search.main(argv) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    rows = {(r["seed"], r["row"]): r for r in result["rows"]}
+    assert {name for _, name in rows} >= {"chosen mix", "MLP only", "layers only", "hidden only"}
+    for seed in (0, 1):
+        board = result["leaderboards"][f"0.3/{seed}"]
+        assert rows[(seed, "chosen mix")]["mix"] == board[0]["mix"]
+        assert rows[(seed, "chosen mix")]["kl"] == pytest.approx(board[0]["kl"], rel=1e-9)
+        assert rows[(seed, "chosen mix")]["kl"] <= rows[(seed, "MLP only")]["kl"]
+    assert rows[(0, "MLP only")]["prefill_speedup"] and rows[(1, "MLP only")]["prefill_speedup"] is None
+    text = out.read_text()
+    assert "Chosen mix vs MLP-only" in text and "| peer A | 30.0% | 9.0 | no |" in text and "hangs" in text
+    assert not (tmp_path / "work").exists()

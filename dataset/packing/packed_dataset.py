@@ -93,3 +93,15 @@ class Collator:
             else:
                 batch[extra].append([1] * size + [0] * n)
         return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
+def pack_text(documents: list[list[int]], row_length: int, eos_id: int | None) -> list[dict]:
+    """Plain-text rows for training without labels to mask: the documents' tokens joined (each followed by
+    EOS when there is one) and cut into full rows of `row_length`; the tail that fills no row is dropped.
+    Every token is a label; positions run on across documents, as in pretraining."""
+    stream = [t for doc in documents for t in (doc + [eos_id] if eos_id is not None else doc)]
+    rows = []
+    for s in range(0, len(stream) - row_length + 1, row_length):
+        ids = stream[s : s + row_length]
+        rows.append({"input_ids": ids, "labels": list(ids), "position_ids": list(range(row_length))})
+    return rows

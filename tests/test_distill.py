@@ -1,0 +1,208 @@
+"""Distillation from the dense model: the chunked KL and its gradient against a plain full-vocabulary
+computation, zero for a teacher equal to the student, packed = per example, CE-only = the Trainer's loss,
+the teacher outside the optimizer and the checkpoint, resume, plain-text rows, bad teachers."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import VOCAB, tiny_model
+from test_finetune_scripts import LAMINI, StopAt, common, losses
+from transformers import AutoModelForCausalLM
+
+import fintune_full
+import fintune_lora
+from dataset.packing.packed_dataset import pack_examples, pack_text
+from module.distill import Distiller, shifted_targets
+
+GEN = torch.Generator().manual_seed(5)
+
+
+def batch(n=2, t=11):
+    ids = torch.randint(0, VOCAB, (n, t), generator=GEN)
+    labels = ids.clone()
+    labels[:, :3] = -100  # a masked prompt
+    return ids, labels
+
+
+def reference(student, teacher, ids, labels, alpha, temperature):
+    """Full-vocabulary logits of both models, one autograd graph: (alpha KL + (1-alpha) CE) sums."""
+    z_s = student(ids).logits[:, :-1].reshape(-1, VOCAB)
+    with torch.no_grad():
+        z_t = teacher(ids).logits[:, :-1].reshape(-1, VOCAB)
+    y = labels[:, 1:].reshape(-1)
+    keep = y != -100
+    kl = F.kl_div(torch.log_softmax(z_s[keep] / temperature, -1), torch.log_softmax(z_t[keep] / temperature, -1),
+                  log_target=True, reduction="sum") * temperature**2  # fmt: skip
+    ce = F.cross_entropy(z_s, y, ignore_index=-100, reduction="sum")
+    return alpha * kl + (1 - alpha) * ce
+
+
+def student_loss(student, distiller, ids, labels, num_items=1, **inputs):
+    out = student(input_ids=ids, **inputs)
+    return distiller.loss(out.logits, {"input_ids": ids, **inputs}, labels, num_items)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_chunked_loss_and_gradient_equal_the_full_vocabulary_computation(temperature):
+    student, teacher = tiny_model("llama", seed=0).train(), tiny_model("llama", seed=1)
+    ids, labels = batch()
+    distiller = Distiller(teacher, alpha=0.7, temperature=temperature, chunk_tokens=4)  # several chunks
+    loss = student_loss(student, distiller, ids, labels)
+    loss.backward()
+    grads = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    expected = reference(student, teacher, ids, labels, 0.7, temperature)
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5) and loss.item() > 1
+    for got, want in zip(grads, (p.grad for p in student.parameters())):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_teacher_equal_to_the_student_gives_zero_kl_and_zero_gradient():
+    student = tiny_model("qwen2", seed=3).train()
+    distiller = Distiller(tiny_model("qwen2", seed=3), alpha=1.0, temperature=2.0, chunk_tokens=5)
+    ids, labels = batch()
+    loss = student_loss(student, distiller, ids, labels)
+    loss.backward()
+    # zero up to float noise (the two sides reach the logits through different matmul shapes); an unrelated
+    # teacher of the same family gives a KL of ~1 here
+    assert abs(loss.item()) < 1e-5
+    assert max(p.grad.abs().max().item() for p in student.parameters()) < 1e-5
+
+
+def test_ce_only_equals_the_models_own_loss():
+    student, teacher = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    ids, labels = batch()
+    n = int((labels[:, 1:] != -100).sum()) + 7  # the effective batch's count, as the Trainer passes it
+    got = student_loss(student, Distiller(teacher, alpha=0.0, temperature=1.0), ids, labels, n)
+    want = student(input_ids=ids, labels=labels, num_items_in_batch=n).loss
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_packed_rows_give_the_per_example_sums():
+    student, teacher = tiny_model("mistral", seed=0), tiny_model("mistral", seed=2)
+    student.config.use_cache = False  # as in training: with a cache transformers does not look for packed rows
+    distiller = Distiller(teacher, alpha=0.5, temperature=1.5, chunk_tokens=6)
+    examples = []
+    for n in (7, 5, 9):
+        ids = torch.randint(0, VOCAB, (n,), generator=GEN).tolist()
+        examples.append({"input_ids": ids, "labels": [-100, -100, *ids[2:]]})
+    (row,), _ = pack_examples(examples, 21, "consecutive")
+    with torch.no_grad():
+        packed = student_loss(student, distiller, torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]]),
+                              position_ids=torch.tensor([row["position_ids"]]))  # fmt: skip
+        alone = sum(student_loss(student, distiller, torch.tensor([e["input_ids"]]), torch.tensor([e["labels"]]))
+                    for e in examples)  # fmt: skip
+    assert packed.item() == pytest.approx(alone.item(), rel=1e-5)
+
+
+def test_pack_text_by_hand():
+    rows = pack_text([[1, 2, 3], [4, 5], [6, 7, 8, 9]], row_length=4, eos_id=0)
+    # stream: 1 2 3 0 4 5 0 6 7 8 9 0 -> three full rows, nothing left over
+    assert [r["input_ids"] for r in rows] == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0]]
+    assert all(r["labels"] == r["input_ids"] and r["position_ids"] == [0, 1, 2, 3] for r in rows)
+    assert pack_text([[1, 2, 3]], row_length=5, eos_id=None) == []
+
+
+def test_shifted_targets():
+    assert shifted_targets(torch.tensor([[5, 6, 7], [-100, 8, 9]])).tolist() == [6, 7, -100, 8, 9, -100]
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory, tiny_long_llama_dir):
+    """Another tiny Llama with the same tokenizer: a student that differs from the teacher."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("students") / "student"
+    model = AutoModelForCausalLM.from_pretrained(tiny_long_llama_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(9)))
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_long_llama_dir).save_pretrained(path)
+    return path
+
+
+def test_teacher_is_frozen_outside_the_optimizer_and_not_saved(student_dir, tiny_long_llama_dir, tmp_path):
+    from cfg.finetune_config import FullTrainingArguments, SFTArguments
+    from module.sft import build
+
+    sft = SFTArguments(model=str(student_dir), dataset_name=LAMINI, tokenizer_max=256, max_train_samples=16,
+                       data_cache="", distill_from=str(tiny_long_llama_dir), distill_alpha=0.5)  # fmt: skip
+    args = FullTrainingArguments(output_dir=str(tmp_path / "o"), max_steps=2, gradient_accumulation_steps=1,
+                                 gradient_checkpointing=False, report_to=[], disable_tqdm=True)  # fmt: skip
+    trainer, _, _ = build(sft, args, None)
+    teacher = trainer.distiller.teacher
+    before = [p.clone() for p in teacher.parameters()]
+    trainer.train()
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not optimized & {id(p) for p in teacher.parameters()}
+    assert optimized == {id(p) for p in trainer.model.parameters() if p.requires_grad}
+    trainer.save_model(str(tmp_path / "saved"))
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "saved" / "model.safetensors"))
+    assert set(saved) == set(trainer.model.state_dict()) - {"lm_head.weight"}  # tied to the embeddings
+    assert any(k in log for log in trainer.state.log_history for k in ("distill_kl",))
+
+
+def test_distilled_resume_reproduces_the_uninterrupted_losses(student_dir, tiny_long_llama_dir, tmp_path):
+    extra = ["--max_steps", "4", "--save_steps", "2", "--gradient_accumulation_steps", "2", "--distill_from",
+             str(tiny_long_llama_dir), "--distill_alpha", "0.5", "--distill_temperature", "2"]  # fmt: skip
+    assert fintune_full.main(common(student_dir, tmp_path / "full", *extra)) == 0
+    assert fintune_full.main(common(student_dir, tmp_path / "cut", *extra), callbacks=[StopAt(2)]) == 0
+    resumed = common(student_dir, tmp_path / "cut", *extra, "--resume_from_checkpoint", "last")
+    assert fintune_full.main(resumed) == 0
+    full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    for step in (3, 4):
+        assert cut[step] == pytest.approx(full[step], rel=1e-5)
+    history = json.loads((tmp_path / "full" / "train_report.json").read_text())["log_history"]
+    assert all("distill_kl" in h and "distill_ce" in h for h in history if "loss" in h)
+
+
+def test_lora_distills_on_plain_text(student_dir, tiny_long_llama_dir, tmp_path):
+    text = tmp_path / "c4.jsonl"
+    text.write_text("".join(json.dumps({"content": f"document {i}: " + "some words here " * 20}) + "\n"
+                            for i in range(20)))  # fmt: skip
+    argv = common(student_dir, tmp_path / "lora", "--max_steps", "2", "--gradient_accumulation_steps", "1",
+                  "--distill_from", str(tiny_long_llama_dir), "--text_field", "content", "--pack_length", "64",
+                  "--tokenizer_max", "64")  # fmt: skip
+    argv[argv.index(LAMINI)] = str(text)
+    assert fintune_lora.main(argv) == 0
+    report = json.loads((tmp_path / "lora" / "train_report.json").read_text())
+    assert report["data"]["text"] and report["data"]["fill_ratio"] == 1.0 and report["data"]["rows"] >= 2
+    assert not any("teacher" in p.name for p in (tmp_path / "lora").rglob("*"))
+
+
+def test_bad_teachers_are_one_line(student_dir, tiny_long_llama_dir, tmp_path, capsys):
+    other_vocab = tmp_path / "other-vocab"
+    model = AutoModelForCausalLM.from_pretrained(tiny_long_llama_dir)
+    model.resize_token_embeddings(VOCAB + 8)
+    model.save_pretrained(other_vocab)
+    other_tok = tmp_path / "other-tokenizer"
+    AutoModelForCausalLM.from_pretrained(tiny_long_llama_dir).save_pretrained(other_tok)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_long_llama_dir)
+    tok.save_pretrained(other_tok)
+    spec = json.loads((other_tok / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = sorted(vocab)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # same size, two token ids swapped
+    (other_tok / "tokenizer.json").write_text(json.dumps(spec))
+    cases = [(other_vocab, "has a vocabulary of 308 tokens, the student 300"),
+             (other_tok, "uses another tokenizer"), (tmp_path / "missing", "no such folder")]  # fmt: skip
+    for i, (teacher, message) in enumerate(cases):
+        out = tmp_path / f"o{i}"
+        argv = common(student_dir, out, "--max_steps", "1", "--distill_from", str(teacher))
+        assert fintune_full.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and message in err[-1], err[-3:]
+        assert not out.exists()
+    assert fintune_full.main(common(student_dir, tmp_path / "o9", "--distill_alpha", "1.5")) == 2
+    assert "--distill_alpha must be in [0, 1]" in capsys.readouterr().err
