@@ -46,7 +46,13 @@ from bench.importance_speed import SHAPES as IMPORTANCE_SHAPES  # noqa: E402
 from bench.importance_speed import compare, timed  # noqa: E402
 from bench.inference_speed import mlp_pruned_copy  # noqa: E402
 from bench.train_throughput import SHAPES as TRAIN_SHAPES  # noqa: E402
-from bench.train_throughput import optimizer_steps, padded_vs_packed, peak_flops  # noqa: E402
+from bench.train_throughput import (  # noqa: E402
+    distill_step_speed,
+    optimizer_steps,
+    padded_vs_packed,
+    peak_flops,
+    student_teacher,
+)
 from dataset.packing.packed_dataset import Collator, pack_examples  # noqa: E402
 from module.adapters import find_mlps  # noqa: E402
 from module.anyprecisionAdamw import AnyPrecisionAdamW  # noqa: E402
@@ -269,7 +275,7 @@ def check_tokenizer(ctx: Context):
     return AutoTokenizer.from_pretrained(ctx.tokenizer) if ctx.tokenizer and not ctx.tiny else train_tokenizer(1000)
 
 
-@section("training", "Fine-tuning throughput: packed vs padded, and the optimizer step")
+@section("training", "Fine-tuning throughput: packed vs padded, the optimizer step, distillation vs plain CE")
 def training_section(ctx: Context, rep: Report) -> None:
     tok = check_tokenizer(ctx)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -320,6 +326,23 @@ def training_section(ctx: Context, rep: Report) -> None:
     rep.target(f"AnyPrecisionAdamW step / {ref_label} step", round(ours["s_per_step"] / ref["s_per_step"], 3), 1.2,
                higher_is_better=False)  # fmt: skip
     del model
+    free(ctx.device)
+    # distillation from the full-size model into a student with 60% of its MLP neurons, vs plain CE
+    student, teacher = student_teacher(shape, len(tok), ctx.device, ctx.dtype)
+    packed, _ = pack_examples(rows, max_len, "bfd")
+    batches = [Collator(pad)(packed[i : i + packed_batch]) for i in range(0, len(packed), packed_batch)][:16]
+    plain = distill_step_speed(student, None, batches, ctx.device)
+    distill = distill_step_speed(student, teacher, batches, ctx.device)
+    rep.figure(
+        "distillation / plain CE: label tokens/s", f"{distill['tokens_per_s']:.0f} / {plain['tokens_per_s']:.0f}"
+    )
+    rep.check("distillation steps ran, finite throughput", math.isfinite(distill["tokens_per_s"]),
+              f"{distill['tokens_per_s']:.0f} tokens/s")  # fmt: skip
+    if "peak_bytes" in plain:
+        rep.figure(
+            "distillation / plain CE: peak GiB", f"{distill['peak_bytes'] / GiB:.2f} / {plain['peak_bytes'] / GiB:.2f}"
+        )
+    del student, teacher
     free(ctx.device)
 
 

@@ -1,4 +1,4 @@
-"""Training throughput: packed vs padded batches, and AnyPrecisionAdamW vs torch AdamW, in one process.
+"""Training throughput: packed vs padded batches, AnyPrecisionAdamW vs torch AdamW, distillation vs plain CE.
 
     python bench/train_throughput.py                       # CPU: small Llama-shaped model, SmolLM2 tokenizer
     python bench/train_throughput.py --shape llama3.2-1b    # GPU: tokens/s and MFU of a full fine-tune step
@@ -6,12 +6,18 @@
 Part 1 trains the same examples (the LaMini sample's real lengths, Alpaca prompt, 1024-token cap)
 as padded batches (pad to the longest, attention mask) and as packed rows (position_ids, no mask)
 and prints non-pad tokens/s of forward + backward + optimizer step. Part 2 times optimizer steps
-and counts optimizer-state bytes for the same parameters.
+and counts optimizer-state bytes for the same parameters. Part 3 trains a student (the model with 60% of
+its MLP neurons) on the packed rows with plain CE and with distillation from the full model (module/distill.py,
+alpha 0.5) and prints tokens/s and peak memory of each (CUDA: the allocator's peak; CPU: each variant runs in
+its own process, whose peak RSS is compared).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dataset.LaMini_dataset import tokenized_dataset  # noqa: E402
 from dataset.packing.packed_dataset import Collator, pack_examples  # noqa: E402
 from module.anyprecisionAdamw import AnyPrecisionAdamW, state_bytes  # noqa: E402
+from module.distill import Distiller  # noqa: E402
 
 SHAPES = {
     "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
@@ -73,6 +80,54 @@ def padded_vs_packed(model, rows: list[dict], pad_id: int, device, padded_batch:
     return out
 
 
+def distill_step_speed(student, teacher, batches, device, steps: int | None = None) -> dict:
+    """Tokens/s of forward + backward + AnyPrecisionAdamW step, plain CE (`teacher` None) or distilled from
+    `teacher` (alpha 0.5), on packed `batches`; CUDA peak bytes too."""
+    distiller = Distiller(teacher, alpha=0.5, temperature=1.0) if teacher is not None else None
+    opt = AnyPrecisionAdamW(student.parameters(), lr=1e-5, momentum_dtype="bfloat16", variance_dtype="bfloat16")
+    student.train()
+
+    def step(batch: dict) -> None:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if distiller is None:
+            loss = student(**batch).loss
+        else:
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            loss = distiller.loss(student(**inputs).logits, inputs, batch["labels"], None)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    batches = batches[: steps or None]
+    step(batches[0])  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    start = time.perf_counter()
+    for batch in batches:
+        step(batch)
+    sync(device)
+    tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+    out = {"tokens_per_s": tokens / (time.perf_counter() - start)}
+    if device.type == "cuda":
+        out["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+    return out
+
+
+def student_teacher(shape: dict, vocab: int, device, dtype, keep: float = 0.6):
+    """A random full-size teacher and a student with `keep` of its MLP neurons (a pruned model's shape)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    base = dict(vocab_size=vocab, max_position_embeddings=4096, use_cache=False, **shape)
+    models = []
+    for seed, size in ((0, shape["intermediate_size"]), (1, int(keep * shape["intermediate_size"]))):
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(**{**base, "intermediate_size": size})
+        models.append(AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa").to(device))
+    teacher, student = models
+    return student, teacher.eval()
+
+
 def optimizer_steps(params: list[torch.Tensor], device, makers: dict, steps: int = 5) -> dict:
     """Seconds per step and state bytes of each optimizer in `makers` (label -> factory) on `params`."""
     for p in params:
@@ -113,6 +168,7 @@ def main() -> None:
     parser.add_argument("--max_len", type=int, default=1024)
     parser.add_argument("--padded_batch", type=int, default=8, help="examples per padded batch")
     parser.add_argument("--packed_batch", type=int, default=2, help="1024-token rows per packed batch")
+    parser.add_argument("--distill_variant", choices=("plain", "distill"), help=argparse.SUPPRESS)  # part 3's child
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
@@ -124,6 +180,9 @@ def main() -> None:
         args.tokenizer = str(cached_model())
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     rows = tokenized_dataset(args.data, tok, args.max_len, max_samples=args.examples)
+    if args.distill_variant:  # a child process of part 3
+        print(json.dumps(distill_part(args, tok, rows, device, dtype, args.distill_variant)))
+        return
     lengths = [len(r["input_ids"]) for r in rows]
     cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=4096, use_cache=False, **SHAPES[args.shape])
     torch.manual_seed(0)
@@ -156,6 +215,35 @@ def main() -> None:
     (t_ref, m_ref), (t_foreach, _), (t_ours, m_ours) = [(v["s_per_step"], v["state_bytes"]) for v in results.values()]
     print(f"AnyPrecisionAdamW / AdamW: step time {t_ours / t_ref:.2f}x (vs foreach {t_ours / t_foreach:.2f}x), "
           f"state memory {m_ours / m_ref:.2f}x")  # fmt: skip
+
+    # Part 3: distillation vs plain CE (one process per variant on CPU, so each peak RSS is its own)
+    del model
+    variants = {}
+    for variant in ("plain", "distill"):
+        if device.type == "cuda":
+            variants[variant] = distill_part(args, tok, rows, device, dtype, variant)
+        else:
+            cmd = [sys.executable, __file__, "--shape", args.shape, "--examples", str(args.examples), "--max_len",
+                   str(args.max_len), "--packed_batch", str(args.packed_batch), "--data", args.data, "--tokenizer",
+                   args.tokenizer, "--distill_variant", variant]  # fmt: skip
+            variants[variant] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    for variant, v in variants.items():
+        print(f"{variant}: {v['tokens_per_s']:.0f} label tokens/s, peak {v['peak_bytes'] / 2**30:.2f} GiB")
+    plain, distill = variants["plain"], variants["distill"]
+    print(f"distill / plain: tokens/s {distill['tokens_per_s'] / plain['tokens_per_s']:.2f}x, peak memory "
+          f"{distill['peak_bytes'] / plain['peak_bytes']:.2f}x")  # fmt: skip
+
+
+def distill_part(args, tok, rows, device, dtype, variant: str) -> dict:
+    """One variant of part 3; the peak is the CUDA allocator's, or this process's peak RSS on CPU."""
+    student, teacher = student_teacher(SHAPES[args.shape], len(tok), device, dtype)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    packed, _ = pack_examples(rows, args.max_len, "bfd")
+    batches = [Collator(pad)(packed[i : i + args.packed_batch]) for i in range(0, len(packed), args.packed_batch)]
+    r = distill_step_speed(student, teacher if variant == "distill" else None, batches, device)
+    if device.type != "cuda":
+        r["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return r
 
 
 if __name__ == "__main__":

@@ -206,3 +206,23 @@ def test_bad_teachers_are_one_line(student_dir, tiny_long_llama_dir, tmp_path, c
         assert not out.exists()
     assert fintune_full.main(common(student_dir, tmp_path / "o9", "--distill_alpha", "1.5")) == 2
     assert "--distill_alpha must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_recovery_study_runs_and_resumes_on_a_tiny_model(tmp_path, tiny_long_llama_dir):
+    from bench import recovery
+
+    out = tmp_path / "RECOVERY.md"
+    argv = ["--model", str(tiny_long_llama_dir), "--train_tokens", "512", "--pack_length", "128",
+            "--gradient_accumulation_steps", "2", "--limit", "2", "--tasks", "arc_easy_local,boolq_local",
+            "--ppl_windows", "1", "--ppl_seq_len", "64", "--calib_samples", "4", "--seq_len", "32", "--out", str(out),
+            "--work_dir", str(tmp_path / "work"), "--lr_full", "1e-3"]  # fmt: skip
+    assert recovery.main([*argv, "--arms", "full:ce"]) == 0
+    assert "Not measured yet" not in out.read_text()
+    assert recovery.main([*argv, "--arms", "full:ce,lora:distill", "--resume"]) == 0
+    rows = json.loads(out.with_name("recovery.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["dense", "pruned", "full:ce", "lora:distill"]
+    assert rows[2]["train_tokens"] == rows[3]["train_tokens"] == 512 and rows[3]["curve"][0][2] is not None
+    assert rows[3]["params"] == rows[2]["params"] == rows[1]["params"] < rows[0]["params"]
+    text = out.read_text()
+    assert "| full:ce |" in text and "| lora:distill |" in text
+    assert out.with_name("recovery.png").exists()

@@ -1,0 +1,278 @@
+"""The recovery study: how much of the dense-pruned gap comes back with plain fine-tuning (CE), with
+distillation from the dense model (KL), and with both, by LoRA and by full fine-tuning, at one budget.
+
+    python bench/recovery.py --resume        # -> docs/RECOVERY.md, recovery.png, recovery.json (hours, CPU)
+    python bench/recovery.py --train_tokens 8192 --limit 5 --out /tmp/rec/RECOVERY.md   # a quick look
+
+SmolLM2-135M-Instruct is pruned by prune.py (20% of all parameters from the MLP neurons, entropy, C4
+calibration) once; every arm then trains the pruned model through fintune_{lora,full}.py's code path on
+the same packed LaMini rows for the same number of tokens (`--train_tokens`, one seed) and is evaluated
+like bench/criteria.py (WikiText-2 perplexity; the offline zero-shot tasks, the first `--limit` items of
+each). Rows are appended to WORK/<settings>/rows.jsonl as they finish: with --resume a later session
+continues where the last one stopped, and the report covers the rows measured so far.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import prune  # noqa: E402
+from bench.criteria import TASKS, Evaluation, Rows  # noqa: E402
+from module.pruning import count_parameters  # noqa: E402
+from utils.cli import load_causal_lm, load_tokenizer, parse_config  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
+from utils.report import setup_logging, versions  # noqa: E402
+
+log = logging.getLogger("hfprune")
+OBJECTIVES = {"ce": 0.0, "distill": 1.0, "both": 0.5}  # --distill_alpha of each objective
+
+
+@dataclass
+class RecoveryConfig:
+    model: str = field(default="", metadata={"help": "HF folder ('' = SmolLM2-135M-Instruct, built offline)."})
+    data_dir: str = field(
+        default=os.environ.get("HFPRUNE_DATA", str(ROOT.parent / "shared" / "data")),
+        metadata={"help": "The shared data folder (c4/, wikitext-2-raw/, the task folders, instruct/)."},
+    )
+    out: str = field(default="docs/RECOVERY.md", metadata={"help": "The report; recovery.png/.json go beside."})
+    work_dir: str = field(default="out/recovery", metadata={"help": "Rows measured so far, pruned/trained models."})
+    resume: bool = field(default=False, metadata={"help": "Reuse the rows already measured with these settings."})
+    ratio: float = field(default=0.2, metadata={"help": "Share of all parameters pruned (MLP neurons, entropy)."})
+    calib_file: str = field(default="c4/c4_validation_2k.jsonl", metadata={"help": "Calibration text in DATA."})
+    calib_samples: int = field(default=32, metadata={"help": "Calibration windows."})
+    seq_len: int = field(default=256, metadata={"help": "Tokens per calibration window."})
+    arms: str = field(
+        default="full:ce,full:distill,full:both,lora:ce,lora:distill,lora:both",
+        metadata={"help": "Comma list of MODE:OBJECTIVE, MODE lora|full, OBJECTIVE ce|distill|both."},
+    )
+    sft_data: str = field(
+        default="instruct/lamini/lamini_10001_part1.jsonl", metadata={"help": "Instruction data in DATA."}
+    )
+    train_tokens: int = field(default=204800, metadata={"help": "Training tokens of every arm (packed rows)."})
+    pack_length: int = field(default=512, metadata={"help": "Tokens per packed row."})
+    gradient_accumulation_steps: int = field(default=8, metadata={"help": "Rows per optimizer step."})
+    lr_full: float = field(default=5e-5, metadata={"help": "Peak learning rate of full fine-tuning."})
+    lr_lora: float = field(default=4e-4, metadata={"help": "Peak learning rate of LoRA (the release's)."})
+    temperature: float = field(default=1.0, metadata={"help": "Distillation temperature."})
+    seed: int = field(default=0, metadata={"help": "Calibration and training seed."})
+    tasks: str = field(default=TASKS, metadata={"help": "lm_eval tasks (cfg/lm_eval_tasks)."})
+    limit: int = field(default=200, metadata={"help": "Items per zero-shot task (the first N of each)."})
+    ppl_windows: int = field(default=8, metadata={"help": "WikiText-2 test windows (the first N)."})
+    ppl_seq_len: int = field(default=1024, metadata={"help": "Tokens per perplexity window."})
+    eval_batch_size: int = field(default=16, metadata={"help": "lm_eval batch size."})
+
+    def __post_init__(self) -> None:
+        self.arm_list = [tuple(a.strip().split(":")) for a in self.arms.split(",") if a.strip()]
+        if not self.arm_list or any(len(a) != 2 or a[0] not in ("lora", "full") or a[1] not in OBJECTIVES
+                                    for a in self.arm_list):  # fmt: skip
+            raise ValueError(f"--arms {self.arms!r}: each must be MODE:OBJECTIVE, lora|full : ce|distill|both")
+        self.steps = max(1, self.train_tokens // (self.pack_length * self.gradient_accumulation_steps))
+
+    def settings(self) -> dict:
+        """Everything that changes a measured row (the key of --resume)."""
+        keep = {k: v for k, v in asdict(self).items() if k not in ("out", "work_dir", "resume", "arms")}
+        return {**keep, "data_dir": str(Path(self.data_dir).resolve())}
+
+
+def prune_once(cfg: RecoveryConfig, work: Path) -> Path:
+    out = work / "pruned"
+    if not (out / "prune_report.json").is_file():
+        code = prune.main(["--origin_path", cfg.model, "--pruning_ratio", str(cfg.ratio), "--calib_dataset",
+                           str(Path(cfg.data_dir) / cfg.calib_file), "--calib_samples", str(cfg.calib_samples),
+                           "--seq_len", str(cfg.seq_len), "--seed", str(cfg.seed), "--output_dir", str(out),
+                           "--overwrite", "--importance_cache", str(work / "cache"), "--no_progress"])  # fmt: skip
+        if code != 0:
+            raise RuntimeError("prune.py failed")
+    return out
+
+
+def train_arm(cfg: RecoveryConfig, pruned: Path, mode: str, objective: str, run_dir: Path):
+    """One arm through fintune_{lora,full}.py's code path; the trained (merged) model and its training facts."""
+    from module.sft import run_sft
+
+    argv = ["--model", str(pruned), "--dataset_name", str(Path(cfg.data_dir) / cfg.sft_data), "--tokenizer_max",
+            str(cfg.pack_length), "--max_steps", str(cfg.steps), "--per_device_train_batch_size", "1",
+            "--gradient_accumulation_steps", str(cfg.gradient_accumulation_steps), "--gradient_checkpointing",
+            "false", "--warmup_steps", str(max(1, cfg.steps // 10)), "--save_strategy", "no", "--report_to", "none",
+            "--logging_steps", "1", "--disable_tqdm", "true", "--seed", str(cfg.seed), "--data_cache",
+            str(run_dir.parent / "cache"), "--output_dir", str(run_dir), "--overwrite", "--dtype", "float32",
+            "--lr", str(cfg.lr_lora if mode == "lora" else cfg.lr_full)]  # fmt: skip
+    if objective != "ce":
+        argv += ["--distill_from", cfg.model, "--distill_alpha", str(OBJECTIVES[objective]), "--distill_temperature",
+                 str(cfg.temperature)]  # fmt: skip
+    if mode == "lora":
+        argv.append("--merge")
+    start = time.perf_counter()
+    out = run_sft(argv, lora_mode=mode == "lora")
+    seconds = time.perf_counter() - start
+    report = json.loads((out / "train_report.json").read_text())
+    curve = [(h["step"], h.get("distill_ce", h["loss"]), h.get("distill_kl")) for h in report["log_history"]
+             if "loss" in h]  # fmt: skip
+    rows = min(report["data"]["rows"], cfg.steps * cfg.gradient_accumulation_steps)
+    info = {"train_seconds": seconds, "train_tokens": rows * cfg.pack_length, "steps": cfg.steps, "curve": curve,
+            "train_rows": report["data"]["rows"]}  # fmt: skip
+    model = load_causal_lm(str(out / "merged" if mode == "lora" else out), f"the {mode} run", torch.float32)
+    return model, info
+
+
+def measure(cfg: RecoveryConfig) -> tuple[list[dict], dict]:
+    if not cfg.model:
+        from utils.smollm2 import cached_model
+
+        cfg.model = str(cached_model())
+    rows = Rows(cfg)
+    tokenizer = load_tokenizer(cfg.model, "--model")
+    evaluation = Evaluation(cfg, tokenizer, "cpu")
+    for name, path in (("dense", cfg.model), ("pruned", str(prune_once(cfg, rows.dir)))):
+        if rows.get(name) is None:
+            model = load_causal_lm(path, name, torch.float32)
+            rows.add({"name": name, "params": count_parameters(model), **evaluation(model)})
+            del model
+    pruned = rows.dir / "pruned"
+    for mode, objective in cfg.arm_list:
+        name = f"{mode}:{objective}"
+        if rows.get(name) is not None:
+            continue
+        model, info = train_arm(cfg, pruned, mode, objective, rows.dir / name.replace(":", "-"))
+        rows.add({"name": name, "params": count_parameters(model), **info, **evaluation(model)})
+        del model
+    context = {"versions": {**versions()}, "boolq_yes_share": evaluation.boolq_yes_share, "model": cfg.model}
+    return rows.rows, context
+
+
+def recovered(row: dict, dense: dict, pruned: dict, metric: str) -> float | None:
+    """Share of the dense-pruned gap an arm won back: perplexity on a log scale, accuracy linearly."""
+    if metric == "ppl":
+        gap = math.log(pruned["ppl"]) - math.log(dense["ppl"])
+        return (math.log(pruned["ppl"]) - math.log(row["ppl"])) / gap if gap else None
+    if row.get("avg") is None or dense.get("avg") is None:
+        return None
+    gap = dense["avg"] - pruned["avg"]
+    return (row["avg"] - pruned["avg"]) / gap if gap else None
+
+
+def report(rows: list[dict], context: dict, cfg: RecoveryConfig, seconds: float) -> str:
+    by = {r["name"]: r for r in rows}
+    dense, pruned = by["dense"], by["pruned"]
+    tasks = list(dense["tasks"])
+    v = context["versions"]
+    lines = [
+        "# Recovery: plain fine-tuning vs distillation from the dense model (SmolLM2-135M, 20% pruned)",
+        "",
+        f"Written by `python bench/recovery.py` (this session {seconds / 60:.0f} min on {v['device_name']}, torch "
+        f"{v['torch']}, transformers {v['transformers']}, commit {(v['hfprune_commit'] or '?')[:10]}); nothing here "
+        "is edited by hand.",
+        "",
+        f"- Pruned: `prune.py --pruning_ratio {cfg.ratio}` (MLP neurons, entropy, {cfg.calib_samples} x "
+        f"{cfg.seq_len} tokens of `{cfg.calib_file}`, seed {cfg.seed}).",
+        f"- Budget, the same for every arm: {cfg.steps} optimizer steps x {cfg.gradient_accumulation_steps} packed "
+        f"LaMini rows x {cfg.pack_length} tokens = {cfg.steps * cfg.gradient_accumulation_steps * cfg.pack_length} "
+        f"training tokens; one training seed ({cfg.seed}); fp32 on CPU; lr {cfg.lr_full:g} (full) / {cfg.lr_lora:g} "
+        "(LoRA r 32), cosine, 10% warm-up.",
+        "- Objectives: ce = the release's next-token CE on the response tokens; distill = KL(dense || student) "
+        f"over the same tokens (T {cfg.temperature:g}, `--distill_from` the dense model); both = 0.5 KL + 0.5 CE.",
+        f"- Evaluation: WikiText-2 perplexity ({cfg.ppl_windows} x {cfg.ppl_seq_len} tokens) and the offline "
+        f"zero-shot tasks, the first {cfg.limit} items of each (one task's accuracy has a standard error of about "
+        f"±{100 * math.sqrt(0.25 / max(1, cfg.limit)):.1f} points)."
+        + (
+            f" BoolQ: {context['boolq_yes_share']:.0f}% of its items are 'yes' (always-yes scores that)."
+            if context.get("boolq_yes_share") is not None
+            else ""
+        ),  # fmt: skip
+        "- Recovered: the share of the dense-pruned gap won back (perplexity on a log scale, average accuracy "
+        "linearly).",
+        "",
+        "| model | params | WikiText-2 ppl | recovered (ppl) | " + " | ".join(tasks) + " | avg | recovered (avg) | "
+        "train min |",
+        "|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|",
+    ]
+    for r in rows:
+        rec_p, rec_a = recovered(r, dense, pruned, "ppl"), recovered(r, dense, pruned, "avg")
+        cells = [f"{r['tasks'][t]:.1f}" for t in tasks]
+        lines.append(
+            f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['ppl']:.2f} | "
+            f"{'–' if r['name'] in ('dense', 'pruned') else f'{rec_p:.0%}'} | " + " | ".join(cells)
+            + f" | {r['avg']:.2f} | {'–' if r['name'] in ('dense', 'pruned') or rec_a is None else f'{rec_a:.0%}'} | "
+            + (f"{r['train_seconds'] / 60:.0f} |" if "train_seconds" in r else "– |")
+        )  # fmt: skip
+    missing = [f"{m}:{o}" for m, o in cfg.arm_list if f"{m}:{o}" not in by]
+    if missing:
+        lines += ["", f"Not measured yet (run again with `--resume`): {', '.join(missing)}."]
+    lines += ["", *verdict(by, cfg)]
+    return "\n".join(lines) + "\n"
+
+
+def verdict(by: dict, cfg: RecoveryConfig) -> list[str]:
+    """Generated: does distillation beat plain CE per mode, by how much, against the evaluation's noise."""
+    out = []
+    se = 100 * math.sqrt(0.25 / max(1, cfg.limit)) / math.sqrt(max(1, len(by["dense"]["tasks"])))
+    for mode in ("full", "lora"):
+        ce = by.get(f"{mode}:ce")
+        for objective in ("distill", "both"):
+            other = by.get(f"{mode}:{objective}")
+            if ce is None or other is None:
+                continue
+            d_ppl = ce["ppl"] - other["ppl"]
+            d_avg = other["avg"] - ce["avg"]
+            out.append(
+                f"- {mode}: {objective} vs ce: perplexity {other['ppl']:.2f} vs {ce['ppl']:.2f} "
+                f"({'lower' if d_ppl > 0 else 'higher'} by {abs(d_ppl):.2f}), zero-shot average {other['avg']:.2f} vs "
+                f"{ce['avg']:.2f} ({d_avg:+.2f} points; the average's standard error is about ±{se:.1f}, so "
+                f"{'beyond' if abs(d_avg) > 2 * se else 'within'} two standard errors). One training seed: the "
+                "perplexity difference has no seed spread yet."
+            )  # fmt: skip
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in rows:
+        if r.get("curve"):
+            steps, ce, _ = zip(*r["curve"])
+            ax.plot(steps, ce, label=r["name"])
+    ax.set(xlabel="optimizer step", ylabel="CE on the response tokens (training batch)",
+           title="Recovery of SmolLM2-135M pruned 20%: training CE per arm")  # fmt: skip
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+
+    def go() -> None:
+        cfg = parse_config(RecoveryConfig, sys.argv[1:] if argv is None else argv)
+        log.info("config: %s", json.dumps(cfg.settings(), sort_keys=True))
+        start = time.perf_counter()
+        rows, context = measure(cfg)
+        seconds = time.perf_counter() - start
+        out = Path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        plot(rows, out.with_name("recovery.png"))
+        out.with_name("recovery.json").write_text(json.dumps({"context": context, "rows": rows}, indent=1))
+        out.write_text(report(rows, context, cfg, seconds))
+        print(f"wrote {out} ({seconds / 60:.1f} min)")
+
+    return run_cli(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
