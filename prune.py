@@ -34,6 +34,7 @@ from transformers.utils.logging import disable_progress_bar
 
 from cfg.prune_config import PruneConfig
 from dataset.calibration import draw_windows, heldout_windows, load_documents
+from module import sparse_prune
 from module.adapters import find_mlps
 from module.criteria import DATA_FREE, score_neurons
 from module.importance import ACTIVATION_CRITERIA, GRADIENT_CRITERIA, all_reduce_statistics, collect_statistics
@@ -363,6 +364,8 @@ def search_mixes(cfg, model, mlps, scores, structure, heldout, searches, dense_s
 
 
 def run(cfg: PruneConfig) -> list[Path]:
+    if cfg.sparsity:
+        return sparse_prune.run(cfg)
     start = time.perf_counter()
     log.info("config: %s", json.dumps(asdict(cfg), sort_keys=True))
     if not cfg.progress:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from module.criteria import CRITERIA
 from module.mix_search import Mix
+from module.sparse_masks import METHODS as SPARSITY_METHODS
+from module.sparse_masks import Pattern
 from module.structure_criteria import STRUCTURE_CRITERIA, check_criterion
 from module.structure_plan import StructureSizes
 from module.structures import HEAD_MODES, STRUCTURES
@@ -123,8 +125,38 @@ class PruneConfig:
         },
     )
     calib_text_field: str = field(default="text", metadata={"help": "Field holding the text in records."})
-    calib_samples: int = field(default=1024, metadata={"help": "Calibration windows (at most one per document)."})
-    seq_len: int = field(default=1024, metadata={"help": "Tokens per calibration window."})
+    calib_samples: int = field(
+        default=0,
+        metadata={"help": "Calibration windows, at most one per document (0 = 1024, the release's; with --sparsity "
+                  "128, Wanda's)."},
+    )  # fmt: skip
+    seq_len: int = field(
+        default=0,
+        metadata={"help": "Tokens per calibration window (0 = 1024, the release's; with --sparsity the model's "
+                  "context capped at 2048, Wanda's)."},
+    )  # fmt: skip
+    sparsity: float = field(
+        default=0.0,
+        metadata={"help": "Remove this share of the weights of every decoder linear layer instead of structures "
+                  "(e.g. 0.5; not with --pruning_ratio/--mlp_ratio/--prune_parts/--mix)."},
+    )  # fmt: skip
+    sparsity_type: str = field(
+        default="unstructured", metadata={"help": "unstructured, or N:M (N zeros in every M inputs: 2:4, 4:8)."}
+    )
+    sparsity_method: str = field(
+        default="wanda",
+        metadata={"help": f"With --sparsity: {', '.join(SPARSITY_METHODS)} (magnitude needs no calibration data)."},
+    )
+    sparsegpt_block: int = field(default=128, metadata={"help": "SparseGPT's column block (its mask granularity)."})
+    sparsegpt_damp: float = field(
+        default=0.01, metadata={"help": "SparseGPT's dampening, x the mean Hessian diagonal."}
+    )
+    offload_inputs: bool = field(
+        default=False,
+        metadata={
+            "help": "With --sparsity: keep the calibration activations on the CPU between layers (large models)."
+        },
+    )
     allow_long_context: bool = field(
         default=False,
         metadata={
@@ -184,6 +216,11 @@ class PruneConfig:
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self) -> None:
+        if self.sparsity:
+            self._check_sparsity()
+            return
+        self.calib_samples = self.calib_samples or 1024
+        self.seq_len = self.seq_len or 1024
         self.pruning_ratios = parse_ratios(self.pruning_ratio, "--pruning_ratio", upper=1.0)
         self.mlp_ratios = parse_ratios(self.mlp_ratio, "--mlp_ratio")
         self.parts = list(STRUCTURES) if self.auto else [p.strip() for p in self.prune_parts.split(",")]
@@ -247,6 +284,33 @@ class PruneConfig:
         for name in ("loss_chunk_tokens", "eval_windows", "search_refine"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0 (got {getattr(self, name)})")
+
+    def _check_sparsity(self) -> None:
+        structured = [flag for flag, given in (("--pruning_ratio", self.pruning_ratio), ("--mlp_ratio", self.mlp_ratio),
+                      ("--mix", self.mix), ("--prune_parts", self.prune_parts != "mlp"),
+                      ("--heads_keep", self.heads_keep), ("--layers_remove", self.layers_remove),
+                      ("--hidden_keep", self.hidden_keep)) if given]  # fmt: skip
+        if structured:
+            raise ValueError(f"--sparsity removes single weights; it does not combine with {', '.join(structured)}")
+        if not (math.isfinite(self.sparsity) and 0 < self.sparsity < 1):
+            raise ValueError(f"--sparsity must be in (0, 1) (got {self.sparsity})")
+        pattern = Pattern.parse(self.sparsity_type, self.sparsity)
+        if pattern.structured and abs(pattern.sparsity - self.sparsity) > 1e-9:
+            raise ValueError(f"--sparsity_type {self.sparsity_type} is {pattern.sparsity:g} sparsity; give --sparsity "
+                             f"{pattern.sparsity:g}")  # fmt: skip
+        if self.sparsity_method not in SPARSITY_METHODS:
+            raise ValueError(f"--sparsity_method {self.sparsity_method!r} is not one of {', '.join(SPARSITY_METHODS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.sparsegpt_block < 1 or not 0 <= self.sparsegpt_damp < 1:
+            raise ValueError("--sparsegpt_block must be >= 1 and --sparsegpt_damp in [0, 1)")
+        self.calib_samples = self.calib_samples or 128
+        for name in ("calib_samples", "batch_size", "eval_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1 (got {getattr(self, name)})")
+        if self.seq_len == 1 or self.seq_len < 0:
+            raise ValueError(f"--seq_len must be >= 2 (got {self.seq_len})")
+        self.pruning_ratios, self.mlp_ratios, self.parts, self.selected_mix = [], [], [], None
 
     @property
     def auto(self) -> bool:

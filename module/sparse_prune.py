@@ -1,0 +1,144 @@
+"""`prune.py --sparsity S`: unstructured or N:M weight sparsity of every linear layer in the decoder layers
+(the embeddings and the LM head stay dense, as in Wanda and SparseGPT), layer by layer.
+
+The output is a plain Hugging Face folder whose removed weights are exact zeros (it loads anywhere; no
+speed-up without sparse kernels), `sparsity_masks.safetensors` (the removed positions, bit-packed per row),
+and `sparsity_report.json` (achieved sparsity per linear layer and in total).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from dataset.calibration import load_documents, sample_windows
+from module.adapters import decoder_layers
+from module.layerwise import linears_of, run_layerwise
+from module.pruning import count_parameters
+from module.sparse_masks import Pattern, mask_from_scores, sparsegpt, wanda_scores
+from utils.atomic import atomic_dir
+from utils.cli import check_context, load_config, load_model, load_tokenizer, meta_model, resolve_device_dtype
+from utils.io import check_output_dir
+from utils.perplexity import perplexity, text_windows
+from utils.report import versions, write_json
+
+log = logging.getLogger("hfprune")
+
+
+def check_pattern(model: nn.Module, pattern: Pattern) -> None:
+    """Every linear layer can take the pattern (a weightless model is enough)."""
+    for i, layer in enumerate(decoder_layers(model)):
+        for name, lin in linears_of(layer).items():
+            pattern.check(lin.in_features, f"layers.{i}.{name}")
+
+
+def prune_weights(model: nn.Module, windows: torch.Tensor | None, method: str, pattern: Pattern, batch_size: int = 1,
+                  block: int = 128, damp: float = 0.01, store=None, progress: bool = True) -> dict:  # fmt: skip
+    """Zero the weights `method` removes in every decoder layer's linears (SparseGPT also updates the rest);
+    the removed positions per linear, by name `layers.<i>.<name>`."""
+    masks: dict[str, torch.Tensor] = {}
+
+    def prune_layer(index: int, linears: dict[str, nn.Linear], stats) -> None:
+        for name, lin in linears.items():
+            w = lin.weight.data
+            if method == "magnitude":
+                mask = mask_from_scores(w.abs().float(), pattern, "layer")
+            elif method == "wanda":
+                mask = mask_from_scores(wanda_scores(w, stats[name].sq), pattern, "row")
+            else:
+                updated, mask = sparsegpt(w, stats[name].hessian(), pattern, block, damp)
+                w.copy_(updated.to(w.dtype))
+            w.masked_fill_(mask, 0)
+            masks[f"layers.{index}.{name}"] = mask.cpu()
+
+    data = windows if method != "magnitude" else None
+    run_layerwise(model, data, prune_layer, batch_size, hessian=method == "sparsegpt", store=store, progress=progress)
+    return masks
+
+
+def packed_masks(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each mask's rows bit-packed (numpy.packbits, big-endian bit order) as uint8: 1/8 of a bool tensor."""
+    return {k: torch.from_numpy(np.packbits(m.numpy(), axis=-1)) for k, m in masks.items()}
+
+
+def sparsity_of(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict:
+    """Achieved sparsity (exact zeros in the weights) per pruned linear, over them, and over all parameters."""
+    per_linear = {}
+    zeros = total = 0
+    for i, layer in enumerate(decoder_layers(model)):
+        for name, lin in linears_of(layer).items():
+            key = f"layers.{i}.{name}"
+            if key in masks:
+                z = int((lin.weight == 0).sum())
+                per_linear[key] = z / lin.weight.numel()
+                zeros, total = zeros + z, total + lin.weight.numel()
+    return {"per_linear": per_linear, "pruned_linears": zeros / total if total else 0.0,
+            "all_parameters": zeros / count_parameters(model), "pruned_weights": zeros}  # fmt: skip
+
+
+def run(cfg) -> list[Path]:
+    """The sparsity run of prune.py (cfg: PruneConfig with --sparsity)."""
+    start = time.perf_counter()
+    log.info("config: %s", json.dumps(asdict(cfg), sort_keys=True))
+    pattern = Pattern.parse(cfg.sparsity_type, cfg.sparsity)
+    name = Path(cfg.origin_path.rstrip("/")).name
+    out = Path(cfg.output_dir or f"out/{name}-{cfg.sparsity_method}-{cfg.sparsity_type.replace(':', 'of')}"
+               f"-sp{cfg.sparsity:g}-s{cfg.seed}")  # fmt: skip
+    origin = Path(cfg.origin_path).expanduser()
+    check_output_dir(out, [origin] if origin.exists() else [], cfg.overwrite)
+    shapes = meta_model(
+        load_config(cfg.origin_path, "model --origin_path", cfg.trust_remote_code), cfg.trust_remote_code
+    )
+    check_pattern(shapes, pattern)
+    seq_len = cfg.seq_len or min(getattr(shapes.config, "max_position_embeddings", 2048) or 2048, 2048)
+    if cfg.sparsity_method != "magnitude":
+        check_context(shapes, seq_len, "--seq_len", cfg.allow_long_context)
+    if cfg.eval_text:
+        check_context(shapes, cfg.eval_seq_len, "--eval_seq_len", cfg.allow_long_context)
+    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
+    tokenizer = load_tokenizer(cfg.origin_path, "model --origin_path", cfg.trust_remote_code)
+    windows = None
+    if cfg.sparsity_method != "magnitude":
+        docs = load_documents(cfg.calib_dataset, cfg.calib_text_field)
+        windows = sample_windows(docs, tokenizer, cfg.calib_samples, seq_len, cfg.seed)
+        log.info("calibration: %d windows x %d tokens from %s", *windows.shape, cfg.calib_dataset)
+    eval_docs = load_documents(cfg.eval_text, cfg.calib_text_field) if cfg.eval_text else None
+    model = load_model(cfg.origin_path, device, dtype, cfg.trust_remote_code, cfg.device_map)
+    report = {"settings": asdict(cfg), "versions": versions(), "model_class": type(model).__name__,
+              "device": str(device), "dtype": str(dtype), "seq_len": seq_len,
+              "calib_windows": 0 if windows is None else len(windows)}  # fmt: skip
+    ppl_windows = None
+    if eval_docs is not None:
+        ppl_windows = text_windows(tokenizer, eval_docs, cfg.eval_seq_len)[: cfg.eval_windows or None]
+        report["perplexity_before"] = perplexity(model, ppl_windows, cfg.batch_size, cfg.progress)
+    pruning_start = time.perf_counter()
+    store = "cpu" if cfg.offload_inputs else None
+    masks = prune_weights(model, windows, cfg.sparsity_method, pattern, cfg.batch_size, cfg.sparsegpt_block,
+                          cfg.sparsegpt_damp, store, cfg.progress)  # fmt: skip
+    report["pruning_seconds"] = time.perf_counter() - pruning_start
+    report["sparsity"] = sparsity_of(model, masks)
+    if ppl_windows is not None:
+        report["perplexity_after"] = perplexity(model, ppl_windows, cfg.batch_size, cfg.progress)
+    report["total_seconds"] = time.perf_counter() - start
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_file(packed_masks(masks), str(tmp / "sparsity_masks.safetensors"),
+                  metadata={"packing": "numpy.packbits along each row, big-endian; True = removed"})  # fmt: skip
+        write_json(tmp / "sparsity_report.json", report)
+    achieved = report["sparsity"]
+    line = (f"{out}: {cfg.sparsity_method} {cfg.sparsity_type}: {achieved['pruned_linears']:.4f} of the decoder "
+            f"linears' weights are zero ({achieved['all_parameters']:.4f} of all parameters)")  # fmt: skip
+    if ppl_windows is not None:
+        line += (f", perplexity {report['perplexity_before']['perplexity']:.3f} -> "
+                 f"{report['perplexity_after']['perplexity']:.3f}")  # fmt: skip
+    print(line, flush=True)
+    return [out]

@@ -1,0 +1,148 @@
+"""Weight sparsity: exact patterns, Wanda by hand, SparseGPT against an independent dense OBS computation,
+layer-sequential inputs against a full forward of the progressively pruned model, the saved folder."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import VOCAB, tiny_model
+from safetensors.torch import load_file
+from test_structures import run_prune
+from transformers import AutoModelForCausalLM
+
+from module.adapters import decoder_layers
+from module.layerwise import run_layerwise
+from module.sparse_masks import Pattern, damped_hessian, lowest, mask_from_scores, sparsegpt, wanda_scores
+from module.sparse_prune import prune_weights
+
+GEN = torch.Generator().manual_seed(0)
+
+
+def test_patterns_are_exact():
+    scores = torch.rand(6, 16, generator=GEN)
+    row = mask_from_scores(scores, Pattern(0.4), "row")
+    assert (row.sum(1) == int(16 * 0.4)).all()  # 6 of 16 in every row
+    layer = mask_from_scores(scores, Pattern(0.4), "layer")
+    assert layer.sum() == int(96 * 0.4) and scores[layer].max() < scores[~layer].min()
+    for kind in ("2:4", "4:8"):
+        p = Pattern.parse(kind, 0.5)
+        mask = mask_from_scores(scores, p, "row")
+        groups = mask.reshape(6, -1, p.m)
+        assert (groups.sum(-1) == p.n).all()
+        kept, removed = (scores.reshape(6, -1, p.m).masked_fill(~g, float("nan")) for g in (~groups, groups))
+        assert (removed.nan_to_num(-1).amax(-1) < kept.nan_to_num(2).amin(-1)).all()  # the lowest of each group
+    assert lowest(torch.tensor([[1.0, 0.0, 0.0, 2.0]]), 1).tolist() == [
+        [False, True, False, False]
+    ]  # ties: lower index
+    with pytest.raises(ValueError, match="need 0 < N < M"):
+        Pattern.parse("4:4", 1.0)
+
+
+def test_wanda_score_by_hand():
+    w = torch.tensor([[1.0, -2.0, 3.0], [-4.0, 0.5, 1.0]])
+    x = torch.tensor([[1.0, 0.0, 2.0], [1.0, 3.0, 0.0]])  # two tokens: column norms sqrt(2), 3, 2
+    sq = (x**2).sum(0)
+    expected = torch.tensor([[1.0 * 2**0.5, 2.0 * 3, 3.0 * 2], [4.0 * 2**0.5, 0.5 * 3, 1.0 * 2]])
+    torch.testing.assert_close(wanda_scores(w, sq), expected)
+    # 1 of 3 per row: row 0 drops its first weight (1.41), row 1 its second (1.5)
+    assert mask_from_scores(wanda_scores(w, sq), Pattern(0.34), "row").tolist() == [[True, False, False],
+                                                                                    [False, True, False]]  # fmt: skip
+
+
+def obs_reference(w: torch.Tensor, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Column by column, each removed weight's optimal (OBS) compensation over the columns not yet processed,
+    from an explicit inverse of H restricted to them: delta = -w_i / [H_F^-1]_00 * [H_F^-1]_0,: (fp64)."""
+    w, h = w.double().clone(), h.double()
+    cols = w.shape[1]
+    for i in range(cols):
+        inv = torch.linalg.inv(h[i:, i:])
+        for r in range(w.shape[0]):
+            if mask[r, i]:
+                w[r, i:] -= w[r, i] / inv[0, 0] * inv[0]
+    return w
+
+
+@pytest.mark.parametrize("kind", ["unstructured", "2:4"])
+def test_sparsegpt_update_lowers_the_error_and_equals_dense_obs(kind):
+    pattern = Pattern.parse(kind, 0.5)
+    w = torch.randn(12, 24, generator=GEN)
+    x = torch.randn(300, 24, generator=GEN) @ torch.randn(24, 24, generator=GEN)  # correlated inputs
+    hessian = 2 * x.t() @ x / len(x)
+    pruned, mask = sparsegpt(w, hessian, pattern, block=8)
+    assert (pruned[mask] == 0).all() and mask.float().mean() == 0.5
+    if pattern.structured:
+        assert (mask.reshape(12, -1, 4).sum(-1) == 2).all()
+    err = lambda v: (x @ (w - v).t()).norm()  # noqa: E731
+    assert err(pruned) < 0.9 * err(w.masked_fill(mask, 0))
+    expected = obs_reference(w, damped_hessian(hessian, w.clone(), 0.01), mask)
+    torch.testing.assert_close(pruned.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_sequential_inputs_equal_a_full_forward_of_the_progressively_pruned_model():
+    model = tiny_model("qwen2")
+    windows = torch.randint(0, VOCAB, (5, 12), generator=GEN)
+    seen = []
+
+    def prune_layer(index, linears, stats):
+        captured = []
+        down = decoder_layers(model)[index].mlp.down_proj
+        handle = down.register_forward_pre_hook(lambda m, args: captured.append(args[0].reshape(-1, args[0].shape[-1])))
+        model.model(input_ids=windows, use_cache=False)  # the whole model as it is now: layers below pruned
+        handle.remove()
+        reference = torch.cat(captured).pow(2).sum(0)
+        torch.testing.assert_close(stats["mlp.down_proj"].sq, reference, rtol=1e-4, atol=1e-5)
+        seen.append(index)
+        for lin in linears.values():  # prune, so the next layer's inputs change
+            lin.weight.data.masked_fill_(mask_from_scores(lin.weight.abs(), Pattern(0.5), "row"), 0)
+
+    with torch.no_grad():
+        run_layerwise(model, windows, prune_layer, batch_size=2, progress=False)
+    assert seen == [0, 1]
+
+
+def test_pruned_model_reloads_with_the_same_logits(tmp_path):
+    model = tiny_model("llama")
+    windows = torch.randint(0, VOCAB, (4, 16), generator=GEN)
+    masks = prune_weights(model, windows, "sparsegpt", Pattern.parse("2:4", 0.5), block=16, progress=False)
+    assert len(masks) == 2 * 7
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    ids = windows[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=1e-6)
+    for key, mask in masks.items():
+        i, name = key.split(".", 2)[1:]
+        weight = dict(again.model.layers[int(i)].named_modules())[name].weight
+        assert (weight[mask] == 0).all()
+
+
+def test_prune_py_sparsity_writes_zeros_masks_and_report(tmp_path, tiny_llama_dir):
+    assert run_prune(tmp_path, tiny_llama_dir, "--sparsity", "0.5", "--sparsity_type", "4:8", "--sparsity_method",
+                     "wanda") == 0  # fmt: skip
+    out = tmp_path / "out"
+    report = json.loads((out / "sparsity_report.json").read_text())
+    assert set(report["sparsity"]["per_linear"].values()) == {0.5} and report["calib_windows"] == 6
+    model = AutoModelForCausalLM.from_pretrained(out)
+    packed = load_file(str(out / "sparsity_masks.safetensors"))
+    w = model.model.layers[1].mlp.down_proj.weight
+    mask = torch.from_numpy(np.unpackbits(packed["layers.1.mlp.down_proj"].numpy(), axis=-1)[:, : w.shape[1]]).bool()
+    assert torch.equal(mask, w == 0) and (mask.reshape(w.shape[0], -1, 8).sum(-1) == 4).all()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sparsity", "0.5", "--pruning_ratio", "0.2"], "does not combine with --pruning_ratio"),
+        (["--sparsity", "0.6", "--sparsity_type", "2:4"], "is 0.5 sparsity"),
+        (["--sparsity", "0.5", "--sparsity_type", "half"], "is not unstructured or N:M"),
+        (["--sparsity", "0.5", "--sparsity_method", "obs"], "is not one of magnitude, wanda, sparsegpt"),
+        (["--sparsity", "1.5"], "must be in (0, 1)"),
+        (["--sparsity", "0.2857142857142857", "--sparsity_type", "2:7"], "not a multiple of 7"),
+    ],
+)
+def test_sparsity_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_llama_dir, capsys, args, message):
+    assert run_prune(tmp_path, tiny_llama_dir, *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error") and message in err[-1], err[-1:]
+    assert not (tmp_path / "out").exists()
