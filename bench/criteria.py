@@ -52,15 +52,31 @@ T_CRIT_95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57}  # two-sided 95% Stud
 
 
 @dataclass
-class StudyConfig:
+class EvaluatedStudyConfig:
+    """What every study that scores models with `Evaluation` and keeps `Rows` shares."""
+
     model: str = field(default="", metadata={"help": "HF folder ('' = SmolLM2-135M-Instruct, built offline)."})
     data_dir: str = field(
         default=os.environ.get("HFPRUNE_DATA", str(ROOT.parent / "shared" / "data")),
         metadata={"help": "The shared data folder (c4/, wikitext-2-raw/, the task folders, instruct/)."},
     )
-    out: str = field(default="docs/RESULTS.md", metadata={"help": "The report; results.png/.json go beside it."})
+    out: str = field(default="docs/RESULTS.md", metadata={"help": "The report; its .png/.json go beside it."})
     work_dir: str = field(default="out/study", metadata={"help": "Rows measured so far, pruned and trained models."})
     resume: bool = field(default=False, metadata={"help": "Reuse the rows already measured with these settings."})
+    tasks: str = field(default=TASKS, metadata={"help": "lm_eval tasks (cfg/lm_eval_tasks)."})
+    limit: int = field(default=25, metadata={"help": "Items per zero-shot task (the first N of each)."})
+    ppl_windows: int = field(default=8, metadata={"help": "WikiText-2 test windows (the first N)."})
+    ppl_seq_len: int = field(default=1024, metadata={"help": "Tokens per perplexity window."})
+    eval_batch_size: int = field(default=16, metadata={"help": "lm_eval batch size."})
+
+    def settings(self) -> dict:
+        """Everything that changes a measured row (the key of --resume)."""
+        keep = {k: v for k, v in asdict(self).items() if k not in ("out", "work_dir", "resume")}
+        return {**keep, "data_dir": str(Path(self.data_dir).resolve())}
+
+
+@dataclass
+class StudyConfig(EvaluatedStudyConfig):
     criteria: str = field(default=",".join(CRITERIA), metadata={"help": "Comma list of criteria."})
     ratios: str = field(default="0.2,0.3", metadata={"help": "Comma list of pruning ratios (of all parameters)."})
     seeds: str = field(
@@ -69,11 +85,6 @@ class StudyConfig:
     calib_file: str = field(default="c4/c4_validation_2k.jsonl", metadata={"help": "Calibration text in DATA."})
     calib_samples: int = field(default=32, metadata={"help": "Calibration windows per seed."})
     seq_len: int = field(default=256, metadata={"help": "Tokens per calibration window."})
-    tasks: str = field(default=TASKS, metadata={"help": "lm_eval tasks (cfg/lm_eval_tasks)."})
-    limit: int = field(default=25, metadata={"help": "Items per zero-shot task (the first N of each)."})
-    ppl_windows: int = field(default=8, metadata={"help": "WikiText-2 test windows (the first N)."})
-    ppl_seq_len: int = field(default=1024, metadata={"help": "Tokens per perplexity window."})
-    eval_batch_size: int = field(default=16, metadata={"help": "lm_eval batch size."})
     recovery_ratio: float = field(default=0.2, metadata={"help": "Pruning ratio of the recovered models."})
     recovery_criteria: str = field(default="entropy,ce", metadata={"help": "Criteria recovered ('' = none)."})
     recovery_modes: str = field(default="lora,full", metadata={"help": "lora and/or full fine-tuning."})
@@ -110,11 +121,6 @@ class StudyConfig:
 
     def seeds_of(self, criterion: str) -> list[int]:
         return self.seed_list if criterion in GRADIENT_CRITERIA else self.seed_list[:1]
-
-    def settings(self) -> dict:
-        """Everything that changes a measured row (the key of --resume)."""
-        keep = {k: v for k, v in asdict(self).items() if k not in ("out", "work_dir", "resume")}
-        return {**keep, "data_dir": str(Path(self.data_dir).resolve())}
 
 
 # ---- statistics over seeds: pure functions (tests/test_study.py checks them by hand) ----

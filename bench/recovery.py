@@ -17,10 +17,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import prune  # noqa: E402
-from bench.criteria import TASKS, Evaluation, Rows  # noqa: E402
+from bench.criteria import EvaluatedStudyConfig, Evaluation, Rows  # noqa: E402
 from module.pruning import count_parameters  # noqa: E402
 from utils.cli import load_causal_lm, load_tokenizer, parse_config  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
@@ -40,15 +39,10 @@ OBJECTIVES = {"ce": 0.0, "distill": 1.0, "both": 0.5}  # --distill_alpha of each
 
 
 @dataclass
-class RecoveryConfig:
-    model: str = field(default="", metadata={"help": "HF folder ('' = SmolLM2-135M-Instruct, built offline)."})
-    data_dir: str = field(
-        default=os.environ.get("HFPRUNE_DATA", str(ROOT.parent / "shared" / "data")),
-        metadata={"help": "The shared data folder (c4/, wikitext-2-raw/, the task folders, instruct/)."},
-    )
+class RecoveryConfig(EvaluatedStudyConfig):
     out: str = field(default="docs/RECOVERY.md", metadata={"help": "The report; recovery.png/.json go beside."})
     work_dir: str = field(default="out/recovery", metadata={"help": "Rows measured so far, pruned/trained models."})
-    resume: bool = field(default=False, metadata={"help": "Reuse the rows already measured with these settings."})
+    limit: int = field(default=200, metadata={"help": "Items per zero-shot task (the first N of each)."})
     ratio: float = field(default=0.2, metadata={"help": "Share of all parameters pruned (MLP neurons, entropy)."})
     calib_file: str = field(default="c4/c4_validation_2k.jsonl", metadata={"help": "Calibration text in DATA."})
     calib_samples: int = field(default=32, metadata={"help": "Calibration windows."})
@@ -67,11 +61,6 @@ class RecoveryConfig:
     lr_lora: float = field(default=4e-4, metadata={"help": "Peak learning rate of LoRA (the release's)."})
     temperature: float = field(default=1.0, metadata={"help": "Distillation temperature."})
     seed: int = field(default=0, metadata={"help": "Calibration and training seed."})
-    tasks: str = field(default=TASKS, metadata={"help": "lm_eval tasks (cfg/lm_eval_tasks)."})
-    limit: int = field(default=200, metadata={"help": "Items per zero-shot task (the first N of each)."})
-    ppl_windows: int = field(default=8, metadata={"help": "WikiText-2 test windows (the first N)."})
-    ppl_seq_len: int = field(default=1024, metadata={"help": "Tokens per perplexity window."})
-    eval_batch_size: int = field(default=16, metadata={"help": "lm_eval batch size."})
 
     def __post_init__(self) -> None:
         self.arm_list = [tuple(a.strip().split(":")) for a in self.arms.split(",") if a.strip()]
@@ -81,9 +70,8 @@ class RecoveryConfig:
         self.steps = max(1, self.train_tokens // (self.pack_length * self.gradient_accumulation_steps))
 
     def settings(self) -> dict:
-        """Everything that changes a measured row (the key of --resume)."""
-        keep = {k: v for k, v in asdict(self).items() if k not in ("out", "work_dir", "resume", "arms")}
-        return {**keep, "data_dir": str(Path(self.data_dir).resolve())}
+        """As the base's, without the arms: adding an arm with --resume keeps the rows measured so far."""
+        return {k: v for k, v in super().settings().items() if k != "arms"}
 
 
 def prune_once(cfg: RecoveryConfig, work: Path) -> Path:
