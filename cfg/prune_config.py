@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from module.criteria import CRITERIA
 from module.mix_search import Mix
 from module.sparse_masks import METHODS as SPARSITY_METHODS
+from module.sparse_masks import UPDATES as SPARSITY_UPDATES
 from module.sparse_masks import Pattern
 from module.structure_criteria import STRUCTURE_CRITERIA, check_criterion
 from module.structure_plan import StructureSizes
@@ -147,6 +148,11 @@ class PruneConfig:
         default="wanda",
         metadata={"help": f"With --sparsity: {', '.join(SPARSITY_METHODS)} (magnitude needs no calibration data)."},
     )
+    sparsity_update: str = field(
+        default="none",
+        metadata={"help": "none, or sparsegpt: after a magnitude/wanda/entropy mask, SparseGPT's update of the "
+                  "remaining weights."},
+    )  # fmt: skip
     sparsegpt_block: int = field(default=128, metadata={"help": "SparseGPT's column block (its mask granularity)."})
     sparsegpt_damp: float = field(
         default=0.01, metadata={"help": "SparseGPT's dampening, x the mean Hessian diagonal."}
@@ -300,6 +306,8 @@ class PruneConfig:
                              f"{pattern.sparsity:g}")  # fmt: skip
         if self.sparsity_method not in SPARSITY_METHODS:
             raise ValueError(f"--sparsity_method {self.sparsity_method!r} is not one of {', '.join(SPARSITY_METHODS)}")
+        if self.sparsity_update not in SPARSITY_UPDATES:
+            raise ValueError(f"--sparsity_update {self.sparsity_update!r} is not one of {', '.join(SPARSITY_UPDATES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.sparsegpt_block < 1 or not 0 <= self.sparsegpt_damp < 1:

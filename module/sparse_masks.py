@@ -7,6 +7,7 @@ Masks are True where a weight is REMOVED.
 
 - magnitude: |W|
 - wanda: |W_ij| * ||X_j|| (the input column's norm over the calibration tokens)
+- entropy: |W ⊙ ∂H/∂W| (module/weight_taylor.py), compared within each output row as Wanda
 - sparsegpt: column by column in blocks, the OBS saliency w^2 / [H^-1]_jj chooses the mask inside each block
   (for N:M, inside each group of M), and every removed weight's error is spread over the columns not yet
   processed through the upper Cholesky factor of H^-1, H = 2 X X^T / n with 1% of its mean diagonal added.
@@ -20,7 +21,8 @@ import torch
 
 from utils.errors import UserError
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "entropy")
+UPDATES = ("none", "sparsegpt")
 
 
 class SparsityError(UserError):
@@ -96,7 +98,7 @@ def damped_hessian(hessian: torch.Tensor, weight: torch.Tensor, damp: float) -> 
 
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, block: int = 128, damp: float = 0.01,
               fixed_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The pruned and updated weight (fp32) and its mask. `fixed_mask` skips the mask choice (for tests)."""
+    """The pruned and updated weight (fp32) and its mask. `fixed_mask`: another method's mask, only updated."""
     w = weight.detach().float().clone()
     rows, cols = w.shape
     h = damped_hessian(hessian.float(), w, damp)

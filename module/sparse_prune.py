@@ -24,6 +24,7 @@ from module.adapters import decoder_layers
 from module.layerwise import linears_of, run_layerwise
 from module.pruning import count_parameters
 from module.sparse_masks import Pattern, mask_from_scores, sparsegpt, wanda_scores
+from module.weight_taylor import entropy_weight_scores
 from utils.atomic import atomic_dir
 from utils.cli import check_context, load_config, load_model, load_tokenizer, meta_model, resolve_device_dtype
 from utils.io import check_output_dir
@@ -41,26 +42,35 @@ def check_pattern(model: nn.Module, pattern: Pattern) -> None:
 
 
 def prune_weights(model: nn.Module, windows: torch.Tensor | None, method: str, pattern: Pattern, batch_size: int = 1,
-                  block: int = 128, damp: float = 0.01, store=None, progress: bool = True) -> dict:  # fmt: skip
-    """Zero the weights `method` removes in every decoder layer's linears (SparseGPT also updates the rest);
-    the removed positions per linear, by name `layers.<i>.<name>`."""
+                  block: int = 128, damp: float = 0.01, store=None, progress: bool = True, update: str = "none",
+                  chunk_tokens: int | None = None) -> dict:  # fmt: skip
+    """Zero the weights `method` removes in every decoder layer's linears (SparseGPT, or `update` "sparsegpt"
+    after another method's mask, also updates the rest); the removed positions per linear, by name
+    `layers.<i>.<name>`."""
     masks: dict[str, torch.Tensor] = {}
+    entropy = entropy_weight_scores(model, windows, batch_size, chunk_tokens, progress) if method == "entropy" else {}
+    reconstruct = method == "sparsegpt" or update == "sparsegpt"
 
     def prune_layer(index: int, linears: dict[str, nn.Linear], stats) -> None:
         for name, lin in linears.items():
+            key = f"layers.{index}.{name}"
             w = lin.weight.data
+            mask = None
             if method == "magnitude":
                 mask = mask_from_scores(w.abs().float(), pattern, "layer")
             elif method == "wanda":
                 mask = mask_from_scores(wanda_scores(w, stats[name].sq), pattern, "row")
-            else:
-                updated, mask = sparsegpt(w, stats[name].hessian(), pattern, block, damp)
+            elif method == "entropy":
+                mask = mask_from_scores(entropy.pop(key), pattern, "row")
+            if reconstruct:
+                updated, mask = sparsegpt(w, stats[name].hessian(), pattern, block, damp, fixed_mask=mask)
                 w.copy_(updated.to(w.dtype))
             w.masked_fill_(mask, 0)
-            masks[f"layers.{index}.{name}"] = mask.cpu()
+            masks[key] = mask.cpu()
 
-    data = windows if method != "magnitude" else None
-    run_layerwise(model, data, prune_layer, batch_size, hessian=method == "sparsegpt", store=store, progress=progress)
+    needs_data = method in ("wanda", "sparsegpt") or reconstruct
+    run_layerwise(model, windows if needs_data else None, prune_layer, batch_size, hessian=reconstruct, store=store,
+                  progress=progress)  # fmt: skip
     return masks
 
 
@@ -99,14 +109,15 @@ def run(cfg) -> list[Path]:
     )
     check_pattern(shapes, pattern)
     seq_len = cfg.seq_len or min(getattr(shapes.config, "max_position_embeddings", 2048) or 2048, 2048)
-    if cfg.sparsity_method != "magnitude":
+    needs_data = cfg.sparsity_method != "magnitude" or cfg.sparsity_update != "none"
+    if needs_data:
         check_context(shapes, seq_len, "--seq_len", cfg.allow_long_context)
     if cfg.eval_text:
         check_context(shapes, cfg.eval_seq_len, "--eval_seq_len", cfg.allow_long_context)
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
     tokenizer = load_tokenizer(cfg.origin_path, "model --origin_path", cfg.trust_remote_code)
     windows = None
-    if cfg.sparsity_method != "magnitude":
+    if needs_data:
         docs = load_documents(cfg.calib_dataset, cfg.calib_text_field)
         windows = sample_windows(docs, tokenizer, cfg.calib_samples, seq_len, cfg.seed)
         log.info("calibration: %d windows x %d tokens from %s", *windows.shape, cfg.calib_dataset)
@@ -122,7 +133,8 @@ def run(cfg) -> list[Path]:
     pruning_start = time.perf_counter()
     store = "cpu" if cfg.offload_inputs else None
     masks = prune_weights(model, windows, cfg.sparsity_method, pattern, cfg.batch_size, cfg.sparsegpt_block,
-                          cfg.sparsegpt_damp, store, cfg.progress)  # fmt: skip
+                          cfg.sparsegpt_damp, store, cfg.progress, cfg.sparsity_update,
+                          cfg.loss_chunk_tokens or None)  # fmt: skip
     report["pruning_seconds"] = time.perf_counter() - pruning_start
     report["sparsity"] = sparsity_of(model, masks)
     if ppl_windows is not None:

@@ -136,7 +136,8 @@ def test_prune_py_sparsity_writes_zeros_masks_and_report(tmp_path, tiny_llama_di
         (["--sparsity", "0.5", "--pruning_ratio", "0.2"], "does not combine with --pruning_ratio"),
         (["--sparsity", "0.6", "--sparsity_type", "2:4"], "is 0.5 sparsity"),
         (["--sparsity", "0.5", "--sparsity_type", "half"], "is not unstructured or N:M"),
-        (["--sparsity", "0.5", "--sparsity_method", "obs"], "is not one of magnitude, wanda, sparsegpt"),
+        (["--sparsity", "0.5", "--sparsity_method", "obs"], "is not one of magnitude, wanda, sparsegpt, entropy"),
+        (["--sparsity", "0.5", "--sparsity_update", "obs"], "is not one of none, sparsegpt"),
         (["--sparsity", "1.5"], "must be in (0, 1)"),
         (["--sparsity", "0.2857142857142857", "--sparsity_type", "2:7"], "not a multiple of 7"),
     ],
@@ -146,3 +147,35 @@ def test_sparsity_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_llama_
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error") and message in err[-1], err[-1:]
     assert not (tmp_path / "out").exists()
+
+
+def test_entropy_weight_scores_equal_autograd_of_the_summed_window_entropies():
+    from module.weight_taylor import entropy_weight_scores
+
+    model = tiny_model("qwen3")
+    windows = torch.randint(0, VOCAB, (3, 10), generator=GEN)
+    scores = entropy_weight_scores(model, windows, batch_size=2, chunk_tokens=7, progress=False)
+    assert len(scores) == 2 * 7 and all(not p.requires_grad or p.grad is None for p in model.parameters())
+    reference = tiny_model("qwen3")
+    reference.double()
+    logp = torch.log_softmax(reference(windows).logits, -1)
+    entropy = -(logp.exp() * logp).sum(-1).mean(-1).sum()  # each window's token mean, summed
+    entropy.backward()
+    for key, got in scores.items():
+        i, name = key.split(".", 2)[1:]
+        weight = dict(reference.model.layers[int(i)].named_modules())[name].weight
+        torch.testing.assert_close(got.double(), (weight * weight.grad).abs(), rtol=1e-3, atol=1e-7)
+
+
+def test_entropy_mask_with_the_sparsegpt_update():
+    model = tiny_model("llama")
+    plain = tiny_model("llama")
+    windows = torch.randint(0, VOCAB, (4, 16), generator=GEN)
+    pattern = Pattern.parse("2:4", 0.5)
+    updated_masks = prune_weights(model, windows, "entropy", pattern, update="sparsegpt", block=16, progress=False)
+    plain_masks = prune_weights(plain, windows, "entropy", pattern, progress=False)
+    for key, mask in updated_masks.items():
+        assert torch.equal(mask, plain_masks[key])  # the update keeps the entropy mask ...
+        assert (mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all()
+    w_up, w_plain = model.model.layers[0].mlp.down_proj.weight, plain.model.layers[0].mlp.down_proj.weight
+    assert not torch.equal(w_up, w_plain)  # ... and changes the weights it keeps
