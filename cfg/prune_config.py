@@ -153,6 +153,9 @@ class PruneConfig:
         metadata={"help": "none, or sparsegpt: after a magnitude/wanda/entropy mask, SparseGPT's update of the "
                   "remaining weights."},
     )  # fmt: skip
+    d2_r1: float = field(default=1.0, metadata={"help": "D²Prune's lambda_1 (first-order activation term)."})
+    d2_r2: float = field(default=0.0, metadata={"help": "D²Prune's lambda_2 (second-order activation term)."})
+    d2_s: float = field(default=1500.0, metadata={"help": "D²Prune's activation scale s (its scripts: 1500)."})
     sparsegpt_block: int = field(default=128, metadata={"help": "SparseGPT's column block (its mask granularity)."})
     sparsegpt_damp: float = field(
         default=0.01, metadata={"help": "SparseGPT's dampening, x the mean Hessian diagonal."}
@@ -310,6 +313,8 @@ class PruneConfig:
             raise ValueError(f"--sparsity_update {self.sparsity_update!r} is not one of {', '.join(SPARSITY_UPDATES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if not (math.isfinite(self.d2_s) and self.d2_s > 0):
+            raise ValueError(f"--d2_s must be > 0 (got {self.d2_s})")
         if self.sparsegpt_block < 1 or not 0 <= self.sparsegpt_damp < 1:
             raise ValueError("--sparsegpt_block must be >= 1 and --sparsegpt_damp in [0, 1)")
         self.calib_samples = self.calib_samples or 128

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -25,19 +25,28 @@ class LinearStats:
 
     sq: torch.Tensor  # sum of x_j^2, [in]
     xx: torch.Tensor | None = None  # sum of x x^T, [in, in] (SparseGPT's Hessian, before 2/n)
+    in_norm: torch.Tensor | None = None  # sum over windows of ||x_j|| over the window's tokens, [in] (D2Prune)
+    out_norm: torch.Tensor | None = None  # sum over windows of ||y_i|| over the window's tokens, [out] (D2Prune)
     tokens: int = 0
-    extra: dict = field(default_factory=dict)
+    windows: int = 0
 
     @classmethod
-    def for_linear(cls, linear: nn.Linear, hessian: bool) -> LinearStats:
-        n, device = linear.in_features, linear.weight.device
-        xx = torch.zeros(n, n, dtype=torch.float32, device=device) if hessian else None
-        return cls(torch.zeros(n, dtype=torch.float32, device=device), xx)
+    def for_linear(cls, linear: nn.Linear, hessian: bool, norms: bool = False) -> LinearStats:
+        device = linear.weight.device
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float32, device=device)  # noqa: E731
+        n = linear.in_features
+        return cls(zeros(n), zeros(n, n) if hessian else None, zeros(n) if norms else None,
+                   zeros(linear.out_features) if norms else None)  # fmt: skip
 
     def hessian(self) -> torch.Tensor:
         return self.xx * (2.0 / max(self.tokens, 1))
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One batch: inputs x and outputs y, [windows, tokens, features]."""
+        if self.in_norm is not None:
+            self.in_norm += x.detach().float().norm(dim=-2).reshape(-1, x.shape[-1]).sum(0)
+            self.out_norm += y.detach().float().norm(dim=-2).reshape(-1, y.shape[-1]).sum(0)
+        self.windows += x.reshape(-1, x.shape[-2], x.shape[-1]).shape[0]
         x = x.detach().reshape(-1, x.shape[-1]).float()
         self.sq += x.pow(2).sum(0)
         if self.xx is not None:
@@ -108,6 +117,7 @@ def run_layerwise(
     prune_layer: Callable[[int, dict[str, nn.Linear], dict[str, LinearStats] | None], None],
     batch_size: int = 1,
     hessian: bool = False,
+    norms: bool = False,
     store: torch.device | str | None = None,
     progress: bool = True,
 ) -> None:
@@ -128,8 +138,8 @@ def run_layerwise(
         for i, layer in enumerate(layers):
             layer_device = next(layer.parameters()).device
             linears = linears_of(layer)
-            stats = {name: LinearStats.for_linear(lin, hessian) for name, lin in linears.items()}
-            handles = [lin.register_forward_pre_hook(lambda m, args, s=stats[name]: s.add(args[0]))
+            stats = {name: LinearStats.for_linear(lin, hessian, norms) for name, lin in linears.items()}
+            handles = [lin.register_forward_hook(lambda m, args, out, s=stats[name]: s.add(args[0], out))
                        for name, lin in linears.items()]  # fmt: skip
             try:
                 for x in inputs:

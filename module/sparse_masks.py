@@ -7,6 +7,10 @@ Masks are True where a weight is REMOVED.
 
 - magnitude: |W|
 - wanda: |W_ij| * ||X_j|| (the input column's norm over the calibration tokens)
+- d2prune (D²Prune, its dual Taylor expansion): SparseGPT whose saliency adds r1 * y_i |w_ij| dx_j -
+  r2 * w_ij^2 dx_j^2 (y: a row's mean output norm per window, dx: an input column's mean norm per window,
+  both / s); the value projection is pruned without an update by w^2 mean||x_j||^2 + r1 y_i |w_ij| - r2 w^2 dx^2
+  (per row), the attention-aware choice of its released scripts for Llama (defaults r1 1, r2 0, s 1500 too)
 - entropy: |W ⊙ ∂H/∂W| (module/weight_taylor.py), compared within each output row as Wanda
 - sparsegpt: column by column in blocks, the OBS saliency w^2 / [H^-1]_jj chooses the mask inside each block
   (for N:M, inside each group of M), and every removed weight's error is spread over the columns not yet
@@ -21,7 +25,7 @@ import torch
 
 from utils.errors import UserError
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "entropy")
+METHODS = ("magnitude", "wanda", "sparsegpt", "d2prune", "entropy")
 UPDATES = ("none", "sparsegpt")
 
 
@@ -85,6 +89,26 @@ def wanda_scores(weight: torch.Tensor, input_sq_sum: torch.Tensor) -> torch.Tens
     return weight.abs().float() * input_sq_sum.float().sqrt().unsqueeze(0)
 
 
+@dataclass(frozen=True)
+class DualTaylor:
+    """D²Prune's activation terms of the saliency (see the module docstring)."""
+
+    y: torch.Tensor  # [rows]
+    dx: torch.Tensor  # [cols]
+    r1: float = 1.0
+    r2: float = 0.0
+
+    def terms(self, w: torch.Tensor, columns: slice) -> torch.Tensor:
+        dx = self.dx[columns].unsqueeze(0)
+        return self.r1 * self.y.unsqueeze(1) * w.abs() * dx - self.r2 * w**2 * dx**2
+
+
+def d2_value_scores(weight: torch.Tensor, input_sq_mean: torch.Tensor, dual: DualTaylor) -> torch.Tensor:
+    """D²Prune's score of the layer it prunes without an update: w^2 mean||x_j||^2 + r1 y_i |w| - r2 w^2 dx^2."""
+    w = weight.float()
+    return w**2 * input_sq_mean.unsqueeze(0) + dual.r1 * dual.y.unsqueeze(1) * w.abs() - dual.r2 * w**2 * dual.dx**2
+
+
 def damped_hessian(hessian: torch.Tensor, weight: torch.Tensor, damp: float) -> torch.Tensor:
     """H with dead inputs (zero diagonal) made harmless and `damp` x the mean diagonal added. Zeroes the
     weight columns of dead inputs in place (they never see a non-zero input)."""
@@ -97,7 +121,8 @@ def damped_hessian(hessian: torch.Tensor, weight: torch.Tensor, damp: float) -> 
 
 
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, block: int = 128, damp: float = 0.01,
-              fixed_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+              fixed_mask: torch.Tensor | None = None,
+              dual: DualTaylor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The pruned and updated weight (fp32) and its mask. `fixed_mask`: another method's mask, only updated."""
     w = weight.detach().float().clone()
     rows, cols = w.shape
@@ -113,13 +138,17 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, blo
         if fixed_mask is not None:
             mask1 = fixed_mask[:, b0:b1].clone()
         elif not pattern.structured:  # one comparison over the block, as the paper
-            mask1 = mask_from_scores(w1**2 / d**2, pattern, "layer")
+            saliency = w1**2 / d**2 + (dual.terms(w1, slice(b0, b1)) if dual else 0)
+            mask1 = mask_from_scores(saliency, pattern, "layer")
         else:
             mask1 = torch.zeros_like(w1, dtype=torch.bool)
         for i in range(b1 - b0):
             if fixed_mask is None and pattern.structured and i % pattern.m == 0:
-                mask1[:, i : i + pattern.m] = nm_mask(w1[:, i : i + pattern.m] ** 2 / d[i : i + pattern.m] ** 2,
-                                                      pattern.n, pattern.m)  # fmt: skip
+                group = w1[:, i : i + pattern.m]
+                saliency = group**2 / d[i : i + pattern.m] ** 2
+                if dual is not None:
+                    saliency = saliency + dual.terms(group, slice(b0 + i, b0 + i + pattern.m))
+                mask1[:, i : i + pattern.m] = nm_mask(saliency, pattern.n, pattern.m)
             col = w1[:, i]
             q = torch.where(mask1[:, i], torch.zeros_like(col), col)
             e = (col - q) / d[i]

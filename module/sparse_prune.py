@@ -23,7 +23,8 @@ from dataset.calibration import load_documents, sample_windows
 from module.adapters import decoder_layers
 from module.layerwise import linears_of, run_layerwise
 from module.pruning import count_parameters
-from module.sparse_masks import Pattern, mask_from_scores, sparsegpt, wanda_scores
+from module.sparse_masks import DualTaylor, Pattern, d2_value_scores, mask_from_scores, sparsegpt, wanda_scores
+from module.structures import StructureError, layout_of
 from module.weight_taylor import entropy_weight_scores
 from utils.atomic import atomic_dir
 from utils.cli import check_context, load_config, load_model, load_tokenizer, meta_model, resolve_device_dtype
@@ -43,19 +44,28 @@ def check_pattern(model: nn.Module, pattern: Pattern) -> None:
 
 def prune_weights(model: nn.Module, windows: torch.Tensor | None, method: str, pattern: Pattern, batch_size: int = 1,
                   block: int = 128, damp: float = 0.01, store=None, progress: bool = True, update: str = "none",
-                  chunk_tokens: int | None = None) -> dict:  # fmt: skip
+                  chunk_tokens: int | None = None, d2: tuple = (1.0, 0.0, 1500.0)) -> dict:  # fmt: skip
     """Zero the weights `method` removes in every decoder layer's linears (SparseGPT, or `update` "sparsegpt"
-    after another method's mask, also updates the rest); the removed positions per linear, by name
+    after another method's mask, also updates the rest; `d2`: D²Prune's r1, r2, s); the removed positions per
+    linear, by name
     `layers.<i>.<name>`."""
     masks: dict[str, torch.Tensor] = {}
     entropy = entropy_weight_scores(model, windows, batch_size, chunk_tokens, progress) if method == "entropy" else {}
-    reconstruct = method == "sparsegpt" or update == "sparsegpt"
+    reconstruct = method in ("sparsegpt", "d2prune") or update == "sparsegpt"
+    value = value_projection(model) if method == "d2prune" else None
 
     def prune_layer(index: int, linears: dict[str, nn.Linear], stats) -> None:
         for name, lin in linears.items():
             key = f"layers.{index}.{name}"
             w = lin.weight.data
             mask = None
+            dual = dual_taylor(stats[name], *d2) if method == "d2prune" else None
+            if method == "d2prune" and name == value:  # pruned without an update
+                sq_mean = stats[name].sq / max(stats[name].windows, 1)
+                mask = mask_from_scores(d2_value_scores(w, sq_mean, dual), pattern, "row")
+                w.masked_fill_(mask, 0)
+                masks[key] = mask.cpu()
+                continue
             if method == "magnitude":
                 mask = mask_from_scores(w.abs().float(), pattern, "layer")
             elif method == "wanda":
@@ -63,15 +73,30 @@ def prune_weights(model: nn.Module, windows: torch.Tensor | None, method: str, p
             elif method == "entropy":
                 mask = mask_from_scores(entropy.pop(key), pattern, "row")
             if reconstruct:
-                updated, mask = sparsegpt(w, stats[name].hessian(), pattern, block, damp, fixed_mask=mask)
+                updated, mask = sparsegpt(w, stats[name].hessian(), pattern, block, damp, mask, dual)
                 w.copy_(updated.to(w.dtype))
             w.masked_fill_(mask, 0)
             masks[key] = mask.cpu()
 
-    needs_data = method in ("wanda", "sparsegpt") or reconstruct
-    run_layerwise(model, windows if needs_data else None, prune_layer, batch_size, hessian=reconstruct, store=store,
-                  progress=progress)  # fmt: skip
+    needs_data = method in ("wanda", "sparsegpt", "d2prune") or reconstruct
+    run_layerwise(model, windows if needs_data else None, prune_layer, batch_size, hessian=reconstruct,
+                  norms=method == "d2prune", store=store, progress=progress)  # fmt: skip
     return masks
+
+
+def value_projection(model: nn.Module) -> str | None:
+    """The value projection's name inside a decoder layer (D²Prune prunes it without an update), if known."""
+    try:
+        layout = layout_of(model, "heads")
+    except StructureError:
+        return None
+    return f"{layout.attention}.{layout.value}"
+
+
+def dual_taylor(stats, r1: float, r2: float, s: float) -> DualTaylor:
+    """y and dx from a linear's statistics: mean norms per calibration window, divided by s."""
+    windows = max(stats.windows, 1)
+    return DualTaylor(stats.out_norm / windows / s, stats.in_norm / windows / s, r1, r2)
 
 
 def packed_masks(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -133,8 +158,8 @@ def run(cfg) -> list[Path]:
     pruning_start = time.perf_counter()
     store = "cpu" if cfg.offload_inputs else None
     masks = prune_weights(model, windows, cfg.sparsity_method, pattern, cfg.batch_size, cfg.sparsegpt_block,
-                          cfg.sparsegpt_damp, store, cfg.progress, cfg.sparsity_update,
-                          cfg.loss_chunk_tokens or None)  # fmt: skip
+                          cfg.sparsegpt_damp, store, cfg.progress, cfg.sparsity_update, cfg.loss_chunk_tokens or None,
+                          (cfg.d2_r1, cfg.d2_r2, cfg.d2_s))  # fmt: skip
     report["pruning_seconds"] = time.perf_counter() - pruning_start
     report["sparsity"] = sparsity_of(model, masks)
     if ppl_windows is not None:

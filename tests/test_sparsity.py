@@ -136,7 +136,10 @@ def test_prune_py_sparsity_writes_zeros_masks_and_report(tmp_path, tiny_llama_di
         (["--sparsity", "0.5", "--pruning_ratio", "0.2"], "does not combine with --pruning_ratio"),
         (["--sparsity", "0.6", "--sparsity_type", "2:4"], "is 0.5 sparsity"),
         (["--sparsity", "0.5", "--sparsity_type", "half"], "is not unstructured or N:M"),
-        (["--sparsity", "0.5", "--sparsity_method", "obs"], "is not one of magnitude, wanda, sparsegpt, entropy"),
+        (
+            ["--sparsity", "0.5", "--sparsity_method", "obs"],
+            "is not one of magnitude, wanda, sparsegpt, d2prune, entropy",
+        ),
         (["--sparsity", "0.5", "--sparsity_update", "obs"], "is not one of none, sparsegpt"),
         (["--sparsity", "1.5"], "must be in (0, 1)"),
         (["--sparsity", "0.2857142857142857", "--sparsity_type", "2:7"], "not a multiple of 7"),
@@ -179,3 +182,31 @@ def test_entropy_mask_with_the_sparsegpt_update():
         assert (mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all()
     w_up, w_plain = model.model.layers[0].mlp.down_proj.weight, plain.model.layers[0].mlp.down_proj.weight
     assert not torch.equal(w_up, w_plain)  # ... and changes the weights it keeps
+
+
+def test_d2prune_without_activation_terms_is_sparsegpt_and_wanda_on_values():
+    """r1 = r2 = 0 leaves SparseGPT's saliency (every linear but v_proj) and w^2 ||x||^2, Wanda's order squared
+    (v_proj, pruned without an update). Layer 0 only: above it the inputs differ, v_proj being pruned otherwise."""
+    windows = torch.randint(0, VOCAB, (4, 16), generator=GEN)
+    pattern = Pattern(0.5)
+    d2 = prune_weights(tiny_model("mistral"), windows, "d2prune", pattern, block=16, progress=False, d2=(0, 0, 1))
+    gpt = prune_weights(tiny_model("mistral"), windows, "sparsegpt", pattern, block=16, progress=False)
+    wanda = prune_weights(tiny_model("mistral"), windows, "wanda", pattern, progress=False)
+    layer0 = [key for key in d2 if key.startswith("layers.0.")]
+    assert len(layer0) == 7
+    for key in layer0:
+        assert torch.equal(d2[key], (wanda if key.endswith("self_attn.v_proj") else gpt)[key]), key
+
+
+def test_d2prune_activation_terms_by_hand():
+    from module.sparse_masks import DualTaylor, d2_value_scores
+
+    w = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
+    dual = DualTaylor(y=torch.tensor([2.0, 1.0]), dx=torch.tensor([0.5, 0.1]), r1=1.0, r2=4.0)
+    # r1 * y_i |w_ij| dx_j - r2 * w_ij^2 dx_j^2
+    expected = torch.tensor([[2 * 1 * 0.5 - 4 * 1 * 0.25, 2 * 2 * 0.1 - 4 * 4 * 0.01],
+                             [1 * 0.5 * 0.5 - 4 * 0.25 * 0.25, 1 * 3 * 0.1 - 4 * 9 * 0.01]])  # fmt: skip
+    torch.testing.assert_close(dual.terms(w, slice(0, 2)), expected)
+    sq_mean = torch.tensor([4.0, 1.0])
+    value = torch.tensor([[1 * 4 + 2 * 1, 4 * 1 + 2 * 2], [0.25 * 4 + 0.5, 9 * 1 + 3]]) - 4 * w**2 * dual.dx**2
+    torch.testing.assert_close(d2_value_scores(w, sq_mean, dual), value)
