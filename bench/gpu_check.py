@@ -11,11 +11,13 @@ Sections (each one function registered with @section; adding a measurement is ad
   packing     for each attention implementation: packed loss = per-example loss, and no example's logits
               move when another packed example changes (and, as a control, they do move without position_ids)
   training    full fine-tuning of the Llama-3.2-1B shape on LaMini lengths, packed vs padded, flex_attention
-              and sdpa (non-pad tokens/s, MFU, peak memory); AnyPrecisionAdamW (bf16 states) vs fused AdamW
+              and sdpa (non-pad tokens/s, MFU, peak memory); AnyPrecisionAdamW (bf16 states) vs fused AdamW;
+              distillation from the full model vs plain CE (tokens/s, peak memory)
   pipeline    prune 20% (the mix search, --prune_parts auto) -> LoRA -> merge -> offline lm_eval task with
               --limit -> WikiText-2 perplexity
   inference   prefill and greedy-decoding speed (batch 1 and 8, KV cache) of a 20%-pruned copy vs the dense
               model, SmolLM2-135M's shape
+  sparse      torch's 2:4 semi-structured sparse matmul vs the dense one (Llama-2-7B up_proj, fp16; CUDA only)
 
 A section *checks* what must hold (a failed check makes the exit status 1 and names the section) and
 measures *targets* (reported met or missed). Every figure is measured in the same run as what it is
@@ -473,6 +475,38 @@ def inference_section(ctx: Context, rep: Report) -> None:
     rep.check("the pruned copy has 80% of the parameters", abs(r["params"] - 0.8) < 0.01, f"{r['params']:.4f}")
     rep.check("every speed is finite and positive", all(math.isfinite(x) and x > 0 for x in
               (r["prefill_speedup"], *r["decode_speedup"].values())), "ok")  # fmt: skip
+
+
+@section("sparse", "2:4 weights: torch's semi-structured sparse matmul against the dense one (CUDA only)")
+def sparse_section(ctx: Context, rep: Report) -> None:
+    from module.sparse_masks import Pattern, mask_from_scores
+
+    if ctx.device.type != "cuda":
+        rep.figure("semi-structured sparse matmul", "not measured: torch supports it on CUDA only")
+        return
+    from torch.sparse import to_sparse_semi_structured
+
+    rows, cols, tokens = (11008, 4096, 4096)  # Llama-2-7B's up_proj at 4096 tokens
+    weight = torch.randn(rows, cols, device=ctx.device, dtype=torch.float16)
+    weight = weight.masked_fill(mask_from_scores(weight.abs().float(), Pattern.parse("2:4", 0.5), "row"), 0)
+    x = torch.randn(cols, tokens, device=ctx.device, dtype=torch.float16)
+    sparse = to_sparse_semi_structured(weight)
+    torch.testing.assert_close(sparse @ x, weight @ x, rtol=1e-2, atol=1e-1)
+    rep.check("the 2:4 sparse product equals the dense one", True, "fp16, rtol 1e-2")
+
+    def timed(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / 20
+
+    dense_s, sparse_s = timed(lambda: weight @ x), timed(lambda: sparse @ x)
+    rep.figure("dense / 2:4 matmul ms (11008 x 4096 @ 4096 x 4096, fp16)",
+               f"{dense_s * 1e3:.3f} / {sparse_s * 1e3:.3f}")  # fmt: skip
+    rep.figure("2:4 matmul speed-up", round(dense_s / sparse_s, 3))
 
 
 # ---------------------------------------------------------------------------------------------------------------
