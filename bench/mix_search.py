@@ -7,8 +7,11 @@ Every model comes from prune.py itself: one `--prune_parts auto --pruning_ratio 
 then one `--mix` run per table row (the chosen mix, the MLP-only candidate, and each structure alone at its
 loadable size nearest to R), which reuses the search's cached scores and reports the row's held-out KL on the
 search's windows. Each saved folder is reloaded with plain `from_pretrained` and scored on the same WikiText-2
-windows; speed (`--measure_speed`: 1024-token prefill, greedy decoding at batch 1 and 8) is measured for the
-first seed's models. Peers come from a recorded file (they are run by hand; see its "how").
+windows. Speed depends on the shapes only, so it is measured last, in a phase of its own with nothing else
+running: for every distinct mix, a copy of the dense model sliced to it against the dense model, measured
+back to back (1024-token prefill, greedy decoding at batch 1 and 8), the median ratio of `--speed_repeats`
+rounds. `--speed_only` measures the speeds of an existing report's rows again. Peers come from a recorded
+file (they are run by hand; see its "how").
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ sys.path.insert(0, str(ROOT))
 
 import prune  # noqa: E402
 from bench.structures import nearest_sizes  # noqa: E402
-from module.mix_search import Mix  # noqa: E402
+from module.adapters import find_mlps  # noqa: E402
+from module.mix_search import Mix, first_units_scores, mix_kept, sliced_copy  # noqa: E402
 from module.pruning import count_parameters  # noqa: E402
 from utils.cli import load_causal_lm, load_tokenizer, parse_config  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.perplexity import local_rows, perplexity, text_windows  # noqa: E402
 from utils.report import setup_logging, versions  # noqa: E402
+from utils.speed import measure_speed, ratios  # noqa: E402
 
 SINGLES = ("heads (kv_group)", "layers", "hidden")
 
@@ -56,7 +61,8 @@ class MixStudyConfig:
     search_windows: int = field(default=16, metadata={"help": "Held-out windows of the search's KL."})
     ppl_windows: int = field(default=8, metadata={"help": "WikiText-2 test windows (the first N)."})
     ppl_seq_len: int = field(default=1024, metadata={"help": "Tokens per perplexity window."})
-    speed: bool = field(default=True, metadata={"help": "Measure speed for the first seed's models."})
+    speed_repeats: int = field(default=3, metadata={"help": "Rounds of dense/pruned speed measurements (0 = none)."})
+    speed_only: bool = field(default=False, metadata={"help": "Only measure the speeds of --out's rows again."})
     peers: str = field(
         default=str(ROOT / "docs" / "mix_peers.json"), metadata={"help": "Peers' recorded results ('' = none)."}
     )
@@ -105,18 +111,13 @@ def main_study(cfg: MixStudyConfig) -> Path:
             named |= {f"{name} only": Mix(None, singles[name]).describe() for name in SINGLES if singles[name]}
             for name, mix in named.items():
                 out = work / "row"
-                args = prune_args(cfg, seed, out) + ["--mix", mix]
-                if cfg.speed and seed == cfg.seed_list[0]:
-                    args.append("--measure_speed")
-                row_report = run_prune(args)
+                row_report = run_prune(prune_args(cfg, seed, out) + ["--mix", mix])
                 model = load_causal_lm(str(out), "row", torch.float32).eval()
                 ppl = perplexity(model, ppl_windows, progress=False)["perplexity"]
                 entry = row_report["search"]["leaderboard"][0]
-                speed = row_report.get("speed")
-                rows.append({"ratio": ratio, "seed": seed, "row": name, "mix": mix, "params": count_parameters(model),
-                             "removed": 1 - count_parameters(model) / total, "kl": entry["kl"], "ppl": ppl,
-                             "prefill_speedup": speed and speed["prefill_speedup"],
-                             "decode_speedup": speed and speed["decode_speedup"]})  # fmt: skip
+                params = count_parameters(model)
+                rows.append({"ratio": ratio, "seed": seed, "row": name, "mix": mix, "params": params,
+                             "removed": 1 - params / total, "kl": entry["kl"], "ppl": ppl})  # fmt: skip
                 print(f"{ratio:g} seed {seed} {name}: {mix}, removed {rows[-1]['removed']:.3f}, KL {entry['kl']:.4f}, "
                       f"ppl {ppl:.2f}", flush=True)  # fmt: skip
                 del model
@@ -124,13 +125,63 @@ def main_study(cfg: MixStudyConfig) -> Path:
     peers = json.loads(Path(cfg.peers).read_text())["peers"] if cfg.peers else []
     meta = {"settings": asdict(cfg), "versions": versions(), "seconds": time.perf_counter() - start,
             "dense_ppl": dense_ppl, "dense_params": total}  # fmt: skip
+    result = {"meta": meta, "rows": rows, "leaderboards": boards, "peers": peers}
+    add_speeds(result, dense, cfg.speed_repeats)
+    return write(result, cfg)
+
+
+def write(result: dict, cfg: MixStudyConfig) -> Path:
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"meta": meta, "rows": rows, "leaderboards": boards, "peers": peers}
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     out.write_text(render(result, cfg))
     print(f"wrote {out}")
     return out
+
+
+def add_speeds(result: dict, dense, repeats: int) -> None:
+    """Speed-ups of every distinct mix of the rows (a copy of `dense` sliced to it, first units kept: the speed
+    depends on the shapes only), each round measuring dense and pruned back to back; the median ratio."""
+    if repeats < 1:
+        return
+    prompt = min(1024, dense.config.max_position_embeddings)
+    speeds = {}
+    for mix in dict.fromkeys(r["mix"] for r in result["rows"]):
+        parsed = Mix.parse(mix)
+        pruned = sliced_copy(dense, parsed, *mix_kept(dense, parsed, first_neurons(dense), first_units_scores(dense)))
+        rounds = [ratios(measure_speed(dense, prompt, 32, [1, 8]), measure_speed(pruned, prompt, 32, [1, 8]))
+                  for _ in range(repeats)]  # fmt: skip
+        speeds[mix] = {"prefill_speedup": statistics.median(r["prefill_speedup"] for r in rounds),
+                       "decode_speedup": {str(b): statistics.median(r["decode_speedup"][b] for r in rounds)
+                                          for b in rounds[0]["decode_speedup"]}}  # fmt: skip
+        print(f"speed {mix}: prefill {speeds[mix]['prefill_speedup']:.2f}x", flush=True)
+        del pruned
+    for row in result["rows"]:
+        row |= speeds[row["mix"]]
+    result["meta"]["speed"] = {
+        "repeats": repeats,
+        "prompt": prompt,
+        "new_tokens": 32,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def first_neurons(model) -> list[torch.Tensor]:
+    """Neuron scores that keep the first neurons of every layer (for shapes only)."""
+    mlps = find_mlps(model)
+    return [torch.arange(mlps.neurons, 0, -1, dtype=torch.float64) for _ in mlps.layers]
+
+
+def speed_only(cfg: MixStudyConfig) -> Path:
+    """Measure the speeds of an existing report's rows again and write it anew."""
+    if not cfg.model:
+        from utils.smollm2 import cached_model
+
+        cfg.model = str(cached_model())
+    result = json.loads(Path(cfg.out).with_suffix(".json").read_text())
+    dense = load_causal_lm(cfg.model, "--model", torch.float32).eval()
+    add_speeds(result, dense, cfg.speed_repeats)
+    return write(result, cfg)
 
 
 def render(result: dict, cfg: MixStudyConfig) -> str:
@@ -152,8 +203,11 @@ def render(result: dict, cfg: MixStudyConfig) -> str:
         "`from_pretrained`.",
         f"- Perplexity: WikiText-2 raw test, the first {cfg.ppl_windows} windows of {cfg.ppl_seq_len} tokens. Dense: "
         f"**{meta['dense_ppl']:.2f}** ({meta['dense_params'] / 1e6:.2f}M parameters).",
-        f"- Speed: dense / pruned on this CPU (fp32, {torch.get_num_threads()} threads), seed {seeds[0]}'s models: "
-        "prefill of one 1024-token prompt, greedy decoding of 32 tokens with a KV cache at batch 1 and 8.",
+        "- Speed (`utils/speed.py`): pruned vs dense on this CPU, fp32, measured last with nothing else running, dense "
+        "and pruned back to back, the median of "
+        f"{meta.get('speed', {}).get('repeats', '–')} rounds: prefill of one 1024-token prompt, greedy decoding of 32 "
+        "tokens with a KV cache at batch 1 and 8. It depends on the shapes only (one value per mix); measured "
+        f"{meta.get('speed', {}).get('date', '–')} at commit {(meta.get('speed', {}).get('commit') or '?')[:10]}.",
         "- Single structures take the loadable size nearest to R (their removed share is printed); no recovery "
         "fine-tuning anywhere.",
         "",
@@ -168,7 +222,7 @@ def render(result: dict, cfg: MixStudyConfig) -> str:
             mixes = " / ".join(dict.fromkeys(f"`{r['mix']}`" for r in group))
             kl = " / ".join(f"{r['kl']:.3f}" for r in group)
             ppl = " / ".join(f"{r['ppl']:.1f}" for r in group)
-            fast = next((r for r in group if r["prefill_speedup"]), None)
+            fast = next((r for r in group if r.get("prefill_speedup")), None)
             speed = (f"{fast['prefill_speedup']:.2f}x | {fast['decode_speedup']['1']:.2f}x | "
                      f"{fast['decode_speedup']['8']:.2f}x") if fast else "– | – | –"  # fmt: skip
             removed = " / ".join(dict.fromkeys(f"{r['removed']:.1%}" for r in group))
@@ -211,7 +265,12 @@ def peer_lines(peers: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    return run_cli(lambda: main_study(parse_config(MixStudyConfig, sys.argv[1:] if argv is None else argv)))
+
+    def go() -> Path:
+        cfg = parse_config(MixStudyConfig, sys.argv[1:] if argv is None else argv)
+        return speed_only(cfg) if cfg.speed_only else main_study(cfg)
+
+    return run_cli(go)
 
 
 if __name__ == "__main__":
