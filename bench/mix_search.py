@@ -163,6 +163,8 @@ def add_speeds(result: dict, dense, repeats: int) -> None:
         "prompt": prompt,
         "new_tokens": 32,
         "threads": torch.get_num_threads(),
+        "commit": versions()["hfprune_commit"],
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 
 
