@@ -61,7 +61,9 @@ class MixStudyConfig:
     search_windows: int = field(default=16, metadata={"help": "Held-out windows of the search's KL."})
     ppl_windows: int = field(default=8, metadata={"help": "WikiText-2 test windows (the first N)."})
     ppl_seq_len: int = field(default=1024, metadata={"help": "Tokens per perplexity window."})
-    speed_repeats: int = field(default=3, metadata={"help": "Rounds of dense/pruned speed measurements (0 = none)."})
+    speed_repeats: int = field(
+        default=3, metadata={"help": "Rounds of dense/pruned speed measurements (0 = none; with --speed_only: render)."}
+    )
     speed_only: bool = field(default=False, metadata={"help": "Only measure the speeds of --out's rows again."})
     peers: str = field(
         default=str(ROOT / "docs" / "mix_peers.json"), metadata={"help": "Peers' recorded results ('' = none)."}
@@ -224,9 +226,10 @@ def render(result: dict, cfg: MixStudyConfig) -> str:
             mixes = " / ".join(dict.fromkeys(f"`{r['mix']}`" for r in group))
             kl = " / ".join(f"{r['kl']:.3f}" for r in group)
             ppl = " / ".join(f"{r['ppl']:.1f}" for r in group)
-            fast = next((r for r in group if r.get("prefill_speedup")), None)
-            speed = (f"{fast['prefill_speedup']:.2f}x | {fast['decode_speedup']['1']:.2f}x | "
-                     f"{fast['decode_speedup']['8']:.2f}x") if fast else "– | – | –"  # fmt: skip
+            by_mix = {r["mix"]: r for r in group if r.get("prefill_speedup")}  # one speed per distinct mix
+            cols = [[f"{r['prefill_speedup']:.2f}x" for r in by_mix.values()],
+                    *[[f"{r['decode_speedup'][b]:.2f}x" for r in by_mix.values()] for b in ("1", "8")]]  # fmt: skip
+            speed = " | ".join(" / ".join(c) or "–" for c in cols)
             removed = " / ".join(dict.fromkeys(f"{r['removed']:.1%}" for r in group))
             lines.append(f"| {name} | {mixes} | {removed} | {kl} | {ppl} | {speed} |")
         lines += [""] + verdict(rows, ratio, seeds) + [""]

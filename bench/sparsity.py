@@ -1,0 +1,135 @@
+"""Weight sparsity on SmolLM2-135M: every method at 50% unstructured, 2:4 and 4:8, two calibration seeds.
+
+    python bench/sparsity.py --resume        # -> docs/SPARSITY.md and docs/SPARSITY.json (hours on 2 CPU cores)
+    python bench/sparsity.py --patterns 2:4 --methods wanda --seeds 0 --out /tmp/sp/SPARSITY.md   # a quick look
+
+Each row is one `prune.py --sparsity 0.5 --sparsity_type T --sparsity_method M --seed S` run (C4 calibration,
+`--calib_samples` x `--seq_len`), reloaded with plain `from_pretrained` and scored like bench/criteria.py
+(WikiText-2 perplexity; zero-shot with `--limit` > 0). Magnitude needs no data: one run per pattern. Rows
+are appended as they finish; `--resume` continues an interrupted study.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import prune  # noqa: E402
+from bench.criteria import EvaluatedStudyConfig, Evaluation, Rows  # noqa: E402
+from module.pruning import count_parameters  # noqa: E402
+from utils.cli import load_causal_lm, load_tokenizer, parse_config  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
+from utils.report import setup_logging, versions  # noqa: E402
+
+
+@dataclass
+class SparsityStudyConfig(EvaluatedStudyConfig):
+    out: str = field(default="docs/SPARSITY.md", metadata={"help": "The report; a .json of the rows goes beside."})
+    work_dir: str = field(default="out/sparsity_study", metadata={"help": "Rows measured so far, pruned models."})
+    limit: int = field(default=0, metadata={"help": "Items per zero-shot task (0 = perplexity only)."})
+    patterns: str = field(default="unstructured,2:4,4:8", metadata={"help": "Comma list of --sparsity_type."})
+    methods: str = field(
+        default="magnitude,wanda,sparsegpt,d2prune,entropy", metadata={"help": "Comma list of --sparsity_method."}
+    )
+    seeds: str = field(default="0,1", metadata={"help": "Calibration seeds."})
+    sparsity: float = field(default=0.5, metadata={"help": "Share of the decoder linears' weights removed."})
+    calib_file: str = field(default="c4/c4_validation_2k.jsonl", metadata={"help": "Calibration text in DATA."})
+    calib_samples: int = field(default=128, metadata={"help": "Calibration windows (Wanda's 128)."})
+    seq_len: int = field(default=512, metadata={"help": "Tokens per calibration window (Wanda: 2048; CPU: 512)."})
+
+    def __post_init__(self) -> None:
+        self.pattern_list = [p.strip() for p in self.patterns.split(",") if p.strip()]
+        self.method_list = [m.strip() for m in self.methods.split(",") if m.strip()]
+        self.seed_list = [int(s) for s in self.seeds.split(",")]
+
+
+def run_one(cfg: SparsityStudyConfig, pattern: str, method: str, seed: int, out: Path) -> dict:
+    calib = str(Path(cfg.data_dir) / cfg.calib_file)
+    args = ["--origin_path", cfg.model, "--sparsity", str(cfg.sparsity), "--sparsity_type", pattern,
+            "--sparsity_method", method, "--seed", str(seed), "--calib_dataset", calib, "--calib_samples",
+            str(cfg.calib_samples), "--seq_len", str(cfg.seq_len), "--output_dir", str(out), "--overwrite",
+            "--no_progress"]  # fmt: skip
+    start = time.perf_counter()
+    if prune.main(args) != 0:
+        raise RuntimeError(f"prune.py {' '.join(args)} failed")
+    report = json.loads((out / "sparsity_report.json").read_text())
+    return {"prune_seconds": time.perf_counter() - start, "achieved": report["sparsity"]["pruned_linears"]}
+
+
+def measure(cfg: SparsityStudyConfig) -> tuple[list[dict], dict]:
+    if not cfg.model:
+        from utils.smollm2 import cached_model
+
+        cfg.model = str(cached_model())
+    rows = Rows(cfg)
+    evaluation = Evaluation(cfg, load_tokenizer(cfg.model, "--model"), "cpu")
+    if rows.get("dense") is None:
+        model = load_causal_lm(cfg.model, "dense", torch.float32)
+        rows.add({"name": "dense", "params": count_parameters(model), **evaluation(model)})
+    for pattern in cfg.pattern_list:
+        for method in cfg.method_list:
+            for seed in cfg.seed_list[:1] if method == "magnitude" else cfg.seed_list:
+                name = f"{pattern}/{method}/s{seed}"
+                if rows.get(name) is not None:
+                    continue
+                info = run_one(cfg, pattern, method, seed, rows.dir / "model")
+                model = load_causal_lm(str(rows.dir / "model"), name, torch.float32)
+                rows.add({"name": name, "pattern": pattern, "method": method, "seed": seed,
+                          "params": count_parameters(model), **info, **evaluation(model)})  # fmt: skip
+    return rows.rows, {"versions": versions(), "model": cfg.model}
+
+
+def render(rows: list[dict], context: dict, cfg: SparsityStudyConfig, seconds: float) -> str:
+    v = context["versions"]
+    dense = next(r for r in rows if r["name"] == "dense")
+    lines = [
+        f"# Weight sparsity on SmolLM2-135M: {cfg.sparsity:.0%} of every decoder linear layer",
+        "",
+        f"Written by `python bench/sparsity.py` (this session {seconds / 60:.0f} min on {v['device_name']}, torch "
+        f"{v['torch']}, transformers {v['transformers']}, commit {(v['hfprune_commit'] or '?')[:10]}); nothing here "
+        "is edited by hand.",
+        "",
+        f"- Calibration: {cfg.calib_samples} windows x {cfg.seq_len} tokens of `{cfg.calib_file}` per seed "
+        f"({', '.join(map(str, cfg.seed_list))}); magnitude needs none. WikiText-2 perplexity: the first "
+        f"{cfg.ppl_windows} windows of {cfg.ppl_seq_len} tokens. Dense: **{dense['ppl']:.2f}**.",
+        "- The saved models are dense tensors with exact zeros: no speed-up without sparse kernels.",
+        "",
+        "| pattern | " + " | ".join(cfg.method_list) + " |",
+        "|---|" + "---|" * len(cfg.method_list),
+    ]
+    for pattern in cfg.pattern_list:
+        cells = []
+        for method in cfg.method_list:
+            ppl = [r["ppl"] for r in rows if r.get("pattern") == pattern and r.get("method") == method]
+            cells.append(" / ".join(f"{p:.1f}" for p in ppl) or "not yet")
+        lines.append(f"| {pattern} | " + " | ".join(cells) + " |")
+    lines += ["", "WikiText-2 perplexity, one value per calibration seed (lower is better)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+
+    def go() -> None:
+        cfg = parse_config(SparsityStudyConfig, sys.argv[1:] if argv is None else argv)
+        start = time.perf_counter()
+        rows, context = measure(cfg)
+        out = Path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps({"context": context, "rows": rows}, indent=1) + "\n")
+        out.write_text(render(rows, context, cfg, time.perf_counter() - start))
+        print(f"wrote {out}")
+
+    return run_cli(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
