@@ -1,5 +1,5 @@
-"""HFPrune: prune LLM structure (MLP neurons, heads, layers, hidden width) with the entropy-Taylor criterion (or a
-baseline) and save Hugging Face models that load anywhere.
+"""HFPrune: prune LLM structure (MLP neurons, heads, layers, hidden width, or a searched mix of them) or single
+weights with the entropy-Taylor criterion (or a baseline) and save Hugging Face models that load anywhere.
 
     # the paper's setting (C4 calibration, 1024 windows of 1024 tokens, seed 42), 20% of all parameters
     python prune.py --origin_path meta-llama/Llama-2-7b-hf --pruning_ratio 0.2 --batch_size 8
@@ -15,6 +15,12 @@ baseline) and save Hugging Face models that load anywhere.
     # other structures: 10% from the MLPs, one of three key/value groups, 4 whole layers
     python prune.py --origin_path models/SmolLM2-135M-Instruct --prune_parts mlp,heads,layers --pruning_ratio 0.1 \\
         --heads_keep 6 --layers_remove 4 --calib_dataset builtin --calib_samples 32 --seq_len 256
+    # one size knob: the mix of neurons, heads, layers and hidden width that moves the predictions least
+    python prune.py --origin_path models/SmolLM2-135M-Instruct --prune_parts auto --pruning_ratio 0.2 \\
+        --calib_dataset builtin --calib_samples 32 --seq_len 256 --measure_speed
+    # single weights instead of structures: 2:4 sparsity with SparseGPT's reconstruction
+    python prune.py --origin_path models/SmolLM2-135M-Instruct --sparsity 0.5 --sparsity_type 2:4 \\
+        --sparsity_method sparsegpt --calib_dataset builtin --calib_samples 32 --seq_len 256
 """
 
 from __future__ import annotations

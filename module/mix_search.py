@@ -281,14 +281,6 @@ def search(space: MixSpace, score, steps: int = 4, max_candidates: int = 64, ref
     return board
 
 
-def enumerate_candidates(shapes: nn.Module, parts: list[str], ratio: float, *, head_mode: str = "kv_group",
-                         steps: int = 4, tolerance: float = 0.01, round_to: int = 1,
-                         max_candidates: int = 64) -> list[Candidate]:  # fmt: skip
-    """The grid of `MixSpace` (checks before loading, and tests)."""
-    space = MixSpace(shapes, parts, ratio, head_mode=head_mode, tolerance=tolerance, round_to=round_to)
-    return space.grid(steps, max_candidates)
-
-
 def mix_kept(model: nn.Module, mix: Mix, neuron_scores: list[torch.Tensor], structure_scores: dict[str, torch.Tensor]):
     """Kept neurons per layer (None: MLP not pruned) and every other structure's kept units, from the scores."""
     mlp_keep = [top_k_sorted(s, mix.mlp_keep) for s in neuron_scores] if mix.mlp_keep else None

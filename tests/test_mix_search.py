@@ -17,8 +17,8 @@ from module.adapters import find_mlps
 from module.mix_search import (
     CandidateMasks,
     Mix,
+    MixSpace,
     candidate_kl,
-    enumerate_candidates,
     first_units_scores,
     mix_kept,
     sliced_copy,
@@ -85,7 +85,7 @@ def test_candidates_reach_the_ratio_and_load(family, tmp_path):
     before = count_parameters(dense)
     per_neuron = sum(layer.params_per_neuron() for layer in find_mlps(dense).layers)
     ratio = 0.3
-    cands = enumerate_candidates(dense, ALL, ratio, steps=3)
+    cands = MixSpace(dense, ALL, ratio).grid(steps=3, max_candidates=64)
     assert len({c.description for c in cands}) == len(cands) > 3
     assert any(len(c.mix.parts) >= 3 for c in cands)  # mixes, not just single structures
     for cand in cands:
@@ -95,7 +95,7 @@ def test_candidates_reach_the_ratio_and_load(family, tmp_path):
         pruned.save_pretrained(tmp_path / cand.description)
         again = AutoModelForCausalLM.from_pretrained(tmp_path / cand.description)  # the loadability rules hold
         assert count_parameters(again) == cand.params == before - sum(cand.removed.values())
-    without_mlp = enumerate_candidates(dense, ["heads", "layers", "hidden"], 0.2, tolerance=0.02, steps=4)
+    without_mlp = MixSpace(dense, ["heads", "layers", "hidden"], 0.2, tolerance=0.02).grid(steps=4, max_candidates=64)
     assert without_mlp and all(abs(c.achieved_ratio - 0.2) <= 0.02 and "mlp" not in c.mix.parts for c in without_mlp)
 
 
@@ -207,7 +207,7 @@ def test_hill_climb_reaches_a_better_mix_off_the_grid():
     without refinement the leaderboard is the grid."""
     import itertools
 
-    from module.mix_search import MixSpace, search
+    from module.mix_search import search
 
     space = MixSpace(four_layer_model("qwen2"), ALL, 0.3)
     grid = {c.description for c in space.grid(steps=2, max_candidates=64)}
