@@ -34,7 +34,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from safetensors.torch import save_file
 from transformers.utils.logging import disable_progress_bar
 
@@ -70,6 +69,7 @@ from utils.cli import (
     load_tokenizer,
     meta_model,
     parse_config,
+    process_state,
     resolve_device_dtype,
 )
 from utils.errors import UserError, run_cli
@@ -376,7 +376,7 @@ def run(cfg: PruneConfig) -> list[Path]:
     log.info("config: %s", json.dumps(asdict(cfg), sort_keys=True))
     if not cfg.progress:
         disable_progress_bar()
-    state = PartialState()  # one process, or one rank of `accelerate launch`
+    state = process_state(cfg.device)  # one process, or one rank of `accelerate launch` / torchrun
     distributed_auto = cfg.device == "auto" and state.num_processes > 1
     device, dtype = resolve_device_dtype(str(state.device) if distributed_auto else cfg.device, cfg.dtype)
     outs = output_dirs(cfg)

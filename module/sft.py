@@ -238,6 +238,7 @@ def run_sft(argv: list[str], lora_mode: bool, callbacks=()) -> Path:
         write_json(out / "train_report.json", {
             "sft": asdict(sft), "lora": asdict(lora) if lora else None, "training": args.to_dict(), "data": data,
             "metrics": result.metrics, "log_history": trainer.state.log_history, "versions": versions(),
+            "world_size": args.world_size,
         })  # fmt: skip
         apply_umask(out)  # the Trainer writes its weights 0600; written last, the report marks a complete run
     return out

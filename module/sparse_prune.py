@@ -27,7 +27,16 @@ from module.sparse_masks import DualTaylor, Pattern, d2_value_scores, mask_from_
 from module.structures import StructureError, layout_of
 from module.weight_taylor import entropy_weight_scores
 from utils.atomic import atomic_dir
-from utils.cli import check_context, load_config, load_model, load_tokenizer, meta_model, resolve_device_dtype
+from utils.cli import (
+    check_context,
+    load_config,
+    load_model,
+    load_tokenizer,
+    meta_model,
+    process_state,
+    resolve_device_dtype,
+)
+from utils.errors import UserError
 from utils.io import check_output_dir
 from utils.perplexity import perplexity, text_windows
 from utils.report import versions, write_json
@@ -129,6 +138,9 @@ def run(cfg) -> list[Path]:
                f"-sp{cfg.sparsity:g}-s{cfg.seed}")  # fmt: skip
     origin = Path(cfg.origin_path).expanduser()
     check_output_dir(out, [origin] if origin.exists() else [], cfg.overwrite)
+    if process_state(cfg.device).num_processes > 1:
+        raise UserError("--sparsity runs in one process, layer by layer; for a model larger than one GPU use "
+                        "--device_map auto (and --offload_inputs), not accelerate launch")  # fmt: skip
     shapes = meta_model(
         load_config(cfg.origin_path, "model --origin_path", cfg.trust_remote_code), cfg.trust_remote_code
     )

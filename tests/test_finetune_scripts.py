@@ -105,14 +105,18 @@ def test_existing_run_folder_is_not_clobbered(tiny_long_llama_dir, tmp_path, cap
 @pytest.mark.parametrize("script", ["fintune_full.py", "fintune_lora.py"])
 def test_accelerate_two_cpu_processes_run_one_step(tiny_long_llama_dir, tmp_path, script):
     argv = common(tiny_long_llama_dir, tmp_path / "ddp", "--max_steps", "1", "--gradient_accumulation_steps", "1")
+    # torchrun: `accelerate launch --cpu --num_processes 2` starts one process only; --use_cpu makes the
+    # Trainer join the two ranks into a gloo group
     run = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", script, *argv],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518", script,
+         *argv, "--use_cpu", "true"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("INFO config:") == 2  # both ranks ran
     report = json.loads((tmp_path / "ddp" / "train_report.json").read_text())
     assert report["metrics"]["train_loss"] > 0 and report["training"]["max_steps"] == 1
+    assert report["world_size"] == 2
 
 
 @pytest.mark.slow

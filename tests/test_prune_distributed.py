@@ -1,4 +1,4 @@
-"""prune.py under `accelerate launch --cpu --num_processes 2` equals one process."""
+"""prune.py as two CPU processes (torchrun; `accelerate launch --cpu` starts one process only) equals one process."""
 
 import json
 import subprocess
@@ -13,6 +13,9 @@ ARGS = ["--pruning_ratio", "0.1", "--calib_dataset", "builtin", "--calib_samples
         "--importance_cache", "", "--no_progress"]  # fmt: skip
 
 
+# two real ranks in a gloo group: each logs its config, so the stderr shows two config lines
+LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+
 STRUCTURES = ["--prune_parts", "mlp,heads,layers,hidden", "--heads_keep", "2", "--layers_remove", "1", "--hidden_keep",
               "28"]  # fmt: skip
 
@@ -22,12 +25,11 @@ def test_two_processes_keep_the_same_neurons_and_write_the_same_weights(tiny_lla
     one = ["prune.py", "--origin_path", str(tiny_llama_dir), *ARGS, *extra, "--output_dir", str(tmp_path / "one")]
     single = subprocess.run([sys.executable, *one], cwd=ROOT, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr[-2000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines",
-              "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
-    double = subprocess.run([*launch, "prune.py", "--origin_path", str(tiny_llama_dir), *ARGS, *extra, "--output_dir",
+    double = subprocess.run([*LAUNCH, "prune.py", "--origin_path", str(tiny_llama_dir), *ARGS, *extra, "--output_dir",
                              str(tmp_path / "two")], cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert double.returncode == 0, double.stderr[-3000:]
-    assert double.stdout.count("parameters (removed") == 1  # only rank 0 writes and reports
+    assert double.stderr.count("INFO config:") == 2  # two processes ran ...
+    assert double.stdout.count("parameters (removed") == 1  # ... and only rank 0 writes and reports
     kept_one = load_file(str(tmp_path / "one" / "kept_neurons.safetensors"))
     kept_two = load_file(str(tmp_path / "two" / "kept_neurons.safetensors"))
     assert all(torch.equal(kept_one[k], kept_two[k]) for k in kept_one)
@@ -42,3 +44,11 @@ def test_two_processes_keep_the_same_neurons_and_write_the_same_weights(tiny_lla
     r_two = json.loads((tmp_path / "two" / "prune_report.json").read_text())
     assert r_one["calib_tokens"] == r_two["calib_tokens"] == 6 * 24
     assert abs(r_one["mean_window_loss"] - r_two["mean_window_loss"]) < 1e-6
+
+
+def test_sparsity_refuses_accelerate_launch(tiny_llama_dir, tmp_path):
+    run = subprocess.run([*LAUNCH, "prune.py", "--origin_path", str(tiny_llama_dir), "--sparsity", "0.5",
+                          "--sparsity_method", "magnitude", "--output_dir", str(tmp_path / "two"), "--no_progress"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode != 0 and "--sparsity runs in one process" in run.stderr
+    assert not (tmp_path / "two").exists()

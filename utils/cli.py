@@ -254,3 +254,12 @@ def load_model_and_tokenizer(
     """`load_model` and the tokenizer of the same folder or hub id."""
     tokenizer = load_tokenizer(path, "model --origin_path", trust_remote_code)
     return load_model(path, device, dtype, trust_remote_code, device_map), tokenizer
+
+
+def process_state(device: str):
+    """This process's place in a launch (accelerate launch, torchrun, or one process). On CPU accelerate only
+    joins the processes into a gloo group when asked with cpu=True; without it every rank of a CPU launch
+    would believe it is alone and do the whole job."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
