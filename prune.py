@@ -318,8 +318,7 @@ def add_speed(report: dict, model) -> None:
     """With --measure_speed: the pruned model's speed and its ratios to the dense model's (a search has
     measured it already)."""
     if report.get("dense_speed") is not None and report.get("speed") is None:
-        measured = speed_of(model)
-        report["speed"] = {"pruned": measured, **ratios(report["dense_speed"], measured)}
+        report["speed"] = speed_against(report["dense_speed"], model)
 
 
 def speed_text(report: dict) -> str:
@@ -328,6 +327,12 @@ def speed_text(report: dict) -> str:
         return ""
     decode = ", ".join(f"batch {b} {v:.2f}x" for b, v in speed["decode_speedup"].items())
     return f"; prefill {speed['prefill_speedup']:.2f}x, decode {decode} vs dense"
+
+
+def speed_against(dense_speed: dict, model) -> dict:
+    """`model`'s speed and its ratios to the dense model's."""
+    measured = speed_of(model)
+    return {"pruned": measured, **ratios(dense_speed, measured)}
 
 
 def speed_of(model) -> dict:
@@ -363,8 +368,7 @@ def search_mixes(cfg, model, mlps, scores, structure, heldout, searches, dense_s
         for board in boards:
             for cand in board:
                 pruned = sliced_copy(model, cand.mix, *mix_kept(model, cand.mix, scores, structure))
-                measured = speed_of(pruned)
-                cand.speed = {"pruned": measured, **ratios(dense_speed, measured)}
+                cand.speed = speed_against(dense_speed, pruned)
                 del pruned
     return boards
 
