@@ -60,6 +60,7 @@ class RecoveryConfig(EvaluatedStudyConfig):
     lr_full: float = field(default=5e-5, metadata={"help": "Peak learning rate of full fine-tuning."})
     lr_lora: float = field(default=4e-4, metadata={"help": "Peak learning rate of LoRA (the release's)."})
     temperature: float = field(default=1.0, metadata={"help": "Distillation temperature."})
+    save_steps: int = field(default=10, metadata={"help": "Checkpoint interval: an interrupted arm resumes from it."})
     seed: int = field(default=0, metadata={"help": "Calibration and training seed."})
 
     def __post_init__(self) -> None:
@@ -70,8 +71,9 @@ class RecoveryConfig(EvaluatedStudyConfig):
         self.steps = max(1, self.train_tokens // (self.pack_length * self.gradient_accumulation_steps))
 
     def settings(self) -> dict:
-        """As the base's, without the arms: adding an arm with --resume keeps the rows measured so far."""
-        return {k: v for k, v in super().settings().items() if k != "arms"}
+        """As the base's, without the arms and the checkpoint interval: adding an arm with --resume keeps the
+        rows measured so far."""
+        return {k: v for k, v in super().settings().items() if k not in ("arms", "save_steps")}
 
 
 def prune_once(cfg: RecoveryConfig, work: Path) -> Path:
@@ -93,10 +95,14 @@ def train_arm(cfg: RecoveryConfig, pruned: Path, mode: str, objective: str, run_
     argv = ["--model", str(pruned), "--dataset_name", str(Path(cfg.data_dir) / cfg.sft_data), "--tokenizer_max",
             str(cfg.pack_length), "--max_steps", str(cfg.steps), "--per_device_train_batch_size", "1",
             "--gradient_accumulation_steps", str(cfg.gradient_accumulation_steps), "--gradient_checkpointing",
-            "false", "--warmup_steps", str(max(1, cfg.steps // 10)), "--save_strategy", "no", "--report_to", "none",
-            "--logging_steps", "1", "--disable_tqdm", "true", "--seed", str(cfg.seed), "--data_cache",
-            str(run_dir.parent / "cache"), "--output_dir", str(run_dir), "--overwrite", "--dtype", "float32",
-            "--lr", str(cfg.lr_lora if mode == "lora" else cfg.lr_full)]  # fmt: skip
+            "false", "--warmup_steps", str(max(1, cfg.steps // 10)), "--save_strategy", "steps", "--save_steps",
+            str(cfg.save_steps), "--save_total_limit", "1", "--report_to", "none", "--logging_steps", "1",
+            "--disable_tqdm", "true", "--seed", str(cfg.seed), "--data_cache", str(run_dir.parent / "cache"),
+            "--output_dir", str(run_dir), "--dtype", "float32", "--lr",
+            str(cfg.lr_lora if mode == "lora" else cfg.lr_full)]  # fmt: skip
+    # an arm cut off (a session's end) continues from its last checkpoint: resume is exact (tests/test_distill.py)
+    resumable = any(run_dir.glob("checkpoint-*/trainer_state.json"))
+    argv += ["--resume_from_checkpoint", "last"] if resumable else ["--overwrite"]
     if objective != "ce":
         argv += ["--distill_from", cfg.model, "--distill_alpha", str(OBJECTIVES[objective]), "--distill_temperature",
                  str(cfg.temperature)]  # fmt: skip

@@ -44,11 +44,19 @@ class SparsityStudyConfig(EvaluatedStudyConfig):
     calib_file: str = field(default="c4/c4_validation_2k.jsonl", metadata={"help": "Calibration text in DATA."})
     calib_samples: int = field(default=128, metadata={"help": "Calibration windows (Wanda's 128)."})
     seq_len: int = field(default=512, metadata={"help": "Tokens per calibration window (Wanda: 2048; CPU: 512)."})
+    published: str = field(
+        default=str(ROOT / "docs" / "sparsity_published.json"),
+        metadata={"help": "The published code's rows (bench/sparsity_published.py; '' = none)."},
+    )
 
     def __post_init__(self) -> None:
         self.pattern_list = [p.strip() for p in self.patterns.split(",") if p.strip()]
         self.method_list = [m.strip() for m in self.methods.split(",") if m.strip()]
         self.seed_list = [int(s) for s in self.seeds.split(",")]
+
+    def settings(self) -> dict:
+        """As the base's, without the published rows (read when the report is written)."""
+        return {k: v for k, v in super().settings().items() if k != "published"}
 
 
 def run_one(cfg: SparsityStudyConfig, pattern: str, method: str, seed: int, out: Path) -> dict:
@@ -112,7 +120,29 @@ def render(rows: list[dict], context: dict, cfg: SparsityStudyConfig, seconds: f
             cells.append(" / ".join(f"{p:.1f}" for p in ppl) or "not yet")
         lines.append(f"| {pattern} | " + " | ".join(cells) + " |")
     lines += ["", "WikiText-2 perplexity, one value per calibration seed (lower is better)."]
+    if cfg.published and Path(cfg.published).is_file():
+        lines += published_lines(rows, json.loads(Path(cfg.published).read_text()))
     return "\n".join(lines) + "\n"
+
+
+def published_lines(rows: list[dict], published: dict, tolerance: float = 0.03) -> list[str]:
+    """Our rows beside the published implementations' on the same windows: the relative difference."""
+    ours = {r["name"]: r for r in rows}
+    lines = ["", "## Against the published code", "", "| run | published | ours | ours / published - 1 |",
+             "|---|---|---|---|"]  # fmt: skip
+    outside = []
+    for row in published["rows"]:
+        mine = ours.get(row["name"])
+        if mine is None:
+            lines.append(f"| {row['name']} | {row['ppl']:.2f} | not yet | |")
+            continue
+        difference = mine["ppl"] / row["ppl"] - 1
+        if abs(difference) > tolerance:
+            outside.append(row["name"])
+        lines.append(f"| {row['name']} | {row['ppl']:.2f} | {mine['ppl']:.2f} | {difference:+.1%} |")
+    verdict = (f"outside {tolerance:.0%}: {', '.join(outside)}" if outside
+               else f"every compared run within {tolerance:.0%}")  # fmt: skip
+    return lines + ["", f"WikiText-2 perplexity on the same windows; {verdict}.", "", f"How: {published['about']}"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import VOCAB, tiny_model
 from test_finetune_scripts import LAMINI, StopAt, common, losses
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 import fintune_full
 import fintune_lora
@@ -226,3 +226,42 @@ def test_recovery_study_runs_and_resumes_on_a_tiny_model(tmp_path, tiny_long_lla
     text = out.read_text()
     assert "| full:ce |" in text and "| lora:distill |" in text
     assert out.with_name("recovery.png").exists()
+
+
+class StepsRun(TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, **kw):
+        self.steps.append(state.global_step)
+
+
+def test_recovery_arm_cut_off_resumes_from_its_checkpoint(tmp_path, tiny_long_llama_dir, monkeypatch):
+    """A study arm stopped after its first checkpoint (a session's end) continues from it and ends with the
+    weights of an uninterrupted arm."""
+    import module.sft
+    from bench import recovery
+
+    cfg = recovery.RecoveryConfig(
+        model=str(tiny_long_llama_dir),
+        train_tokens=1024,
+        pack_length=128,
+        gradient_accumulation_steps=2,
+        save_steps=2,
+        lr_full=1e-3,
+        work_dir=str(tmp_path),
+    )
+    assert cfg.steps == 4
+    pruned = tiny_long_llama_dir  # the arm's code path does not care whether the model was pruned
+    whole, _ = recovery.train_arm(cfg, pruned, "full", "distill", tmp_path / "whole")
+    run_sft = module.sft.run_sft
+    monkeypatch.setattr(module.sft, "run_sft", lambda argv, lora_mode: run_sft(argv, lora_mode, [StopAt(2)]))
+    recovery.train_arm(cfg, pruned, "full", "distill", tmp_path / "cut")
+    assert max(losses(tmp_path / "cut")) == 2 and (tmp_path / "cut" / "checkpoint-2" / "trainer_state.json").is_file()
+    steps_run = StepsRun()
+    monkeypatch.setattr(module.sft, "run_sft", lambda argv, lora_mode: run_sft(argv, lora_mode, [steps_run]))
+    resumed, info = recovery.train_arm(cfg, pruned, "full", "distill", tmp_path / "cut")
+    assert steps_run.steps == [3, 4]  # continued, not started over
+    assert [step for step, *_ in info["curve"]] == [1, 2, 3, 4]
+    for (name, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters()):
+        torch.testing.assert_close(a, b, msg=name)

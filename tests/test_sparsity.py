@@ -210,3 +210,28 @@ def test_d2prune_activation_terms_by_hand():
     sq_mean = torch.tensor([4.0, 1.0])
     value = torch.tensor([[1 * 4 + 2 * 1, 4 * 1 + 2 * 2], [0.25 * 4 + 0.5, 9 * 1 + 3]]) - 4 * w**2 * dual.dx**2
     torch.testing.assert_close(d2_value_scores(w, sq_mean, dual), value)
+
+
+def test_sparsity_study_on_a_tiny_model_sets_our_rows_beside_the_published_ones(tmp_path, tiny_long_llama_dir):
+    """bench/sparsity.py's plumbing, and its comparison with the published code's rows computed by hand."""
+    from bench import sparsity
+
+    ours_first = tmp_path / "first.md"
+    argv = ["--model", str(tiny_long_llama_dir), "--patterns", "2:4", "--methods", "magnitude,wanda", "--seeds", "0",
+            "--calib_samples", "4", "--seq_len", "32", "--ppl_windows", "1", "--ppl_seq_len", "64",
+            "--work_dir", str(tmp_path / "work"), "--published", ""]  # fmt: skip
+    assert sparsity.main([*argv, "--out", str(ours_first)]) == 0
+    rows = {r["name"]: r for r in json.loads(ours_first.with_suffix(".json").read_text())["rows"]}
+    assert set(rows) == {"dense", "2:4/magnitude/s0", "2:4/wanda/s0"}
+    assert rows["2:4/wanda/s0"]["achieved"] == 0.5 and rows["2:4/wanda/s0"]["ppl"] != rows["dense"]["ppl"]
+    wanda_ppl, magnitude_ppl = rows["2:4/wanda/s0"]["ppl"], rows["2:4/magnitude/s0"]["ppl"]
+    published = {"about": "by hand", "rows": [{"name": "2:4/wanda/s0", "ppl": wanda_ppl / 1.02},
+                                              {"name": "2:4/magnitude/s0", "ppl": magnitude_ppl / 1.05},
+                                              {"name": "4:8/wanda/s0", "ppl": 10.0}]}  # fmt: skip
+    (tmp_path / "published.json").write_text(json.dumps(published))
+    out = tmp_path / "SPARSITY.md"
+    argv[-1] = str(tmp_path / "published.json")
+    assert sparsity.main([*argv, "--out", str(out), "--resume"]) == 0
+    text = out.read_text()
+    assert "| 2:4/wanda/s0 |" in text and "| +2.0% |" in text and "| +5.0% |" in text
+    assert "| 4:8/wanda/s0 | 10.00 | not yet | |" in text and "outside 3%: 2:4/magnitude/s0." in text

@@ -1,0 +1,148 @@
+"""The published Wanda and SparseGPT code on the same model and calibration windows as bench/sparsity.py.
+
+The published code (locuslab/wanda, IST-DASLab/sparsegpt) calls decoder layers the way transformers 4.3x
+did, so it runs in a second environment through bench/published_driver.py; the windows are drawn here by
+the same code and settings as prune.py's, and each pruned model is scored here like bench/sparsity.py's rows
+(WikiText-2 perplexity on the same windows). bench/sparsity.py then sets our rows beside these.
+
+    python -m venv --system-site-packages /tmp/refenv
+    /tmp/refenv/bin/pip install transformers==4.36.2 datasets==2.16.1
+    git clone https://github.com/locuslab/wanda /tmp/peer/wanda
+    git clone https://github.com/IST-DASLab/sparsegpt /tmp/peer/sparsegpt
+    python bench/sparsity_published.py --python /tmp/refenv/bin/python --wanda_repo /tmp/peer/wanda \\
+        --sparsegpt_repo /tmp/peer/sparsegpt --resume      # -> docs/sparsity_published.json (~1 h on 2 CPU cores)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.criteria import Evaluation, Rows  # noqa: E402
+from bench.sparsity import SparsityStudyConfig  # noqa: E402
+from dataset.calibration import load_documents, sample_windows  # noqa: E402
+from module.adapters import decoder_layers  # noqa: E402
+from module.layerwise import linears_of  # noqa: E402
+from module.pruning import count_parameters  # noqa: E402
+from utils.cli import load_causal_lm, load_tokenizer, parse_config  # noqa: E402
+from utils.errors import UserError, run_cli  # noqa: E402
+from utils.report import setup_logging, versions  # noqa: E402
+
+DRIVER = ROOT / "bench" / "published_driver.py"
+
+
+@dataclass
+class PublishedConfig(SparsityStudyConfig):
+    out: str = field(default="docs/sparsity_published.json", metadata={"help": "The published code's rows."})
+    work_dir: str = field(default="out/sparsity_published", metadata={"help": "Rows so far, windows, models."})
+    methods: str = field(default="wanda,sparsegpt", metadata={"help": "Published implementations to run."})
+    seeds: str = field(default="0", metadata={"help": "Calibration seeds (the windows of bench/sparsity.py's)."})
+    python: str = field(default="", metadata={"help": "Interpreter of the environment the published code runs in."})
+    wanda_repo: str = field(default="", metadata={"help": "A git checkout of locuslab/wanda."})
+    sparsegpt_repo: str = field(default="", metadata={"help": "A git checkout of IST-DASLab/sparsegpt."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        unknown = set(self.method_list) - {"wanda", "sparsegpt"}
+        if unknown:
+            raise UserError(f"--methods: published implementations are wanda and sparsegpt, not {sorted(unknown)}")
+        for method in self.method_list:
+            if not (Path(self.repo(method)) / ".git").exists():
+                raise UserError(f"--{method}_repo {self.repo(method)!r} is not a git checkout of the published code")
+        if not Path(self.python).is_file():
+            raise UserError(f"--python {self.python!r}: no such interpreter")
+
+    def repo(self, method: str) -> str:
+        return self.wanda_repo if method == "wanda" else self.sparsegpt_repo
+
+
+def git_commit(repo: str) -> str:
+    res = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+    return res.stdout.strip()
+
+
+def reference_versions(python: str) -> dict:
+    code = "import json, torch, transformers; print(json.dumps([torch.__version__, transformers.__version__]))"
+    res = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True)
+    torch_version, transformers_version = json.loads(res.stdout.strip().splitlines()[-1])
+    return {"torch": torch_version, "transformers": transformers_version}
+
+
+def zero_share(model) -> float:
+    """Exact zeros over the decoder layers' linear weights (what both codes prune)."""
+    zeros = total = 0
+    for layer in decoder_layers(model):
+        for lin in linears_of(layer).values():
+            zeros, total = zeros + int((lin.weight == 0).sum()), total + lin.weight.numel()
+    return zeros / total
+
+
+def measure(cfg: PublishedConfig) -> dict:
+    if not cfg.model:
+        from utils.smollm2 import cached_model
+
+        cfg.model = str(cached_model())
+    rows = Rows(cfg)
+    tokenizer = load_tokenizer(cfg.model, "--model")
+    evaluation = Evaluation(cfg, tokenizer, "cpu")
+    docs = load_documents(str(Path(cfg.data_dir) / cfg.calib_file))
+    for seed in cfg.seed_list:
+        windows_path = rows.dir / f"windows-s{seed}.pt"
+        torch.save(sample_windows(docs, tokenizer, cfg.calib_samples, cfg.seq_len, seed), windows_path)
+        for pattern in cfg.pattern_list:
+            for method in cfg.method_list:
+                name = f"{pattern}/{method}/s{seed}"
+                if rows.get(name) is not None:
+                    continue
+                out = rows.dir / "model"
+                shutil.rmtree(out, ignore_errors=True)
+                start = time.perf_counter()
+                args = [cfg.python, str(DRIVER), method, cfg.repo(method), cfg.model, str(windows_path), pattern,
+                        str(cfg.sparsity), str(out)]  # fmt: skip
+                res = subprocess.run(args, capture_output=True, text=True)
+                if res.returncode != 0:
+                    raise RuntimeError(f"{' '.join(args)} failed:\n{res.stderr[-3000:]}")
+                run = json.loads((out / "published_run.json").read_text())
+                model = load_causal_lm(str(out), name, torch.float32)
+                rows.add({"name": name, "pattern": pattern, "method": method, "seed": seed,
+                          "params": count_parameters(model), "achieved": zero_share(model),
+                          "prune_seconds": run["prune_seconds"], "run_seconds": time.perf_counter() - start,
+                          **evaluation(model)})  # fmt: skip
+    reference = reference_versions(cfg.python)
+    how = (f"bench/sparsity_published.py: locuslab/wanda {git_commit(cfg.wanda_repo)[:7] if cfg.wanda_repo else '-'} "
+           f"(lib/prune.py prune_wanda), IST-DASLab/sparsegpt "
+           f"{git_commit(cfg.sparsegpt_repo)[:7] if cfg.sparsegpt_repo else '-'} (llama.py llama_sequential, its "
+           f"defaults: not true-sequential, blocksize 128, percdamp 0.01), run unchanged under torch "
+           f"{reference['torch']} + transformers {reference['transformers']} by bench/published_driver.py, which "
+           f"hands them this study's calibration windows in place of their hub C4 loaders, loads the model in fp32 "
+           f"(their scripts: fp16 / the checkpoint's dtype; fp16 is impractical on CPU) with eager attention, and "
+           f"saves it; scored here on the WikiText-2 windows of docs/SPARSITY.md.")  # fmt: skip
+    return {"about": how, "reference": reference, "versions": versions(), "rows": rows.rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+
+    def go() -> None:
+        cfg = parse_config(PublishedConfig, sys.argv[1:] if argv is None else argv)
+        result = measure(cfg)
+        out = Path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {out}")
+
+    return run_cli(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
