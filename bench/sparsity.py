@@ -37,7 +37,8 @@ class SparsityStudyConfig(EvaluatedStudyConfig):
     limit: int = field(default=0, metadata={"help": "Items per zero-shot task (0 = perplexity only)."})
     patterns: str = field(default="unstructured,2:4,4:8", metadata={"help": "Comma list of --sparsity_type."})
     methods: str = field(
-        default="magnitude,wanda,sparsegpt,d2prune,entropy", metadata={"help": "Comma list of --sparsity_method."}
+        default="magnitude,wanda,sparsegpt,d2prune,entropy,entropy+sparsegpt",
+        metadata={"help": "Comma list of --sparsity_method; M+sparsegpt adds --sparsity_update sparsegpt."},
     )
     seeds: str = field(default="0,1", metadata={"help": "Calibration seeds."})
     sparsity: float = field(default=0.5, metadata={"help": "Share of the decoder linears' weights removed."})
@@ -55,16 +56,19 @@ class SparsityStudyConfig(EvaluatedStudyConfig):
         self.seed_list = [int(s) for s in self.seeds.split(",")]
 
     def settings(self) -> dict:
-        """As the base's, without the published rows (read when the report is written)."""
-        return {k: v for k, v in super().settings().items() if k != "published"}
+        """As the base's, without what only selects rows (each row is named by its pattern, method and seed)
+        and the published rows (read when the report is written): --resume with more rows keeps those measured."""
+        selection = ("patterns", "methods", "seeds", "published")
+        return {k: v for k, v in super().settings().items() if k not in selection}
 
 
 def run_one(cfg: SparsityStudyConfig, pattern: str, method: str, seed: int, out: Path) -> dict:
     calib = str(Path(cfg.data_dir) / cfg.calib_file)
+    method, _, update = method.partition("+")
     args = ["--origin_path", cfg.model, "--sparsity", str(cfg.sparsity), "--sparsity_type", pattern,
-            "--sparsity_method", method, "--seed", str(seed), "--calib_dataset", calib, "--calib_samples",
-            str(cfg.calib_samples), "--seq_len", str(cfg.seq_len), "--output_dir", str(out), "--overwrite",
-            "--no_progress"]  # fmt: skip
+            "--sparsity_method", method, "--sparsity_update", update or "none", "--seed", str(seed),
+            "--calib_dataset", calib, "--calib_samples", str(cfg.calib_samples), "--seq_len", str(cfg.seq_len),
+            "--output_dir", str(out), "--overwrite", "--no_progress"]  # fmt: skip
     start = time.perf_counter()
     if prune.main(args) != 0:
         raise RuntimeError(f"prune.py {' '.join(args)} failed")
