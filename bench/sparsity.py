@@ -105,7 +105,8 @@ def render(rows: list[dict], context: dict, cfg: SparsityStudyConfig, seconds: f
     lines = [
         f"# Weight sparsity on SmolLM2-135M: {cfg.sparsity:.0%} of every decoder linear layer",
         "",
-        f"Written by `python bench/sparsity.py` (this session {seconds / 60:.0f} min on {v['device_name']}, torch "
+        f"Written by `python bench/sparsity.py` (pruning and scoring its rows: "
+        f"{sum(r.get('prune_seconds', 0) + r['eval_seconds'] for r in rows) / 60:.0f} min on {v['device_name']}, torch "
         f"{v['torch']}, transformers {v['transformers']}, commit {(v['hfprune_commit'] or '?')[:10]}); nothing here "
         "is edited by hand.",
         "",

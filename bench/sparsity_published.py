@@ -125,8 +125,9 @@ def measure(cfg: PublishedConfig) -> dict:
            f"defaults: not true-sequential, blocksize 128, percdamp 0.01), run unchanged under torch "
            f"{reference['torch']} + transformers {reference['transformers']} by bench/published_driver.py, which "
            f"hands them this study's calibration windows in place of their hub C4 loaders, loads the model in fp32 "
-           f"(their scripts: fp16 / the checkpoint's dtype; fp16 is impractical on CPU) with eager attention, and "
-           f"saves it; scored here on the WikiText-2 windows of docs/SPARSITY.md.")  # fmt: skip
+           f"(their scripts: fp16 / the checkpoint's dtype; fp16 is impractical on CPU) with eager attention and "
+           f"RoPE's theta copied from transformers 5's rope_parameters to the rope_theta 4.x reads, and saves it; "
+           f"scored here on the WikiText-2 windows of docs/SPARSITY.md.")  # fmt: skip
     return {"about": how, "reference": reference, "versions": versions(), "rows": rows.rows}
 
 
