@@ -99,7 +99,7 @@ def measure(cfg: SparsityStudyConfig) -> tuple[list[dict], dict]:
     return rows.rows, {"versions": versions(), "model": cfg.model}
 
 
-def render(rows: list[dict], context: dict, cfg: SparsityStudyConfig, seconds: float) -> str:
+def render(rows: list[dict], context: dict, cfg: SparsityStudyConfig) -> str:
     v = context["versions"]
     dense = next(r for r in rows if r["name"] == "dense")
     lines = [
@@ -155,12 +155,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def go() -> None:
         cfg = parse_config(SparsityStudyConfig, sys.argv[1:] if argv is None else argv)
-        start = time.perf_counter()
         rows, context = measure(cfg)
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps({"context": context, "rows": rows}, indent=1) + "\n")
-        out.write_text(render(rows, context, cfg, time.perf_counter() - start))
+        out.write_text(render(rows, context, cfg))
         print(f"wrote {out}")
 
     return run_cli(go)
