@@ -110,8 +110,8 @@ class Distiller:
         loss, kl, ce = distill_loss(student_logits.reshape(-1, v), hidden.reshape(-1, hidden.shape[-1]), self.head,
                                     targets, self.alpha, self.temperature, self.chunk)  # fmt: skip
         count = int((targets != IGNORE).sum())
-        self.sums["kl"] += float(kl)
-        self.sums["ce"] += float(ce)
+        self.sums["kl"] += float(kl.detach())
+        self.sums["ce"] += float(ce.detach())
         self.sums["tokens"] += count
         n = num_items if num_items is not None else max(count, 1)
         return loss / n
