@@ -31,9 +31,8 @@ sys.path.insert(0, str(ROOT))
 from bench.criteria import Evaluation, Rows  # noqa: E402
 from bench.sparsity import SparsityStudyConfig  # noqa: E402
 from dataset.calibration import load_documents, sample_windows  # noqa: E402
-from module.adapters import decoder_layers  # noqa: E402
-from module.layerwise import linears_of  # noqa: E402
 from module.pruning import count_parameters  # noqa: E402
+from module.sparse_prune import sparsity_of  # noqa: E402
 from utils.cli import load_causal_lm, load_tokenizer, parse_config  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.report import setup_logging, versions  # noqa: E402
@@ -78,15 +77,6 @@ def reference_versions(python: str) -> dict:
     return {"torch": torch_version, "transformers": transformers_version}
 
 
-def zero_share(model) -> float:
-    """Exact zeros over the decoder layers' linear weights (what both codes prune)."""
-    zeros = total = 0
-    for layer in decoder_layers(model):
-        for lin in linears_of(layer).values():
-            zeros, total = zeros + int((lin.weight == 0).sum()), total + lin.weight.numel()
-    return zeros / total
-
-
 def measure(cfg: PublishedConfig) -> dict:
     if not cfg.model:
         from utils.smollm2 import cached_model
@@ -115,7 +105,7 @@ def measure(cfg: PublishedConfig) -> dict:
                 run = json.loads((out / "published_run.json").read_text())
                 model = load_causal_lm(str(out), name, torch.float32)
                 rows.add({"name": name, "pattern": pattern, "method": method, "seed": seed,
-                          "params": count_parameters(model), "achieved": zero_share(model),
+                          "params": count_parameters(model), "achieved": sparsity_of(model)["pruned_linears"],
                           "prune_seconds": run["prune_seconds"], "run_seconds": time.perf_counter() - start,
                           **evaluation(model)})  # fmt: skip
     reference = reference_versions(cfg.python)

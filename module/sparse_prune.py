@@ -113,14 +113,15 @@ def packed_masks(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.packbits(m.numpy(), axis=-1)) for k, m in masks.items()}
 
 
-def sparsity_of(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict:
-    """Achieved sparsity (exact zeros in the weights) per pruned linear, over them, and over all parameters."""
+def sparsity_of(model: nn.Module, masks: dict[str, torch.Tensor] | None = None) -> dict:
+    """Achieved sparsity (exact zeros in the weights) per pruned linear (those in `masks`; None: every decoder
+    layer's linear), over them, and over all parameters."""
     per_linear = {}
     zeros = total = 0
     for i, layer in enumerate(decoder_layers(model)):
         for name, lin in linears_of(layer).items():
             key = f"layers.{i}.{name}"
-            if key in masks:
+            if masks is None or key in masks:
                 z = int((lin.weight == 0).sum())
                 per_linear[key] = z / lin.weight.numel()
                 zeros, total = zeros + z, total + lin.weight.numel()
