@@ -116,7 +116,7 @@ def train_arm(cfg: RecoveryConfig, pruned: Path, mode: str, objective: str, run_
              if "loss" in h]  # fmt: skip
     rows = min(report["data"]["rows"], cfg.steps * cfg.gradient_accumulation_steps)
     info = {"train_seconds": seconds, "train_tokens": rows * cfg.pack_length, "steps": cfg.steps, "curve": curve,
-            "train_rows": report["data"]["rows"]}  # fmt: skip
+            "train_rows": report["data"]["rows"], "resumed": resumable}  # fmt: skip
     model = load_causal_lm(str(out / "merged" if mode == "lora" else out), f"the {mode} run", torch.float32)
     return model, info
 
@@ -199,8 +199,15 @@ def report(rows: list[dict], context: dict, cfg: RecoveryConfig, seconds: float)
             f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['ppl']:.2f} | "
             f"{'–' if r['name'] in ('dense', 'pruned') else f'{rec_p:.0%}'} | " + " | ".join(cells)
             + f" | {r['avg']:.2f} | {'–' if r['name'] in ('dense', 'pruned') or rec_a is None else f'{rec_a:.0%}'} | "
-            + (f"{r['train_seconds'] / 60:.0f} |" if "train_seconds" in r else "– |")
+            + (f"{r['train_seconds'] / 60:.0f}{' (resumed)' if r.get('resumed') else ''} |"
+               if "train_seconds" in r else "– |")
         )  # fmt: skip
+    if any(r.get("resumed") for r in rows):
+        lines += [
+            "",
+            "(resumed): the arm was cut off by a session's end and continued from its last checkpoint; "
+            "its minutes count only the part after it. Tokens/s on an idle machine: docs/PERFORMANCE.md.",
+        ]
     missing = [f"{m}:{o}" for m, o in cfg.arm_list if f"{m}:{o}" not in by]
     if missing:
         lines += ["", f"Not measured yet (run again with `--resume`): {', '.join(missing)}."]

@@ -32,12 +32,14 @@ from bench.criteria import Evaluation, Rows  # noqa: E402
 from bench.sparsity import SparsityStudyConfig  # noqa: E402
 from dataset.calibration import load_documents, sample_windows  # noqa: E402
 from module.pruning import count_parameters  # noqa: E402
-from module.sparse_prune import sparsity_of  # noqa: E402
+from module.sparse_masks import Pattern  # noqa: E402
+from module.sparse_prune import prune_weights, sparsity_of  # noqa: E402
 from utils.cli import load_causal_lm, load_tokenizer, parse_config  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.report import setup_logging, versions  # noqa: E402
 
 DRIVER = ROOT / "bench" / "published_driver.py"
+EAGER = "ours-eager"  # the suffix of our rows pruned with the eager attention the published code runs
 
 
 @dataclass
@@ -77,6 +79,18 @@ def reference_versions(python: str) -> dict:
     return {"torch": torch_version, "transformers": transformers_version}
 
 
+def prune_with_attention(model_path: str, windows: torch.Tensor, method: str, pattern: str, sparsity: float,
+                         attention: str) -> tuple[torch.nn.Module, float]:  # fmt: skip
+    """Our pruning (prune.py --sparsity's prune_weights, its defaults) of the model loaded with `attention`
+    (the published code runs eager attention), switched back to SDPA for scoring like every other row."""
+    model = load_causal_lm(model_path, "--model", torch.float32, attn_implementation=attention)
+    start = time.perf_counter()
+    prune_weights(model, windows, method, Pattern.parse(pattern, sparsity), progress=False)
+    seconds = time.perf_counter() - start
+    model.set_attn_implementation("sdpa")
+    return model, seconds
+
+
 def measure(cfg: PublishedConfig) -> dict:
     if not cfg.model:
         from utils.smollm2 import cached_model
@@ -88,7 +102,8 @@ def measure(cfg: PublishedConfig) -> dict:
     docs = load_documents(str(Path(cfg.data_dir) / cfg.calib_file))
     for seed in cfg.seed_list:
         windows_path = rows.dir / f"windows-s{seed}.pt"
-        torch.save(sample_windows(docs, tokenizer, cfg.calib_samples, cfg.seq_len, seed), windows_path)
+        windows = sample_windows(docs, tokenizer, cfg.calib_samples, cfg.seq_len, seed)
+        torch.save(windows, windows_path)
         for pattern in cfg.pattern_list:
             for method in cfg.method_list:
                 name = f"{pattern}/{method}/s{seed}"
@@ -108,6 +123,14 @@ def measure(cfg: PublishedConfig) -> dict:
                           "params": count_parameters(model), "achieved": sparsity_of(model)["pruned_linears"],
                           "prune_seconds": run["prune_seconds"], "run_seconds": time.perf_counter() - start,
                           **evaluation(model)})  # fmt: skip
+            for method in cfg.method_list:
+                name = f"{pattern}/{method}/s{seed}/{EAGER}"
+                if rows.get(name) is None:
+                    model, seconds = prune_with_attention(cfg.model, windows, method, pattern, cfg.sparsity, "eager")
+                    rows.add({"name": name, "pattern": pattern, "method": method, "seed": seed,
+                              "params": count_parameters(model), "achieved": sparsity_of(model)["pruned_linears"],
+                              "prune_seconds": seconds,
+                              **evaluation(model)})  # fmt: skip
     reference = reference_versions(cfg.python)
     how = (f"bench/sparsity_published.py: locuslab/wanda {git_commit(cfg.wanda_repo)[:7] if cfg.wanda_repo else '-'} "
            f"(lib/prune.py prune_wanda), IST-DASLab/sparsegpt "
@@ -117,7 +140,9 @@ def measure(cfg: PublishedConfig) -> dict:
            f"hands them this study's calibration windows in place of their hub C4 loaders, loads the model in fp32 "
            f"(their scripts: fp16 / the checkpoint's dtype; fp16 is impractical on CPU) with eager attention and "
            f"RoPE's theta copied from transformers 5's rope_parameters to the rope_theta 4.x reads, and saves it; "
-           f"scored here on the WikiText-2 windows of docs/SPARSITY.md.")  # fmt: skip
+           f"scored here on the WikiText-2 windows of docs/SPARSITY.md. Rows ending /{EAGER}: our pruning "
+           f"(prune.py's prune_weights) on the same windows with the model loaded with eager attention too, so the "
+           f"two codes see the same numerics; scored with SDPA like every row.")  # fmt: skip
     return {"about": how, "reference": reference, "versions": versions(), "rows": rows.rows}
 
 
