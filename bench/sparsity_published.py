@@ -15,6 +15,7 @@ the same code and settings as prune.py's, and each pruned model is scored here l
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -39,7 +40,6 @@ from utils.errors import UserError, run_cli  # noqa: E402
 from utils.report import setup_logging, versions  # noqa: E402
 
 DRIVER = ROOT / "bench" / "published_driver.py"
-EAGER = "ours-eager"  # the suffix of our rows pruned with the eager attention the published code runs
 
 
 @dataclass
@@ -51,9 +51,17 @@ class PublishedConfig(SparsityStudyConfig):
     python: str = field(default="", metadata={"help": "Interpreter of the environment the published code runs in."})
     wanda_repo: str = field(default="", metadata={"help": "A git checkout of locuslab/wanda."})
     sparsegpt_repo: str = field(default="", metadata={"help": "A git checkout of IST-DASLab/sparsegpt."})
+    variants: str = field(
+        default="eager,batch4",
+        metadata={"help": "Our pruning again on the same windows, changed only in rounding: eager (the attention the "
+                          "published code runs), batchN (calibration batches of N windows instead of 1)."},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.variant_list = [v.strip() for v in self.variants.split(",") if v.strip()]
+        for variant in self.variant_list:
+            variant_settings(variant)
         unknown = set(self.method_list) - {"wanda", "sparsegpt"}
         if unknown:
             raise UserError(f"--methods: published implementations are wanda and sparsegpt, not {sorted(unknown)}")
@@ -65,6 +73,19 @@ class PublishedConfig(SparsityStudyConfig):
 
     def repo(self, method: str) -> str:
         return self.wanda_repo if method == "wanda" else self.sparsegpt_repo
+
+    def settings(self) -> dict:
+        """As the study's, without the variants (they only select rows)."""
+        return {k: v for k, v in super().settings().items() if k != "variants"}
+
+
+def variant_settings(variant: str) -> tuple[str, int]:
+    """The attention implementation and calibration batch size of a --variants entry."""
+    if variant == "eager":
+        return "eager", 1
+    if variant.startswith("batch") and variant[5:].isdigit() and int(variant[5:]) > 0:
+        return "sdpa", int(variant[5:])
+    raise UserError(f"--variants: {variant!r} is not eager or batchN (N a positive integer)")
 
 
 def git_commit(repo: str) -> str:
@@ -79,13 +100,14 @@ def reference_versions(python: str) -> dict:
     return {"torch": torch_version, "transformers": transformers_version}
 
 
-def prune_with_attention(model_path: str, windows: torch.Tensor, method: str, pattern: str, sparsity: float,
-                         attention: str) -> tuple[torch.nn.Module, float]:  # fmt: skip
-    """Our pruning (prune.py --sparsity's prune_weights, its defaults) of the model loaded with `attention`
-    (the published code runs eager attention), switched back to SDPA for scoring like every other row."""
+def prune_variant(model_path: str, windows: torch.Tensor, method: str, pattern: str, sparsity: float,
+                  variant: str) -> tuple[torch.nn.Module, float]:  # fmt: skip
+    """Our pruning (prune.py --sparsity's prune_weights, its defaults) under a --variants entry, the model then
+    switched to SDPA for scoring like every other row."""
+    attention, batch_size = variant_settings(variant)
     model = load_causal_lm(model_path, "--model", torch.float32, attn_implementation=attention)
     start = time.perf_counter()
-    prune_weights(model, windows, method, Pattern.parse(pattern, sparsity), progress=False)
+    prune_weights(model, windows, method, Pattern.parse(pattern, sparsity), batch_size=batch_size, progress=False)
     seconds = time.perf_counter() - start
     model.set_attn_implementation("sdpa")
     return model, seconds
@@ -123,10 +145,10 @@ def measure(cfg: PublishedConfig) -> dict:
                           "params": count_parameters(model), "achieved": sparsity_of(model)["pruned_linears"],
                           "prune_seconds": run["prune_seconds"], "run_seconds": time.perf_counter() - start,
                           **evaluation(model)})  # fmt: skip
-            for method in cfg.method_list:
-                name = f"{pattern}/{method}/s{seed}/{EAGER}"
+            for method, variant in itertools.product(cfg.method_list, cfg.variant_list):
+                name = f"{pattern}/{method}/s{seed}/ours-{variant}"
                 if rows.get(name) is None:
-                    model, seconds = prune_with_attention(cfg.model, windows, method, pattern, cfg.sparsity, "eager")
+                    model, seconds = prune_variant(cfg.model, windows, method, pattern, cfg.sparsity, variant)
                     rows.add({"name": name, "pattern": pattern, "method": method, "seed": seed,
                               "params": count_parameters(model), "achieved": sparsity_of(model)["pruned_linears"],
                               "prune_seconds": seconds,
@@ -140,9 +162,10 @@ def measure(cfg: PublishedConfig) -> dict:
            f"hands them this study's calibration windows in place of their hub C4 loaders, loads the model in fp32 "
            f"(their scripts: fp16 / the checkpoint's dtype; fp16 is impractical on CPU) with eager attention and "
            f"RoPE's theta copied from transformers 5's rope_parameters to the rope_theta 4.x reads, and saves it; "
-           f"scored here on the WikiText-2 windows of docs/SPARSITY.md. Rows ending /{EAGER}: our pruning "
-           f"(prune.py's prune_weights) on the same windows with the model loaded with eager attention too, so the "
-           f"two codes see the same numerics; scored with SDPA like every row.")  # fmt: skip
+           f"scored here on the WikiText-2 windows of docs/SPARSITY.md. Rows ending /ours-VARIANT: our pruning "
+           f"(prune.py's prune_weights) again on the same windows with only its rounding changed: eager = the model "
+           f"loaded with the eager attention the published code runs, batchN = calibration batches of N windows; "
+           f"scored with SDPA like every row.")  # fmt: skip
     return {"about": how, "reference": reference, "versions": versions(), "rows": rows.rows}
 
 
