@@ -31,7 +31,7 @@ import prune  # noqa: E402
 from bench.criteria import EvaluatedStudyConfig, Evaluation, Rows  # noqa: E402
 from module.pruning import count_parameters  # noqa: E402
 from utils.cli import load_causal_lm, load_tokenizer, parse_config  # noqa: E402
-from utils.errors import run_cli  # noqa: E402
+from utils.errors import UserError, run_cli  # noqa: E402
 from utils.report import setup_logging, versions  # noqa: E402
 
 log = logging.getLogger("hfprune")
@@ -62,8 +62,12 @@ class RecoveryConfig(EvaluatedStudyConfig):
     temperature: float = field(default=1.0, metadata={"help": "Distillation temperature."})
     save_steps: int = field(default=10, metadata={"help": "Checkpoint interval: an interrupted arm resumes from it."})
     seed: int = field(default=0, metadata={"help": "Calibration and training seed."})
+    measured_only: bool = field(
+        default=False, metadata={"help": "Write the report from the rows measured so far, measuring nothing more."}
+    )
 
     def __post_init__(self) -> None:
+        self.resume = self.resume or self.measured_only
         self.arm_list = [tuple(a.strip().split(":")) for a in self.arms.split(",") if a.strip()]
         if not self.arm_list or any(len(a) != 2 or a[0] not in ("lora", "full") or a[1] not in OBJECTIVES
                                     for a in self.arm_list):  # fmt: skip
@@ -73,7 +77,7 @@ class RecoveryConfig(EvaluatedStudyConfig):
     def settings(self) -> dict:
         """As the base's, without the arms and the checkpoint interval: adding an arm with --resume keeps the
         rows measured so far."""
-        return {k: v for k, v in super().settings().items() if k not in ("arms", "save_steps")}
+        return {k: v for k, v in super().settings().items() if k not in ("arms", "save_steps", "measured_only")}
 
 
 def prune_once(cfg: RecoveryConfig, work: Path) -> Path:
@@ -129,6 +133,13 @@ def measure(cfg: RecoveryConfig) -> tuple[list[dict], dict]:
     rows = Rows(cfg)
     tokenizer = load_tokenizer(cfg.model, "--model")
     evaluation = Evaluation(cfg, tokenizer, "cpu")
+    context = {"versions": {**versions()}, "boolq_yes_share": evaluation.boolq_yes_share, "model": cfg.model}
+    if cfg.measured_only:
+        for name in ("dense", "pruned", *(f"{mode}:{objective}" for mode, objective in cfg.arm_list)):
+            rows.get(name)
+        if len(rows.rows) < 2 or rows.rows[1]["name"] != "pruned":
+            raise UserError(f"--measured_only: the dense and pruned rows of these settings are not in {rows.path}")
+        return rows.rows, context
     for name, path in (("dense", cfg.model), ("pruned", str(prune_once(cfg, rows.dir)))):
         if rows.get(name) is None:
             model = load_causal_lm(path, name, torch.float32)
@@ -142,7 +153,6 @@ def measure(cfg: RecoveryConfig) -> tuple[list[dict], dict]:
         model, info = train_arm(cfg, pruned, mode, objective, rows.dir / name.replace(":", "-"))
         rows.add({"name": name, "params": count_parameters(model), **info, **evaluation(model)})
         del model
-    context = {"versions": {**versions()}, "boolq_yes_share": evaluation.boolq_yes_share, "model": cfg.model}
     return rows.rows, context
 
 
@@ -157,7 +167,7 @@ def recovered(row: dict, dense: dict, pruned: dict, metric: str) -> float | None
     return (row["avg"] - pruned["avg"]) / gap if gap else None
 
 
-def report(rows: list[dict], context: dict, cfg: RecoveryConfig, seconds: float) -> str:
+def report(rows: list[dict], context: dict, cfg: RecoveryConfig) -> str:
     by = {r["name"]: r for r in rows}
     dense, pruned = by["dense"], by["pruned"]
     tasks = list(dense["tasks"])
@@ -165,7 +175,8 @@ def report(rows: list[dict], context: dict, cfg: RecoveryConfig, seconds: float)
     lines = [
         "# Recovery: plain fine-tuning vs distillation from the dense model (SmolLM2-135M, 20% pruned)",
         "",
-        f"Written by `python bench/recovery.py` (this session {seconds / 60:.0f} min on {v['device_name']}, torch "
+        f"Written by `python bench/recovery.py` (training and scoring its rows: "
+        f"{sum(r.get('train_seconds', 0) + r['eval_seconds'] for r in rows) / 60:.0f} min on {v['device_name']}, torch "
         f"{v['torch']}, transformers {v['transformers']}, commit {(v['hfprune_commit'] or '?')[:10]}); nothing here "
         "is edited by hand.",
         "",
@@ -269,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         plot(rows, out.with_name("recovery.png"))
         out.with_name("recovery.json").write_text(json.dumps({"context": context, "rows": rows}, indent=1))
-        out.write_text(report(rows, context, cfg, seconds))
+        out.write_text(report(rows, context, cfg))
         print(f"wrote {out} ({seconds / 60:.1f} min)")
 
     return run_cli(go)

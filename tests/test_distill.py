@@ -226,6 +226,14 @@ def test_recovery_study_runs_and_resumes_on_a_tiny_model(tmp_path, tiny_long_lla
     text = out.read_text()
     assert "| full:ce |" in text and "| lora:distill |" in text
     assert out.with_name("recovery.png").exists()
+    # an interrupted study's state: the report of what is measured, nothing trained
+    assert recovery.main([*argv, "--arms", "full:ce,full:both", "--measured_only"]) == 0
+    assert (
+        "| full:ce |" in out.read_text()
+        and "Not measured yet (run again with `--resume`): full:both." in out.read_text()
+    )
+    assert not any(p.name == "full-both" for p in (tmp_path / "work").glob("*/*"))
+    assert recovery.main([*argv, "--measured_only", "--work_dir", str(tmp_path / "none")]) == 2
 
 
 class StepsRun(TrainerCallback):
