@@ -52,15 +52,17 @@ class PublishedConfig(SparsityStudyConfig):
     wanda_repo: str = field(default="", metadata={"help": "A git checkout of locuslab/wanda."})
     sparsegpt_repo: str = field(default="", metadata={"help": "A git checkout of IST-DASLab/sparsegpt."})
     variants: str = field(
-        default="eager,batch4",
-        metadata={"help": "Our pruning again on the same windows, changed only in rounding: eager (the attention the "
-                          "published code runs), batchN (calibration batches of N windows instead of 1)."},
+        default="eager,batch4,jitter1@2:4",
+        metadata={"help": "Our pruning again on the same windows, changed only at the level of rounding: eager (the "
+                          "attention the published code runs), batchN (calibration batches of N windows instead of "
+                          "1), jitterS (the embeddings times 1 + 1e-6 N(0, 1), seed S, while pruning); VARIANT@PATTERN "
+                          "runs it for that pattern only."},
     )  # fmt: skip
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.variant_list = [v.strip() for v in self.variants.split(",") if v.strip()]
-        for variant in self.variant_list:
+        self.variant_list = [tuple(v.strip().partition("@")[::2]) for v in self.variants.split(",") if v.strip()]
+        for variant, _ in self.variant_list:
             variant_settings(variant)
         unknown = set(self.method_list) - {"wanda", "sparsegpt"}
         if unknown:
@@ -79,13 +81,18 @@ class PublishedConfig(SparsityStudyConfig):
         return {k: v for k, v in super().settings().items() if k != "variants"}
 
 
-def variant_settings(variant: str) -> tuple[str, int]:
-    """The attention implementation and calibration batch size of a --variants entry."""
+def variant_settings(variant: str) -> tuple[str, int, int | None]:
+    """The attention implementation, calibration batch size and embedding jitter seed of a --variants entry."""
     if variant == "eager":
-        return "eager", 1
-    if variant.startswith("batch") and variant[5:].isdigit() and int(variant[5:]) > 0:
-        return "sdpa", int(variant[5:])
-    raise UserError(f"--variants: {variant!r} is not eager or batchN (N a positive integer)")
+        return "eager", 1, None
+    for prefix in ("batch", "jitter"):
+        if variant.startswith(prefix) and variant[len(prefix) :].isdigit():
+            number = int(variant[len(prefix) :])
+            if prefix == "jitter":
+                return "sdpa", 1, number
+            if number > 0:
+                return "sdpa", number, None
+    raise UserError(f"--variants: {variant!r} is not eager, batchN (N > 0) or jitterS (S a seed)")
 
 
 def git_commit(repo: str) -> str:
@@ -104,11 +111,17 @@ def prune_variant(model_path: str, windows: torch.Tensor, method: str, pattern: 
                   variant: str) -> tuple[torch.nn.Module, float]:  # fmt: skip
     """Our pruning (prune.py --sparsity's prune_weights, its defaults) under a --variants entry, the model then
     switched to SDPA for scoring like every other row."""
-    attention, batch_size = variant_settings(variant)
+    attention, batch_size, jitter = variant_settings(variant)
     model = load_causal_lm(model_path, "--model", torch.float32, attn_implementation=attention)
+    embeddings = model.get_input_embeddings().weight
+    exact = embeddings.detach().clone()
+    if jitter is not None:  # about 8 float32 ulps: the size of the rounding differences between two codes
+        noise = torch.randn(embeddings.shape, generator=torch.Generator().manual_seed(jitter))
+        embeddings.data.mul_(1 + 1e-6 * noise.to(embeddings.device))
     start = time.perf_counter()
     prune_weights(model, windows, method, Pattern.parse(pattern, sparsity), batch_size=batch_size, progress=False)
     seconds = time.perf_counter() - start
+    embeddings.data.copy_(exact)  # the embeddings are not pruned: every variant is scored with the exact ones
     model.set_attn_implementation("sdpa")
     return model, seconds
 
@@ -145,7 +158,9 @@ def measure(cfg: PublishedConfig) -> dict:
                           "params": count_parameters(model), "achieved": sparsity_of(model)["pruned_linears"],
                           "prune_seconds": run["prune_seconds"], "run_seconds": time.perf_counter() - start,
                           **evaluation(model)})  # fmt: skip
-            for method, variant in itertools.product(cfg.method_list, cfg.variant_list):
+            for method, (variant, only) in itertools.product(cfg.method_list, cfg.variant_list):
+                if only and only != pattern:
+                    continue
                 name = f"{pattern}/{method}/s{seed}/ours-{variant}"
                 if rows.get(name) is None:
                     model, seconds = prune_variant(cfg.model, windows, method, pattern, cfg.sparsity, variant)
@@ -163,8 +178,9 @@ def measure(cfg: PublishedConfig) -> dict:
            f"(their scripts: fp16 / the checkpoint's dtype; fp16 is impractical on CPU) with eager attention and "
            f"RoPE's theta copied from transformers 5's rope_parameters to the rope_theta 4.x reads, and saves it; "
            f"scored here on the WikiText-2 windows of docs/SPARSITY.md. Rows ending /ours-VARIANT: our pruning "
-           f"(prune.py's prune_weights) again on the same windows with only its rounding changed: eager = the model "
-           f"loaded with the eager attention the published code runs, batchN = calibration batches of N windows; "
+           f"(prune.py's prune_weights) again on the same windows with rounding-level changes: eager = the model "
+           f"loaded with the eager attention the published code runs, batchN = calibration batches of N windows, "
+           f"jitterS = the embeddings times 1 + 1e-6 N(0, 1) (seed S) while pruning, restored before scoring; "
            f"scored with SDPA like every row.")  # fmt: skip
     return {"about": how, "reference": reference, "versions": versions(), "rows": rows.rows}
 

@@ -266,11 +266,47 @@ def test_the_published_comparison_prunes_like_prune_py(tmp_path, tiny_llama_dir)
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
     for name, w in model.state_dict().items():
         torch.testing.assert_close(w, saved[name], msg=name)
-    for variant in ("eager", "batch2"):
+    for variant in ("eager", "batch2", "jitter0"):
         changed, _ = prune_variant(str(tiny_llama_dir), windows, "sparsegpt", "2:4", 0.5, variant)
         assert changed.config._attn_implementation == "sdpa"  # scored like every other row
         w = changed.model.layers[1].mlp.down_proj.weight
         assert ((w == 0).reshape(w.shape[0], -1, 4).sum(-1) >= 2).all()
         torch.testing.assert_close(w, saved["model.layers.1.mlp.down_proj.weight"], atol=1e-3, rtol=1e-3)
-    with pytest.raises(UserError, match="is not eager or batchN"):
+    jittered, _ = prune_variant(str(tiny_llama_dir), windows, "sparsegpt", "2:4", 0.5, "jitter1")
+    assert torch.equal(jittered.model.embed_tokens.weight, saved["model.embed_tokens.weight"])  # restored exactly
+    assert not torch.equal(jittered.model.layers[1].mlp.down_proj.weight, saved["model.layers.1.mlp.down_proj.weight"])
+    with pytest.raises(UserError, match="is not eager, batchN"):
         prune_variant(str(tiny_llama_dir), windows, "sparsegpt", "2:4", 0.5, "batch0")
+
+
+def test_mask_agreement_by_hand():
+    """bench/mask_agreement.py: the share removed by exactly one model and the kept weights' difference."""
+    import copy
+
+    from bench.mask_agreement import AgreementConfig, agreement, render
+
+    torch.manual_seed(0)
+    dense = tiny_model("llama")
+    dense.model.layers[1].mlp.down_proj.weight.data[0, 0] = 0  # zero in the dense model: removed by both
+    a = copy.deepcopy(dense)
+    for lin in (m for m in a.modules() if isinstance(m, torch.nn.Linear) and m is not a.lm_head):
+        lin.weight.data[torch.rand_like(lin.weight) < 0.5] = 0
+    b = copy.deepcopy(a)
+    wd, wb = dense.model.layers[1].mlp.down_proj.weight, b.model.layers[1].mlp.down_proj.weight
+    removed, kept = (wb == 0) & (wd != 0), wb != 0
+    p, q = removed.nonzero()[0], kept.nonzero()[0]
+    wb.data[p[0], p[1]] = wd[p[0], p[1]]  # B keeps one weight A removed
+    wb.data[q[0], q[1]] = 0  # and removes one A kept
+    b.model.layers[1].self_attn.q_proj.weight.data *= 1.01
+    rows = agreement(dense, a, b)
+    assert all(share == 0 and diff == 0 for share, diff in rows[0].values())
+    live = int((wd != 0).sum())
+    assert rows[1]["mlp.down_proj"][0] == pytest.approx(2 / live)
+    assert rows[1]["self_attn.q_proj"] == (0.0, pytest.approx(0.01, rel=1e-4))
+    text = render(rows, AgreementConfig(dense="d", a="a", b="b", labels="ours,published"))
+    assert f"The first disagreement is in decoder layer 1: mlp.down_proj {2 / live:.4%}." in text
+    assert "| 0 | 0.0000% | 0.0000% | 0.0e+00 |" in text
+    shorter = copy.deepcopy(b)
+    del shorter.model.layers[1]
+    with pytest.raises(UserError, match="decoder layers, not one count"):
+        agreement(dense, a, shorter)
