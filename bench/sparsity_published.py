@@ -15,7 +15,6 @@ the same code and settings as prune.py's, and each pruned model is scored here l
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import shutil
@@ -53,12 +52,11 @@ class PublishedConfig(SparsityStudyConfig):
     wanda_repo: str = field(default="", metadata={"help": "A git checkout of locuslab/wanda."})
     sparsegpt_repo: str = field(default="", metadata={"help": "A git checkout of IST-DASLab/sparsegpt."})
     variants: str = field(
-        default="eager,batch4,jitter1@2:4,topk@2:4",
-        metadata={"help": "Our pruning again on the same windows with changes at the level of rounding: eager "
-                          "(the attention the published code runs), batchN (calibration batches of N windows, not 1), "
-                          "jitterS (the embeddings times 1 + 1e-6 N(0, 1), seed S, while pruning), topk (exact ties "
-                          "in an N:M group broken in torch.topk's order, as the published code does); "
-                          "VARIANT@PATTERN runs it for that pattern only."},
+        default="eager,batch4,jitter1@2:4",
+        metadata={"help": "Our pruning again on the same windows, changed only at the level of rounding: eager (the "
+                          "attention the published code runs), batchN (calibration batches of N windows instead of "
+                          "1), jitterS (the embeddings times 1 + 1e-6 N(0, 1), seed S, while pruning); VARIANT@PATTERN "
+                          "runs it for that pattern only."},
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -83,19 +81,18 @@ class PublishedConfig(SparsityStudyConfig):
         return {k: v for k, v in super().settings().items() if k != "variants"}
 
 
-def variant_settings(variant: str) -> tuple[str, int, int | None, str]:
-    """The attention implementation, calibration batch size, embedding jitter seed and N:M tie order of a
-    --variants entry."""
-    if variant in ("eager", "topk"):
-        return ("eager", 1, None, "lower") if variant == "eager" else ("sdpa", 1, None, "topk")
+def variant_settings(variant: str) -> tuple[str, int, int | None]:
+    """The attention implementation, calibration batch size and embedding jitter seed of a --variants entry."""
+    if variant == "eager":
+        return "eager", 1, None
     for prefix in ("batch", "jitter"):
         if variant.startswith(prefix) and variant[len(prefix) :].isdigit():
             number = int(variant[len(prefix) :])
             if prefix == "jitter":
-                return "sdpa", 1, number, "lower"
+                return "sdpa", 1, number
             if number > 0:
-                return "sdpa", number, None, "lower"
-    raise UserError(f"--variants: {variant!r} is not eager, batchN (N > 0), jitterS (S a seed) or topk")
+                return "sdpa", number, None
+    raise UserError(f"--variants: {variant!r} is not eager, batchN (N > 0) or jitterS (S a seed)")
 
 
 def git_commit(repo: str) -> str:
@@ -114,7 +111,7 @@ def prune_variant(model_path: str, windows: torch.Tensor, method: str, pattern: 
                   variant: str) -> tuple[torch.nn.Module, float]:  # fmt: skip
     """Our pruning (prune.py --sparsity's prune_weights, its defaults) under a --variants entry, the model then
     switched to SDPA for scoring like every other row."""
-    attention, batch_size, jitter, ties = variant_settings(variant)
+    attention, batch_size, jitter = variant_settings(variant)
     model = load_causal_lm(model_path, "--model", torch.float32, attn_implementation=attention)
     embeddings = model.get_input_embeddings().weight
     exact = embeddings.detach().clone()
@@ -122,8 +119,7 @@ def prune_variant(model_path: str, windows: torch.Tensor, method: str, pattern: 
         noise = torch.randn(embeddings.shape, generator=torch.Generator().manual_seed(jitter))
         embeddings.data.mul_(1 + 1e-6 * noise.to(embeddings.device))
     start = time.perf_counter()
-    nm = dataclasses.replace(Pattern.parse(pattern, sparsity), ties=ties)
-    prune_weights(model, windows, method, nm, batch_size=batch_size, progress=False)
+    prune_weights(model, windows, method, Pattern.parse(pattern, sparsity), batch_size=batch_size, progress=False)
     seconds = time.perf_counter() - start
     embeddings.data.copy_(exact)  # the embeddings are not pruned: every variant is scored with the exact ones
     model.set_attn_implementation("sdpa")
@@ -184,9 +180,7 @@ def measure(cfg: PublishedConfig) -> dict:
            f"scored here on the WikiText-2 windows of docs/SPARSITY.md. Rows ending /ours-VARIANT: our pruning "
            f"(prune.py's prune_weights) again on the same windows with rounding-level changes: eager = the model "
            f"loaded with the eager attention the published code runs, batchN = calibration batches of N windows, "
-           f"jitterS = the embeddings times 1 + 1e-6 N(0, 1) (seed S) while pruning, restored before scoring, "
-           f"topk = exact ties in an N:M group broken in torch.topk's order (the published code's) instead of ours "
-           f"(the lower index first); "
+           f"jitterS = the embeddings times 1 + 1e-6 N(0, 1) (seed S) while pruning, restored before scoring; "
            f"scored with SDPA like every row.")  # fmt: skip
     return {"about": how, "reference": reference, "versions": versions(), "rows": rows.rows}
 

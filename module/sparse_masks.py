@@ -35,14 +35,11 @@ class SparsityError(UserError):
 
 @dataclass(frozen=True)
 class Pattern:
-    """Unstructured `sparsity`, or `n` zeros in every `m` consecutive input weights (n:m). `ties`: which of two
-    equal scores in an N:M group goes first: "lower" (the lower index; the same on every device) or "topk"
-    (torch.topk's order, which the published Wanda and SparseGPT code use and torch leaves unspecified)."""
+    """Unstructured `sparsity`, or `n` zeros in every `m` consecutive input weights (n:m)."""
 
     sparsity: float
     n: int = 0
     m: int = 0
-    ties: str = "lower"
 
     @classmethod
     def parse(cls, kind: str, sparsity: float) -> Pattern:
@@ -71,20 +68,16 @@ def lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, True)
 
 
-def nm_mask(scores: torch.Tensor, n: int, m: int, ties: str = "lower") -> torch.Tensor:
-    """Remove the n lowest scores in every group of m consecutive inputs of each row (`ties`: see Pattern)."""
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Remove the n lowest scores in every group of m consecutive inputs of each row."""
     rows, cols = scores.shape
-    groups = scores.reshape(rows, cols // m, m)
-    if ties == "topk":
-        chosen = torch.topk(groups, n, dim=-1, largest=False).indices
-        return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, chosen, True).reshape(rows, cols)
-    return lowest(groups, n).reshape(rows, cols)
+    return lowest(scores.reshape(rows, cols // m, m), n).reshape(rows, cols)
 
 
 def mask_from_scores(scores: torch.Tensor, pattern: Pattern, group: str) -> torch.Tensor:
     """`group` "layer" (one comparison over all weights) or "row" (each output row on its own)."""
     if pattern.structured:
-        return nm_mask(scores, pattern.n, pattern.m, pattern.ties)
+        return nm_mask(scores, pattern.n, pattern.m)
     if group == "row":
         return lowest(scores, int(scores.shape[1] * pattern.sparsity))
     flat = lowest(scores.reshape(1, -1), int(scores.numel() * pattern.sparsity))
@@ -155,7 +148,7 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, blo
                 saliency = group**2 / d[i : i + pattern.m] ** 2
                 if dual is not None:
                     saliency = saliency + dual.terms(group, slice(b0 + i, b0 + i + pattern.m))
-                mask1[:, i : i + pattern.m] = nm_mask(saliency, pattern.n, pattern.m, pattern.ties)
+                mask1[:, i : i + pattern.m] = nm_mask(saliency, pattern.n, pattern.m)
             col = w1[:, i]
             q = torch.where(mask1[:, i], torch.zeros_like(col), col)
             e = (col - q) / d[i]

@@ -1,7 +1,6 @@
 """Weight sparsity: exact patterns, Wanda by hand, SparseGPT against an independent dense OBS computation,
 layer-sequential inputs against a full forward of the progressively pruned model, the saved folder."""
 
-import dataclasses
 import json
 
 import numpy as np
@@ -14,15 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from module.adapters import decoder_layers
 from module.layerwise import run_layerwise
-from module.sparse_masks import (
-    Pattern,
-    damped_hessian,
-    lowest,
-    mask_from_scores,
-    nm_mask,
-    sparsegpt,
-    wanda_scores,
-)
+from module.sparse_masks import Pattern, damped_hessian, lowest, mask_from_scores, sparsegpt, wanda_scores
 from module.sparse_prune import prune_weights
 from utils.errors import UserError
 
@@ -35,8 +26,8 @@ def test_patterns_are_exact():
     assert (row.sum(1) == int(16 * 0.4)).all()  # 6 of 16 in every row
     layer = mask_from_scores(scores, Pattern(0.4), "layer")
     assert layer.sum() == int(96 * 0.4) and scores[layer].max() < scores[~layer].min()
-    for kind, ties in (("2:4", "lower"), ("4:8", "lower"), ("2:4", "topk")):
-        p = dataclasses.replace(Pattern.parse(kind, 0.5), ties=ties)
+    for kind in ("2:4", "4:8"):
+        p = Pattern.parse(kind, 0.5)
         mask = mask_from_scores(scores, p, "row")
         groups = mask.reshape(6, -1, p.m)
         assert (groups.sum(-1) == p.n).all()
@@ -45,9 +36,6 @@ def test_patterns_are_exact():
     assert lowest(torch.tensor([[1.0, 0.0, 0.0, 2.0]]), 1).tolist() == [
         [False, True, False, False]
     ]  # ties: lower index
-    tied = torch.tensor([[1.0, 3.0, 1.0, 2.0]])  # torch.topk's order among the two 1.0s is its own: either goes
-    assert nm_mask(tied, 1, 4).tolist() == [[True, False, False, False]]
-    assert nm_mask(tied, 1, 4, "topk").sum() == 1 and nm_mask(tied, 1, 4, "topk")[0, [1, 3]].sum() == 0
     with pytest.raises(ValueError, match="need 0 < N < M"):
         Pattern.parse("4:4", 1.0)
 
