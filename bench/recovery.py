@@ -137,7 +137,7 @@ def measure(cfg: RecoveryConfig) -> tuple[list[dict], dict]:
     if cfg.measured_only:
         for name in ("dense", "pruned", *(f"{mode}:{objective}" for mode, objective in cfg.arm_list)):
             rows.get(name)
-        if len(rows.rows) < 2 or rows.rows[1]["name"] != "pruned":
+        if not {"dense", "pruned"} <= {r["name"] for r in rows.rows}:
             raise UserError(f"--measured_only: the dense and pruned rows of these settings are not in {rows.path}")
         return rows.rows, context
     for name, path in (("dense", cfg.model), ("pruned", str(prune_once(cfg, rows.dir)))):

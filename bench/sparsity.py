@@ -130,19 +130,22 @@ def render(rows: list[dict], context: dict, cfg: SparsityStudyConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+VARIANT = "/ours-"  # a published-comparison row NAME/ours-VARIANT: our pruning again under a rounding-level change
+
+
 def published_lines(rows: list[dict], published: dict, tolerance: float = 0.03) -> list[str]:
     """Our rows beside the published implementations' on the same windows: the relative difference, and how far
     our own perplexity moves under rounding-level changes (published rows NAME/ours-VARIANT, same windows)."""
     ours = {r["name"]: r for r in rows}
-    theirs = {r["name"]: r for r in published["rows"] if "/ours-" not in r["name"]}
-    variants = [r for r in published["rows"] if "/ours-" in r["name"]]
+    theirs = {r["name"]: r for r in published["rows"] if VARIANT not in r["name"]}
+    variants = [r for r in published["rows"] if VARIANT in r["name"]]
     lines = ["", "## Against the published code", "",
              "| run | published | ours (the table's) | ours / published - 1 | ours, rounding-level changes "
              "(/ published - 1) | spread of ours (max / min - 1) |", "|---|---|---|---|---|---|"]  # fmt: skip
     outside, inside_spread = [], []
     for name, row in theirs.items():
         mine = ours.get(name)
-        alike = [(r["name"].rsplit("/ours-", 1)[1], r["ppl"]) for r in variants if r["name"].startswith(f"{name}/")]
+        alike = [(r["name"].rsplit(VARIANT, 1)[1], r["ppl"]) for r in variants if r["name"].startswith(f"{name}/")]
         changed = ", ".join(f"{v} {ppl:.2f} ({ppl / row['ppl'] - 1:+.1%})" for v, ppl in alike) or "not yet"
         if mine is None:
             lines.append(f"| {name} | {row['ppl']:.2f} | not yet |  | {changed} |  |")

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.criteria import Evaluation, Rows  # noqa: E402
-from bench.sparsity import SparsityStudyConfig  # noqa: E402
+from bench.sparsity import VARIANT, SparsityStudyConfig  # noqa: E402
 from dataset.calibration import load_documents, sample_windows  # noqa: E402
 from module.pruning import count_parameters  # noqa: E402
 from module.sparse_masks import Pattern  # noqa: E402
@@ -114,14 +114,16 @@ def prune_variant(model_path: str, windows: torch.Tensor, method: str, pattern: 
     attention, batch_size, jitter = variant_settings(variant)
     model = load_causal_lm(model_path, "--model", torch.float32, attn_implementation=attention)
     embeddings = model.get_input_embeddings().weight
-    exact = embeddings.detach().clone()
+    exact = None
     if jitter is not None:  # about 8 float32 ulps: the size of the rounding differences between two codes
+        exact = embeddings.detach().clone()
         noise = torch.randn(embeddings.shape, generator=torch.Generator().manual_seed(jitter))
         embeddings.data.mul_(1 + 1e-6 * noise.to(embeddings.device))
     start = time.perf_counter()
     prune_weights(model, windows, method, Pattern.parse(pattern, sparsity), batch_size=batch_size, progress=False)
     seconds = time.perf_counter() - start
-    embeddings.data.copy_(exact)  # the embeddings are not pruned: every variant is scored with the exact ones
+    if exact is not None:  # the embeddings are not pruned: every variant is scored with the exact ones
+        embeddings.data.copy_(exact)
     model.set_attn_implementation("sdpa")
     return model, seconds
 
@@ -134,6 +136,12 @@ def measure(cfg: PublishedConfig) -> dict:
     rows = Rows(cfg)
     tokenizer = load_tokenizer(cfg.model, "--model")
     evaluation = Evaluation(cfg, tokenizer, "cpu")
+
+    def scored(model) -> dict:
+        """What every row records of a pruned model: its size, achieved sparsity and evaluation."""
+        return {"params": count_parameters(model), "achieved": sparsity_of(model)["pruned_linears"],
+                **evaluation(model)}  # fmt: skip
+
     docs = load_documents(str(Path(cfg.data_dir) / cfg.calib_file))
     for seed in cfg.seed_list:
         windows_path = rows.dir / f"windows-s{seed}.pt"
@@ -154,20 +162,17 @@ def measure(cfg: PublishedConfig) -> dict:
                     raise RuntimeError(f"{' '.join(args)} failed:\n{res.stderr[-3000:]}")
                 run = json.loads((out / "published_run.json").read_text())
                 model = load_causal_lm(str(out), name, torch.float32)
-                rows.add({"name": name, "pattern": pattern, "method": method, "seed": seed,
-                          "params": count_parameters(model), "achieved": sparsity_of(model)["pruned_linears"],
+                rows.add({"name": name, "pattern": pattern, "method": method, "seed": seed,  # timed before scoring
                           "prune_seconds": run["prune_seconds"], "run_seconds": time.perf_counter() - start,
-                          **evaluation(model)})  # fmt: skip
+                          **scored(model)})  # fmt: skip
             for method, (variant, only) in itertools.product(cfg.method_list, cfg.variant_list):
                 if only and only != pattern:
                     continue
-                name = f"{pattern}/{method}/s{seed}/ours-{variant}"
+                name = f"{pattern}/{method}/s{seed}{VARIANT}{variant}"
                 if rows.get(name) is None:
                     model, seconds = prune_variant(cfg.model, windows, method, pattern, cfg.sparsity, variant)
                     rows.add({"name": name, "pattern": pattern, "method": method, "seed": seed,
-                              "params": count_parameters(model), "achieved": sparsity_of(model)["pruned_linears"],
-                              "prune_seconds": seconds,
-                              **evaluation(model)})  # fmt: skip
+                              "prune_seconds": seconds, **scored(model)})  # fmt: skip
     reference = reference_versions(cfg.python)
     how = (f"bench/sparsity_published.py: locuslab/wanda {git_commit(cfg.wanda_repo)[:7] if cfg.wanda_repo else '-'} "
            f"(lib/prune.py prune_wanda), IST-DASLab/sparsegpt "
