@@ -510,8 +510,13 @@ def sparse_section(ctx: Context, rep: Report) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def run_sections(ctx: Context, names: list[str], registry: dict | None = None) -> dict[str, Report]:
-    """Run each named section; an exception is a failed check of that section, never the end of the run."""
+def run_sections(
+    ctx: Context, names: list[str], registry: dict | None = None, after_each: Callable[[dict], None] | None = None
+) -> dict[str, Report]:
+    """Run each named section; an exception is a failed check of that section, never the end of the run.
+
+    `after_each(reports so far)` runs after every section, so a run killed at its time limit keeps what it found.
+    """
     registry = SECTIONS if registry is None else registry
     reports = {}
     for name in names:
@@ -528,6 +533,8 @@ def run_sections(ctx: Context, names: list[str], registry: dict | None = None) -
         for c in rep.checks:
             print(f"   [{'ok' if c['ok'] else 'FAILED'}] {c['check']}: {c['detail']}", flush=True)
         reports[name] = rep
+        if after_each is not None:
+            after_each(reports)
     return reports
 
 
@@ -544,6 +551,8 @@ def markdown(reports: dict[str, Report], env: dict) -> str:
     lines = ["# GPU check", "", f"Device: **{env['device_name']}** ({env['device']}, {env['dtype']}); torch "
              f"{env['torch']}, transformers {env['transformers']}, CUDA {env['cuda']}; commit "
              f"{(env.get('hfprune_commit') or '?')[:10]}{'; --tiny' if env['tiny'] else ''}.", ""]  # fmt: skip
+    if env.get("sections_left"):
+        lines += [f"Not run (yet): {', '.join(env['sections_left'])}.", ""]
     for name, rep in reports.items():
         title = SECTIONS[name][0] if name in SECTIONS else name
         lines += [f"## {name}: {title} ({'ok' if rep.ok else 'FAILED'}, {rep.seconds:.0f} s)", "",
@@ -563,6 +572,8 @@ def markdown(reports: dict[str, Report], env: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out/gpu_check", help="folder for gpu_check.json and gpu_check.md")
+    parser.add_argument("--work_dir", help="scratch folder for the models the pipeline writes (default: OUT/work; "
+                        "outside OUT when only OUT's files are copied back)")  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (fp32), every section, < 2 minutes")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
     parser.add_argument(
@@ -586,18 +597,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = out / "work"
+    work = Path(args.work_dir) if args.work_dir else out / "work"
     ctx = Context(args.tiny, torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32,
                   work, Path(args.data_dir), args.tokenizer, args.model)  # fmt: skip
     torch.manual_seed(0)
     start = time.perf_counter()
-    reports = run_sections(ctx, names)
-    env = {**environment(ctx), "seconds": round(time.perf_counter() - start, 1)}
-    result = {"environment": env, "sections": {n: {"title": SECTIONS[n][0], "ok": r.ok, "seconds": round(r.seconds, 1),
-              "figures": r.figures, "checks": r.checks, "targets": r.targets, "notes": r.notes}
-              for n, r in reports.items()}}  # fmt: skip
-    (out / "gpu_check.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (out / "gpu_check.md").write_text(markdown(reports, env))
+    env = environment(ctx)
+
+    def write(reports: dict[str, Report]) -> None:
+        env["seconds"] = round(time.perf_counter() - start, 1)
+        env["sections_left"] = [n for n in names if n not in reports]
+        result = {"environment": env, "sections": {n: {"title": SECTIONS[n][0], "ok": r.ok,
+                  "seconds": round(r.seconds, 1), "figures": r.figures, "checks": r.checks, "targets": r.targets,
+                  "notes": r.notes} for n, r in reports.items()}}  # fmt: skip
+        (out / "gpu_check.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        (out / "gpu_check.md").write_text(markdown(reports, env))
+
+    reports = run_sections(ctx, names, after_each=write)
     failed = [n for n, r in reports.items() if not r.ok]
     missed = [f"{n}: {t['target']}" for n, r in reports.items() for t in r.targets if not t["met"]]
     print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'} in {env['seconds']:.0f} s")

@@ -53,6 +53,25 @@ def test_a_failed_check_exits_1_naming_the_section_and_the_others_still_run(tmp_
     assert "**FAILED**: it is 2" in (tmp_path / "gpu_check.md").read_text()
 
 
+def test_a_run_killed_mid_way_keeps_the_sections_it_finished(tmp_path, monkeypatch):
+    """The device tool kills a command at its time limit: what finished before must already be on disk."""
+
+    def fine(ctx, rep):
+        rep.figure("x", 1)
+
+    def killed(ctx, rep):
+        raise SystemExit(137)  # not an Exception: nothing in the check catches it, as with a kill
+
+    monkeypatch.setattr(gpu_check, "SECTIONS", {"fine": ("Fine", fine), "killed": ("Killed", killed),
+                                                "later": ("Later", fine)})  # fmt: skip
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--tiny", "--out", str(tmp_path), "--sections", "fine,killed,later"])
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert list(result["sections"]) == ["fine"] and result["sections"]["fine"]["figures"] == {"x": 1}
+    assert result["environment"]["sections_left"] == ["killed", "later"]
+    assert "Not run (yet): killed, later." in (tmp_path / "gpu_check.md").read_text()
+
+
 @pytest.mark.parametrize(("args", "message"), [(["--sections", "speed"], "unknown ['speed']"),
                                                ([], "no CUDA device here")])  # fmt: skip
 def test_bad_input(tmp_path, capsys, args, message):
