@@ -53,12 +53,14 @@ from bench.train_throughput import (  # noqa: E402
     optimizer_steps,
     padded_vs_packed,
     peak_flops,
+    step_phases,
     student_teacher,
 )
 from dataset.packing.packed_dataset import Collator, pack_examples  # noqa: E402
 from module.adapters import find_mlps  # noqa: E402
 from module.anyprecisionAdamw import AnyPrecisionAdamW  # noqa: E402
 from module.importance import collect_statistics  # noqa: E402
+from module.sft import row_multiple  # noqa: E402
 from utils.speed import measure_speed, ratios  # noqa: E402
 from utils.tiny import random_llama, train_tokenizer  # noqa: E402
 
@@ -178,11 +180,13 @@ def large_vocabulary(ctx: Context, rep: Report, shape: dict, seq: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def packing_agreement(model, examples: list[dict], pack_length: int) -> dict:
+def packing_agreement(model, examples: list[dict], pack_length: int, multiple: int = 1) -> dict:
     """Packed vs per-example loss, and how far the second example's logits move when the first one changes:
-    packed with position_ids (isolated) and, as the control, the same row without them (one long sequence)."""
+    packed with position_ids (isolated) and, as the control, the same row without them (one long sequence).
+    Every sequence is padded at its end to a multiple of `multiple` tokens (flex_attention's block), which
+    leaves the logits before the padding unchanged (causal attention)."""
     rows, _ = pack_examples(examples, pack_length, "consecutive")
-    batch = Collator(0)(rows[:1])
+    batch = Collator(0, pad_to_multiple_of=multiple)(rows[:1])
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     n0, n1 = len(examples[0]["input_ids"]), len(examples[1]["input_ids"])
@@ -190,10 +194,12 @@ def packing_agreement(model, examples: list[dict], pack_length: int) -> dict:
         packed = model(**batch).loss.float().item()
         total, count = 0.0, 0
         for ex in examples:
-            ids, labels = torch.tensor([ex["input_ids"]], device=device), torch.tensor([ex["labels"]], device=device)
-            logits = model(input_ids=ids).logits[0, :-1].float()
-            total += torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum").item()
-            count += int((labels[0, 1:] != -100).sum())
+            n = len(ex["input_ids"])
+            ids = torch.tensor([ex["input_ids"] + [0] * (-n % multiple)], device=device)
+            labels = torch.tensor(ex["labels"][1:], device=device)
+            logits = model(input_ids=ids).logits[0, : n - 1].float()
+            total += torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
+            count += int((labels != -100).sum())
         changed = batch["input_ids"].clone()
         changed[0, :n0] = (changed[0, :n0] + 1) % model.config.vocab_size
         second = slice(n0, n0 + n1)
@@ -242,7 +248,7 @@ def packing_section(ctx: Context, rep: Report) -> None:
         except (ImportError, ValueError) as err:
             rep.notes.append(f"{attn}: not available here ({str(err).splitlines()[0]})")
             continue
-        r = packing_agreement(model, examples, 128)
+        r = packing_agreement(model, examples, 128, row_multiple(attn))
         rep.figure(f"{attn}: packed / per-example loss", f"{r['packed_loss']:.5f} / {r['per_example_loss']:.5f}")
         moved = r["max_logit_change_isolated"], r["max_logit_change_without_position_ids"]
         rep.figure(f"{attn}: logit change isolated / without position_ids", f"{moved[0]:.2e} / {moved[1]:.2e}")
@@ -344,6 +350,9 @@ def training_section(ctx: Context, rep: Report) -> None:
         rep.figure(
             "distillation / plain CE: peak GiB", f"{distill['peak_bytes'] / GiB:.2f} / {plain['peak_bytes'] / GiB:.2f}"
         )
+    for label, t in (("plain CE", None), ("distillation", teacher)):
+        phases = step_phases(student, t, batches[:8], ctx.device)
+        rep.figure(f"{label} step phases, ms", ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
     del student, teacher
     free(ctx.device)
 
@@ -458,8 +467,11 @@ def inference_section(ctx: Context, rep: Report) -> None:
                                              tie_word_embeddings=True), 1024, 64  # fmt: skip
     dense = random_llama(shape, ctx.device, ctx.dtype)
     pruned = mlp_pruned_copy(dense, 0.2)
-    results = {"dense": measure_speed(dense, prompt_len, new_tokens, [1, 8]),
-               "pruned": measure_speed(pruned, prompt_len, new_tokens, [1, 8])}  # fmt: skip
+    # a first pass through every path, untimed: the first run on a fresh GPU measured the dense model's decoding
+    # at a third of the pruned model's speed (2026-11-30); each figure is then a median of 3
+    measure_speed(dense, prompt_len, 4, [1, 8], repeats=1)
+    results = {label: measure_speed(m, prompt_len, new_tokens, [1, 8], decode_repeats=3)
+               for label, m in (("dense", dense), ("pruned", pruned))}  # fmt: skip
     r = ratios(results["dense"], results["pruned"])
     rep.figure("prompt / new tokens", f"{prompt_len} / {new_tokens}")
     for label, v in results.items():

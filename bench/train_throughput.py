@@ -30,6 +30,7 @@ from dataset.LaMini_dataset import tokenized_dataset  # noqa: E402
 from dataset.packing.packed_dataset import Collator, pack_examples  # noqa: E402
 from module.anyprecisionAdamw import AnyPrecisionAdamW, state_bytes  # noqa: E402
 from module.distill import Distiller  # noqa: E402
+from utils.speed import sync  # noqa: E402
 
 SHAPES = {
     "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
@@ -37,11 +38,6 @@ SHAPES = {
     "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                         num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=True),
 }  # fmt: skip
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def train_tokens_per_second(model, batches, device, real_tokens: int, opt) -> float:
@@ -112,6 +108,53 @@ def distill_step_speed(student, teacher, batches, device, steps: int | None = No
     if device.type == "cuda":
         out["peak_bytes"] = torch.cuda.max_memory_allocated(device)
     return out
+
+
+def step_phases(student, teacher, batches, device) -> dict[str, float]:
+    """Milliseconds per step of each phase of a plain CE step (`teacher` None) or a distillation step (alpha 0.5),
+    the device synchronised between phases: where the time goes. With a teacher, its forward is also timed on
+    its own, so the loss is what is left of "teacher forward + loss"."""
+    distiller = Distiller(teacher, alpha=0.5, temperature=1.0) if teacher is not None else None
+    opt = AnyPrecisionAdamW(student.parameters(), lr=1e-5, momentum_dtype="bfloat16", variance_dtype="bfloat16")
+    student.train()
+    total: dict[str, float] = {}
+
+    def lap(name: str, start: float) -> float:
+        sync(device)
+        now = time.perf_counter()
+        total[name] = total.get(name, 0.0) + now - start
+        return now
+
+    for i, batch in enumerate([batches[0], *batches]):  # the first one warms up
+        if i == 1:
+            total.clear()
+        batch = {k: v.to(device) for k, v in batch.items()}
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        sync(device)
+        t = time.perf_counter()
+        if distiller is None:
+            loss = student(**batch).loss
+            t = lap("student forward + CE", t)
+        else:
+            logits = student(**inputs).logits
+            t = lap("student forward", t)
+            loss = distiller.loss(logits, inputs, batch["labels"], None)
+            t = lap("teacher forward + loss", t)
+            del logits
+        loss.backward()
+        t = lap("backward", t)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t = lap("optimizer step", t)
+        if distiller is not None:
+            with torch.no_grad():
+                distiller.teacher.base_model(input_ids=inputs["input_ids"], position_ids=inputs.get("position_ids"))
+            lap("teacher forward alone", t)
+        del loss
+    ms = {k: 1e3 * v / len(batches) for k, v in total.items()}
+    if distiller is not None:
+        ms["loss alone"] = ms["teacher forward + loss"] - ms["teacher forward alone"]
+    return ms
 
 
 def student_teacher(shape: dict, vocab: int, device, dtype, keep: float = 0.6):

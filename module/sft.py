@@ -29,6 +29,16 @@ from utils.report import plot_loss_curve, versions, write_json
 log = logging.getLogger("hfprune")
 
 
+# flex_attention's kernels work in blocks of 128 tokens; torch 2.11's compiled kernel found no valid
+# configuration for a 111-token row on an H200 (the GPU check, 2026-11-30), so its rows are padded to a multiple.
+FLEX_BLOCK = 128
+
+
+def row_multiple(attn_implementation: str) -> int:
+    """What the collator rounds each batch's width up to for this attention implementation."""
+    return FLEX_BLOCK if attn_implementation == "flex_attention" else 1
+
+
 def choose_attention(requested: str, cuda: bool) -> str:
     """flash_attention_2 when installed on CUDA, else flex_attention on CUDA, else sdpa."""
     if requested != "auto":
@@ -159,16 +169,13 @@ def build(sft: SFTArguments, args, lora: LoraArguments | None, callbacks=()):
             rows = tokenized_dataset(sft.dataset_name, tokenizer, sft.tokenizer_max, sft.train_on_inputs,
                                      sft.data_cache or None, sft.max_train_samples)  # fmt: skip
         n_examples = len(rows)
-    if text:
-        collator = Collator(tokenizer.pad_token_id)
-    elif sft.packing == "none":
-        collator = Collator(tokenizer.pad_token_id, packed=False)
-    else:
+    attn = choose_attention(sft.attn_implementation, cuda)
+    collator = Collator(tokenizer.pad_token_id, packed=text or sft.packing != "none",
+                        pad_to_multiple_of=row_multiple(attn))  # fmt: skip
+    if not text and sft.packing != "none":
         rows, fill = pack_examples(rows, sft.pack_length, sft.packing)
-        collator = Collator(tokenizer.pad_token_id)
         log.info("packing (%s): %d examples into %d rows of <= %d tokens, fill %.3f",
                  sft.packing, n_examples, len(rows), sft.pack_length, fill)  # fmt: skip
-    attn = choose_attention(sft.attn_implementation, cuda)
     model = load_causal_lm(sft.model, "--model", dtype, sft.trust_remote_code, attn_implementation=attn)
     model.config.use_cache = False
     if args.gradient_checkpointing:

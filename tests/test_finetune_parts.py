@@ -16,6 +16,7 @@ from dataset.packing.packed_dataset import (
 )
 from dataset.prompter import Prompter
 from module.anyprecisionAdamw import AnyPrecisionAdamW, state_bytes
+from module.sft import row_multiple
 from utils.errors import UserError
 
 
@@ -49,6 +50,14 @@ def test_pack_examples_labels_and_positions():
     assert padded["labels"][1].tolist() == [-100, 7, 8, 9, -100]
     with pytest.raises(ValueError, match="more than the pack length"):
         pack_examples(examples, 3, "bfd")
+    # rounded up to a multiple of 4: widths 5 -> 8, the padding a sequence of its own (positions 0, 1, ...)
+    wide = Collator(pad_token_id=0, pad_to_multiple_of=4)(rows)
+    assert wide["input_ids"][1].tolist() == [6, 7, 8, 9, 0, 0, 0, 0]
+    assert wide["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 0, 1, 2]
+    assert wide["labels"][0].tolist() == [-100, 2, 3, -100, 5, -100, -100, -100]
+    assert Collator(pad_token_id=0, packed=False, pad_to_multiple_of=4)(rows)["attention_mask"][0].tolist() == [
+        1, 1, 1, 1, 1, 0, 0, 0]  # fmt: skip
+    assert row_multiple("flex_attention") == 128 and row_multiple("sdpa") == row_multiple("eager") == 1
 
 
 def test_prompt_masking_and_eos(tiny_tokenizer):
@@ -74,8 +83,9 @@ def test_field_mapping():
         to_examples([{"question": "q", "answer": "a"}])
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_loss_equals_per_example_loss_and_examples_stay_apart(attn):
+@pytest.mark.parametrize(("attn", "multiple"), [("sdpa", 1), ("eager", 1), ("sdpa", 16)])
+def test_packed_loss_equals_per_example_loss_and_examples_stay_apart(attn, multiple):
+    """multiple 16: every sequence padded at its end to 16 tokens (as for flex_attention's blocks)."""
     model = tiny_model("llama")
     model.set_attn_implementation(attn)
     model.config.use_cache = False  # with a cache, transformers does not look for packed sequences
@@ -84,7 +94,7 @@ def test_packed_loss_equals_per_example_loss_and_examples_stay_apart(attn):
     for n in (7, 5, 9):
         ids = torch.randint(0, 300, (n,), generator=gen).tolist()
         examples.append({"input_ids": ids, "labels": [-100, -100, *ids[2:]]})
-    r = packing_agreement(model, examples, 32)
+    r = packing_agreement(model, examples, 32, multiple)
     assert r["packed_loss"] == pytest.approx(r["per_example_loss"], rel=1e-4)
     # changing the first example must not change any logit of the second one ...
     assert r["max_logit_change_isolated"] <= 1e-5

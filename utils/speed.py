@@ -17,8 +17,11 @@ def sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def measure_speed(model, prompt_len: int, new_tokens: int, batch_sizes: list[int], repeats: int = 3) -> dict:
-    """Prefill seconds (median of `repeats`, batch 1) and decode tokens/s per batch size, on random token ids."""
+def measure_speed(
+    model, prompt_len: int, new_tokens: int, batch_sizes: list[int], repeats: int = 3, decode_repeats: int = 1
+) -> dict:
+    """Prefill seconds (median of `repeats`, batch 1) and decode tokens/s (median of `decode_repeats`) per batch
+    size, on random token ids."""
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -41,11 +44,14 @@ def measure_speed(model, prompt_len: int, new_tokens: int, batch_sizes: list[int
         kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
                       pad_token_id=0, eos_token_id=None)  # fmt: skip
         model.generate(ids, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
-        sync(device)
-        start = time.perf_counter()
-        model.generate(ids, **kwargs)
-        sync(device)
-        out["decode_tokens_per_s"][b] = b * new_tokens / (time.perf_counter() - start)
+        seconds = []
+        for _ in range(decode_repeats):
+            sync(device)
+            start = time.perf_counter()
+            model.generate(ids, **kwargs)
+            sync(device)
+            seconds.append(time.perf_counter() - start)
+        out["decode_tokens_per_s"][b] = b * new_tokens / statistics.median(seconds)
     if device.type == "cuda":
         out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
     return out

@@ -70,18 +70,18 @@ def pack_examples(examples: list[dict], pack_length: int, strategy: str = "bfd")
 
 
 class Collator:
-    """Pads the rows of a batch to the longest one.
+    """Pads the rows of a batch to the longest one, rounded up to a multiple of `pad_to_multiple_of`.
 
     packed=True: no attention mask; the padding forms a sequence of its own (positions 0.., labels
     -100), so transformers keeps it apart like any packed example. packed=False: plain padded batches
     with an attention mask (the baseline without packing).
     """
 
-    def __init__(self, pad_token_id: int, packed: bool = True):
-        self.pad, self.packed = pad_token_id, packed
+    def __init__(self, pad_token_id: int, packed: bool = True, pad_to_multiple_of: int = 1):
+        self.pad, self.packed, self.multiple = pad_token_id, packed, pad_to_multiple_of
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
+        width = -(-max(len(r["input_ids"]) for r in rows) // self.multiple) * self.multiple
         extra = "position_ids" if self.packed else "attention_mask"
         batch = {"input_ids": [], "labels": [], extra: []}
         for r in rows:
