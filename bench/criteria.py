@@ -188,22 +188,37 @@ class Evaluation:
 
 
 class Rows:
-    """Measured rows, appended to WORK/rows.jsonl as they come; with --resume, matching rows are reused."""
+    """Measured rows, appended to WORK/rows.jsonl as they come; with --resume, matching rows are reused.
 
-    def __init__(self, cfg: StudyConfig):
+    `committed`: a report's JSON in the repository ({"rows": [...]}); with --resume its rows of the same
+    settings are reused too, so a study outlives WORK (a fresh checkout has none: out/ is not in git).
+    """
+
+    def __init__(self, cfg: StudyConfig, committed: Path | None = None):
         self.settings_key = digest(cfg.settings())[:16]
         self.dir = Path(cfg.work_dir) / self.settings_key  # pruned and trained models of these settings
         self.path = self.dir / "rows.jsonl"
         self.done: dict[str, dict] = {}
-        if cfg.resume and self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                entry = json.loads(line)
-                self.done[entry["name"]] = entry
+        if cfg.resume:
+            if committed is not None and committed.is_file():
+                for entry in json.loads(committed.read_text()).get("rows", []):
+                    if entry.get("settings") == self.settings_key:
+                        self.done[entry["name"]] = entry
+            if self.path.is_file():
+                for line in self.path.read_text().splitlines():
+                    entry = json.loads(line)
+                    self.done[entry["name"]] = entry
         else:
             shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict] = []
         self.reused = 0
+
+    def every(self) -> list[dict]:
+        """The rows asked for so far, then every other row of these settings measured earlier (for the JSON
+        that --resume reads back: asking for fewer arms must not drop a measured one)."""
+        asked = {r["name"] for r in self.rows}
+        return self.rows + [r for name, r in self.done.items() if name not in asked]
 
     def get(self, name: str) -> dict | None:
         row = self.done.get(name)

@@ -9,7 +9,9 @@ calibration) once; every arm then trains the pruned model through fintune_{lora,
 the same packed LaMini rows for the same number of tokens (`--train_tokens`, one seed) and is evaluated
 like bench/criteria.py (WikiText-2 perplexity; the offline zero-shot tasks, the first `--limit` items of
 each). Rows are appended to WORK/<settings>/rows.jsonl as they finish: with --resume a later session
-continues where the last one stopped, and the report covers the rows measured so far.
+continues where the last one stopped, and the report covers the rows measured so far. The report's
+recovery.json is committed, and --resume reuses its rows of the same settings: a fresh checkout (no out/)
+continues the study from the rows in git (`--measured_only` writes the report mid-study).
 """
 
 from __future__ import annotations
@@ -125,12 +127,12 @@ def train_arm(cfg: RecoveryConfig, pruned: Path, mode: str, objective: str, run_
     return model, info
 
 
-def measure(cfg: RecoveryConfig) -> tuple[list[dict], dict]:
+def measure(cfg: RecoveryConfig) -> tuple[Rows, dict]:
     if not cfg.model:
         from utils.smollm2 import cached_model
 
         cfg.model = str(cached_model())
-    rows = Rows(cfg)
+    rows = Rows(cfg, committed=Path(cfg.out).with_name("recovery.json"))
     tokenizer = load_tokenizer(cfg.model, "--model")
     evaluation = Evaluation(cfg, tokenizer, "cpu")
     context = {"versions": {**versions()}, "boolq_yes_share": evaluation.boolq_yes_share, "model": cfg.model}
@@ -138,8 +140,11 @@ def measure(cfg: RecoveryConfig) -> tuple[list[dict], dict]:
         for name in ("dense", "pruned", *(f"{mode}:{objective}" for mode, objective in cfg.arm_list)):
             rows.get(name)
         if not {"dense", "pruned"} <= {r["name"] for r in rows.rows}:
-            raise UserError(f"--measured_only: the dense and pruned rows of these settings are not in {rows.path}")
-        return rows.rows, context
+            raise UserError(
+                f"--measured_only: the dense and pruned rows of these settings are neither in {rows.path} "
+                f"nor in {Path(cfg.out).with_name('recovery.json')}"
+            )
+        return rows, context
     for name, path in (("dense", cfg.model), ("pruned", str(prune_once(cfg, rows.dir)))):
         if rows.get(name) is None:
             model = load_causal_lm(path, name, torch.float32)
@@ -153,7 +158,7 @@ def measure(cfg: RecoveryConfig) -> tuple[list[dict], dict]:
         model, info = train_arm(cfg, pruned, mode, objective, rows.dir / name.replace(":", "-"))
         rows.add({"name": name, "params": count_parameters(model), **info, **evaluation(model)})
         del model
-    return rows.rows, context
+    return rows, context
 
 
 def recovered(row: dict, dense: dict, pruned: dict, metric: str) -> float | None:
@@ -278,9 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - start
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        plot(rows, out.with_name("recovery.png"))
-        out.with_name("recovery.json").write_text(json.dumps({"context": context, "rows": rows}, indent=1))
-        out.write_text(report(rows, context, cfg))
+        plot(rows.rows, out.with_name("recovery.png"))
+        out.with_name("recovery.json").write_text(json.dumps({"context": context, "rows": rows.every()}, indent=1))
+        out.write_text(report(rows.rows, context, cfg))
         print(f"wrote {out} ({seconds / 60:.1f} min)")
 
     return run_cli(go)

@@ -233,7 +233,13 @@ def test_recovery_study_runs_and_resumes_on_a_tiny_model(tmp_path, tiny_long_lla
         and "Not measured yet (run again with `--resume`): full:both." in out.read_text()
     )
     assert not any(p.name == "full-both" for p in (tmp_path / "work").glob("*/*"))
-    assert recovery.main([*argv, "--measured_only", "--work_dir", str(tmp_path / "none")]) == 2
+    # a fresh checkout: no WORK folder, but the committed recovery.json holds the rows of these settings
+    fresh = [*argv, "--work_dir", str(tmp_path / "fresh")]
+    assert recovery.main([*fresh, "--arms", "full:ce,lora:distill", "--measured_only"]) == 0
+    assert [r["name"] for r in json.loads(out.with_name("recovery.json").read_text())["rows"]] == [
+        "dense", "pruned", "full:ce", "lora:distill"]  # fmt: skip
+    # ... and only those: other settings (another seed) find nothing to reuse
+    assert recovery.main([*fresh, "--seed", "1", "--measured_only"]) == 2
 
 
 class StepsRun(TrainerCallback):
