@@ -1,6 +1,6 @@
 """The GPU check: every answer about our CUDA path from one short command, written to gpu_check.json/.md.
 
-    bash script/gpu_check.sh --out out/gpu_check              # one H100/H200: about 5 minutes
+    bash script/gpu_check.sh --out out/gpu_check              # one H200: about 250 s (2026-11-30)
     bash script/gpu_check.sh --tiny --out out/gpu_check_tiny  # every section with tiny shapes on CPU (CI)
     bash script/gpu_check.sh --sections packing,training      # a subset
 

