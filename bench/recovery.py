@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import prune  # noqa: E402
-from bench.criteria import EvaluatedStudyConfig, Evaluation, Rows  # noqa: E402
+from bench.criteria import EvaluatedStudyConfig, Evaluation, Rows, value  # noqa: E402
 from module.pruning import count_parameters  # noqa: E402
 from utils.cli import load_causal_lm, load_tokenizer, parse_config  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
@@ -161,21 +161,31 @@ def measure(cfg: RecoveryConfig) -> tuple[Rows, dict]:
     return rows, context
 
 
-def recovered(row: dict, dense: dict, pruned: dict, metric: str) -> float | None:
-    """Share of the dense-pruned gap an arm won back: perplexity on a log scale, accuracy linearly."""
+ACCURACY = {"avg": "avg", "avg_ex_boolq": "avg ex. BoolQ"}  # the zero-shot averages the report shows
+
+
+def average_se(cfg: RecoveryConfig, tasks: int) -> float:
+    """Standard error (points) of a difference between two models' average accuracy over `tasks` tasks of
+    `--limit` items each (binomial at p = 0.5, the worst case)."""
+    return 100 * math.sqrt(2 * 0.25 / max(1, cfg.limit) / max(1, tasks))
+
+
+def recovered(row: dict, dense: dict, pruned: dict, metric: str, noise: float = 0.0) -> float | None:
+    """Share of the dense-pruned gap an arm won back: perplexity on a log scale, accuracy averages linearly.
+    None when the accuracy gap is not above `noise` points (a share of noise means nothing)."""
     if metric == "ppl":
         gap = math.log(pruned["ppl"]) - math.log(dense["ppl"])
         return (math.log(pruned["ppl"]) - math.log(row["ppl"])) / gap if gap else None
-    if row.get("avg") is None or dense.get("avg") is None:
-        return None
-    gap = dense["avg"] - pruned["avg"]
-    return (row["avg"] - pruned["avg"]) / gap if gap else None
+    gap = value(dense, metric) - value(pruned, metric)
+    return (value(row, metric) - value(pruned, metric)) / gap if gap > noise else None
 
 
 def report(rows: list[dict], context: dict, cfg: RecoveryConfig) -> str:
     by = {r["name"]: r for r in rows}
     dense, pruned = by["dense"], by["pruned"]
     tasks = list(dense["tasks"])
+    averages = {m: len(tasks) - (m == "avg_ex_boolq") for m in ACCURACY if m == "avg" or "boolq" in tasks}
+    noise = {m: 2 * average_se(cfg, k) for m, k in averages.items()}
     v = context["versions"]
     lines = [
         "# Recovery: plain fine-tuning vs distillation from the dense model (SmolLM2-135M, 20% pruned)",
@@ -201,23 +211,33 @@ def report(rows: list[dict], context: dict, cfg: RecoveryConfig) -> str:
             if context.get("boolq_yes_share") is not None
             else ""
         ),  # fmt: skip
-        "- Recovered: the share of the dense-pruned gap won back (perplexity on a log scale, average accuracy "
-        "linearly).",
+        "- Recovered: the share of the dense-pruned gap won back (perplexity on a log scale, the accuracy "
+        "averages linearly; not given where the dense-pruned accuracy gap is within two standard errors of a "
+        "difference of two averages, since a share of noise means nothing).",
         "",
-        "| model | params | WikiText-2 ppl | recovered (ppl) | " + " | ".join(tasks) + " | avg | recovered (avg) | "
-        "train min |",
-        "|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|",
+        "| model | params | WikiText-2 ppl | recovered (ppl) | "
+        + " | ".join(tasks)
+        + " | "
+        + " | ".join(f"{label} | recovered ({label})" for m, label in ACCURACY.items() if m in averages)
+        + " | train min |",
+        "|---|---|---|---|" + "---|" * (len(tasks) + 2 * len(averages) + 1),
     ]
     for r in rows:
-        rec_p, rec_a = recovered(r, dense, pruned, "ppl"), recovered(r, dense, pruned, "avg")
+        base = r["name"] in ("dense", "pruned")
+        rec_p = recovered(r, dense, pruned, "ppl")
         cells = [f"{r['tasks'][t]:.1f}" for t in tasks]
+        for m in averages:
+            rec = recovered(r, dense, pruned, m, noise[m])
+            cells += [f"{value(r, m):.2f}", "–" if base or rec is None else f"{rec:.0%}"]
         lines.append(
-            f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['ppl']:.2f} | "
-            f"{'–' if r['name'] in ('dense', 'pruned') else f'{rec_p:.0%}'} | " + " | ".join(cells)
-            + f" | {r['avg']:.2f} | {'–' if r['name'] in ('dense', 'pruned') or rec_a is None else f'{rec_a:.0%}'} | "
+            f"| {r['name']} | {r['params'] / 1e6:.1f}M | {r['ppl']:.2f} | {'–' if base else f'{rec_p:.0%}'} | "
+            + " | ".join(cells) + " | "
             + (f"{r['train_seconds'] / 60:.0f}{' (resumed)' if r.get('resumed') else ''} |"
                if "train_seconds" in r else "– |")
         )  # fmt: skip
+    gaps = [f"{ACCURACY[m]} {value(dense, m) - value(pruned, m):+.2f} points (two standard errors: {noise[m]:.1f})"
+            for m in averages]  # fmt: skip
+    lines += ["", f"The dense-pruned gap: perplexity {pruned['ppl'] / dense['ppl']:.2f}x; " + "; ".join(gaps) + "."]
     if any(r.get("resumed") for r in rows):
         lines += [
             "",
@@ -234,7 +254,8 @@ def report(rows: list[dict], context: dict, cfg: RecoveryConfig) -> str:
 def verdict(by: dict, cfg: RecoveryConfig) -> list[str]:
     """Generated: does distillation beat plain CE per mode, by how much, against the evaluation's noise."""
     out = []
-    se = 100 * math.sqrt(0.25 / max(1, cfg.limit)) / math.sqrt(max(1, len(by["dense"]["tasks"])))
+    tasks = by["dense"]["tasks"]
+    averages = {m: len(tasks) - (m == "avg_ex_boolq") for m in ACCURACY if m == "avg" or "boolq" in tasks}
     for mode in ("full", "lora"):
         ce = by.get(f"{mode}:ce")
         for objective in ("distill", "both"):
@@ -242,13 +263,16 @@ def verdict(by: dict, cfg: RecoveryConfig) -> list[str]:
             if ce is None or other is None:
                 continue
             d_ppl = ce["ppl"] - other["ppl"]
-            d_avg = other["avg"] - ce["avg"]
+            accuracy = []
+            for m, k in averages.items():
+                d, se = value(other, m) - value(ce, m), average_se(cfg, k)
+                side = "beyond" if abs(d) > 2 * se else "within"
+                accuracy.append(f"{ACCURACY[m]} {value(other, m):.2f} vs {value(ce, m):.2f} ({d:+.2f} points, "
+                                f"{side} two standard errors of ±{se:.1f})")  # fmt: skip
             out.append(
                 f"- {mode}: {objective} vs ce: perplexity {other['ppl']:.2f} vs {ce['ppl']:.2f} "
-                f"({'lower' if d_ppl > 0 else 'higher'} by {abs(d_ppl):.2f}), zero-shot average {other['avg']:.2f} vs "
-                f"{ce['avg']:.2f} ({d_avg:+.2f} points; the average's standard error is about ±{se:.1f}, so "
-                f"{'beyond' if abs(d_avg) > 2 * se else 'within'} two standard errors). One training seed: the "
-                "perplexity difference has no seed spread yet."
+                f"({'lower' if d_ppl > 0 else 'higher'} by {abs(d_ppl):.2f}); " + "; ".join(accuracy)
+                + ". One training seed: the perplexity difference has no seed spread yet."
             )  # fmt: skip
     return out
 
@@ -264,9 +288,12 @@ def plot(rows: list[dict], path: Path) -> None:
         if r.get("curve"):
             steps, ce, _ = zip(*r["curve"])
             ax.plot(steps, ce, label=r["name"])
+    if not ax.lines:
+        ax.text(0.5, 0.5, "no arm trained yet", ha="center", transform=ax.transAxes)
     ax.set(xlabel="optimizer step", ylabel="CE on the response tokens (training batch)",
            title="Recovery of SmolLM2-135M pruned 20%: training CE per arm")  # fmt: skip
-    ax.legend(fontsize=8)
+    if ax.lines:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

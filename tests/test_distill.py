@@ -15,6 +15,7 @@ import fintune_full
 import fintune_lora
 from dataset.packing.packed_dataset import pack_examples, pack_text
 from module.distill import Distiller, shifted_targets
+from utils.report import versions
 
 GEN = torch.Generator().manual_seed(5)
 
@@ -280,3 +281,29 @@ def test_recovery_arm_cut_off_resumes_from_its_checkpoint(tmp_path, tiny_long_ll
     assert info["resumed"] and not whole_info["resumed"]  # the report marks the resumed arm's minutes
     for (name, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_recovered_share_by_hand_and_not_for_a_gap_within_noise():
+    from bench import recovery
+
+    dense = {"name": "dense", "params": 10, "ppl": 10.0, "avg": 55.0, "tasks": {"arc": 52.0, "boolq": 58.0},
+             "eval_seconds": 1}  # fmt: skip
+    pruned = {"name": "pruned", "params": 8, "ppl": 40.0, "avg": 55.0, "tasks": {"arc": 40.0, "boolq": 70.0},
+              "eval_seconds": 1}  # fmt: skip
+    arm = {"name": "full:ce", "params": 8, "ppl": 20.0, "avg": 58.0, "tasks": {"arc": 46.0, "boolq": 70.0},
+           "train_seconds": 60, "eval_seconds": 1}  # fmt: skip
+    # perplexity on a log scale: ln(40/20) / ln(40/10) = 1/2
+    assert recovery.recovered(arm, dense, pruned, "ppl") == pytest.approx(0.5)
+    # the average over both tasks has no gap (55 vs 55): no share; without BoolQ the gap is 12 points, 6 won back
+    assert recovery.recovered(arm, dense, pruned, "avg") is None
+    assert recovery.recovered(arm, dense, pruned, "avg_ex_boolq") == pytest.approx(0.5)
+    assert recovery.recovered(arm, dense, pruned, "avg_ex_boolq", noise=12.0) is None
+    cfg = recovery.RecoveryConfig(limit=200, arms="full:ce")
+    # two tasks of 200 items: a difference of two averages has a standard error of 100 * sqrt(0.5 / 400) = 3.54
+    assert recovery.average_se(cfg, 2) == pytest.approx(3.5355, abs=1e-4)
+    text = recovery.report([dense, pruned, arm], {"versions": versions(), "boolq_yes_share": 60.0}, cfg)
+    row = next(line for line in text.splitlines() if line.startswith("| full:ce |"))
+    # ppl share 50%; avg 58.00 with no share; avg ex. BoolQ 46.00: one task's 12-point gap is above its noise
+    # (2 x 100 * sqrt(0.5 / 200) = 10 points): 50%
+    assert "| 20.00 | 50% |" in row and "| 58.00 | – | 46.00 | 50% | 1 |" in row
+    assert "avg ex. BoolQ +12.00 points (two standard errors: 10.0)" in text
