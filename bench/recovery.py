@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import prune  # noqa: E402
-from bench.criteria import EvaluatedStudyConfig, Evaluation, Rows, value  # noqa: E402
+from bench.criteria import EvaluatedStudyConfig, Evaluation, Rows, metrics_of, value  # noqa: E402
 from module.pruning import count_parameters  # noqa: E402
 from utils.cli import load_causal_lm, load_tokenizer, parse_config  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
@@ -75,6 +75,11 @@ class RecoveryConfig(EvaluatedStudyConfig):
                                     for a in self.arm_list):  # fmt: skip
             raise ValueError(f"--arms {self.arms!r}: each must be MODE:OBJECTIVE, lora|full : ce|distill|both")
         self.steps = max(1, self.train_tokens // (self.pack_length * self.gradient_accumulation_steps))
+
+    @property
+    def rows_json(self) -> Path:
+        """The report's JSON beside --out: every measured row, committed, and read back by --resume."""
+        return Path(self.out).with_name("recovery.json")
 
     def settings(self) -> dict:
         """As the base's, without the arms and the checkpoint interval: adding an arm with --resume keeps the
@@ -132,7 +137,7 @@ def measure(cfg: RecoveryConfig) -> tuple[Rows, dict]:
         from utils.smollm2 import cached_model
 
         cfg.model = str(cached_model())
-    rows = Rows(cfg, committed=Path(cfg.out).with_name("recovery.json"))
+    rows = Rows(cfg, committed=cfg.rows_json)
     tokenizer = load_tokenizer(cfg.model, "--model")
     evaluation = Evaluation(cfg, tokenizer, "cpu")
     context = {"versions": {**versions()}, "boolq_yes_share": evaluation.boolq_yes_share, "model": cfg.model}
@@ -142,7 +147,7 @@ def measure(cfg: RecoveryConfig) -> tuple[Rows, dict]:
         if not {"dense", "pruned"} <= {r["name"] for r in rows.rows}:
             raise UserError(
                 f"--measured_only: the dense and pruned rows of these settings are neither in {rows.path} "
-                f"nor in {Path(cfg.out).with_name('recovery.json')}"
+                f"nor in {cfg.rows_json}"
             )
         return rows, context
     for name, path in (("dense", cfg.model), ("pruned", str(prune_once(cfg, rows.dir)))):
@@ -162,6 +167,11 @@ def measure(cfg: RecoveryConfig) -> tuple[Rows, dict]:
 
 
 ACCURACY = {"avg": "avg", "avg_ex_boolq": "avg ex. BoolQ"}  # the zero-shot averages the report shows
+
+
+def accuracy_averages(dense: dict) -> dict[str, int]:
+    """The zero-shot averages the report shows (those bench/criteria.py reports), each with its number of tasks."""
+    return {m: len(dense["tasks"]) - (m == "avg_ex_boolq") for m in metrics_of(dense) if m in ACCURACY}
 
 
 def average_se(cfg: RecoveryConfig, tasks: int) -> float:
@@ -184,7 +194,7 @@ def report(rows: list[dict], context: dict, cfg: RecoveryConfig) -> str:
     by = {r["name"]: r for r in rows}
     dense, pruned = by["dense"], by["pruned"]
     tasks = list(dense["tasks"])
-    averages = {m: len(tasks) - (m == "avg_ex_boolq") for m in ACCURACY if m == "avg" or "boolq" in tasks}
+    averages = accuracy_averages(dense)
     noise = {m: 2 * average_se(cfg, k) for m, k in averages.items()}
     v = context["versions"]
     lines = [
@@ -254,8 +264,7 @@ def report(rows: list[dict], context: dict, cfg: RecoveryConfig) -> str:
 def verdict(by: dict, cfg: RecoveryConfig) -> list[str]:
     """Generated: does distillation beat plain CE per mode, by how much, against the evaluation's noise."""
     out = []
-    tasks = by["dense"]["tasks"]
-    averages = {m: len(tasks) - (m == "avg_ex_boolq") for m in ACCURACY if m == "avg" or "boolq" in tasks}
+    averages = accuracy_averages(by["dense"])
     for mode in ("full", "lora"):
         ce = by.get(f"{mode}:ce")
         for objective in ("distill", "both"):
@@ -311,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         plot(rows.rows, out.with_name("recovery.png"))
-        out.with_name("recovery.json").write_text(json.dumps({"context": context, "rows": rows.every()}, indent=1))
+        cfg.rows_json.write_text(json.dumps({"context": context, "rows": rows.every()}, indent=1))
         out.write_text(report(rows.rows, context, cfg))
         print(f"wrote {out} ({seconds / 60:.1f} min)")
 

@@ -170,9 +170,9 @@ def build(sft: SFTArguments, args, lora: LoraArguments | None, callbacks=()):
                                      sft.data_cache or None, sft.max_train_samples)  # fmt: skip
         n_examples = len(rows)
     attn = choose_attention(sft.attn_implementation, cuda)
-    collator = Collator(tokenizer.pad_token_id, packed=text or sft.packing != "none",
-                        pad_to_multiple_of=row_multiple(attn))  # fmt: skip
-    if not text and sft.packing != "none":
+    packed = text or sft.packing != "none"
+    collator = Collator(tokenizer.pad_token_id, packed=packed, pad_to_multiple_of=row_multiple(attn))
+    if packed and not text:
         rows, fill = pack_examples(rows, sft.pack_length, sft.packing)
         log.info("packing (%s): %d examples into %d rows of <= %d tokens, fill %.3f",
                  sft.packing, n_examples, len(rows), sft.pack_length, fill)  # fmt: skip
