@@ -6,9 +6,11 @@ distillation from the dense model (KL), and with both, by LoRA and by full fine-
 
 SmolLM2-135M-Instruct is pruned by prune.py (20% of all parameters from the MLP neurons, entropy, C4
 calibration) once; every arm then trains the pruned model through fintune_{lora,full}.py's code path on
-the same packed LaMini rows for the same number of tokens (`--train_tokens`, one seed) and is evaluated
+the same packed LaMini rows for the same number of tokens (`--train_tokens`) and is evaluated
 like bench/criteria.py (WikiText-2 perplexity; the offline zero-shot tasks, the first `--limit` items of
-each). Rows are appended to WORK/<settings>/rows.jsonl as they finish: with --resume a later session
+each). An arm named MODE:OBJECTIVE@SEED repeats an arm with another training seed (data order,
+LoRA's initial adapters; the same pruned model): the seed-to-seed spread the verdict weighs the objectives
+against. Rows are appended to WORK/<settings>/rows.jsonl as they finish: with --resume a later session
 continues where the last one stopped, and the report covers the rows measured so far. The report's
 recovery.json is committed, and --resume reuses its rows of the same settings: a fresh checkout (no out/)
 continues the study from the rows in git (`--measured_only` writes the report mid-study).
@@ -40,6 +42,30 @@ log = logging.getLogger("hfprune")
 OBJECTIVES = {"ce": 0.0, "distill": 1.0, "both": 0.5}  # --distill_alpha of each objective
 
 
+@dataclass(frozen=True)
+class Arm:
+    mode: str  # lora | full
+    objective: str  # ce | distill | both
+    seed: int | None = None  # a training seed other than --seed's
+
+    @property
+    def name(self) -> str:
+        return f"{self.mode}:{self.objective}" + ("" if self.seed is None else f"@{self.seed}")
+
+    @staticmethod
+    def parse(text: str, seed: int) -> Arm:
+        """MODE:OBJECTIVE or MODE:OBJECTIVE@SEED (the study's own --seed names the plain arm)."""
+        spec, at, arm_seed = text.strip().partition("@")
+        parts = spec.split(":")
+        if len(parts) != 2 or parts[0] not in ("lora", "full") or parts[1] not in OBJECTIVES or (
+                at and not arm_seed.isdigit()):  # fmt: skip
+            raise ValueError(
+                f"--arms {text.strip()!r}: each must be MODE:OBJECTIVE[@SEED], lora|full : ce|distill|both"
+            )
+        other = int(arm_seed) if at and int(arm_seed) != seed else None
+        return Arm(parts[0], parts[1], other)
+
+
 @dataclass
 class RecoveryConfig(EvaluatedStudyConfig):
     out: str = field(default="docs/RECOVERY.md", metadata={"help": "The report; recovery.png/.json go beside."})
@@ -50,8 +76,11 @@ class RecoveryConfig(EvaluatedStudyConfig):
     calib_samples: int = field(default=32, metadata={"help": "Calibration windows."})
     seq_len: int = field(default=256, metadata={"help": "Tokens per calibration window."})
     arms: str = field(
-        default="full:ce,full:distill,full:both,lora:ce,lora:distill,lora:both",
-        metadata={"help": "Comma list of MODE:OBJECTIVE, MODE lora|full, OBJECTIVE ce|distill|both."},
+        default="full:ce,full:distill,full:both,lora:ce,lora:distill,lora:both,full:ce@1,full:distill@1",
+        metadata={
+            "help": "Comma list of MODE:OBJECTIVE[@SEED], MODE lora|full, OBJECTIVE ce|distill|both; @SEED repeats "
+            "the arm with another training seed."
+        },
     )
     sft_data: str = field(
         default="instruct/lamini/lamini_10001_part1.jsonl", metadata={"help": "Instruction data in DATA."}
@@ -70,10 +99,9 @@ class RecoveryConfig(EvaluatedStudyConfig):
 
     def __post_init__(self) -> None:
         self.resume = self.resume or self.measured_only
-        self.arm_list = [tuple(a.strip().split(":")) for a in self.arms.split(",") if a.strip()]
-        if not self.arm_list or any(len(a) != 2 or a[0] not in ("lora", "full") or a[1] not in OBJECTIVES
-                                    for a in self.arm_list):  # fmt: skip
-            raise ValueError(f"--arms {self.arms!r}: each must be MODE:OBJECTIVE, lora|full : ce|distill|both")
+        self.arm_list = [Arm.parse(a, self.seed) for a in self.arms.split(",") if a.strip()]
+        if not self.arm_list:
+            raise ValueError("--arms is empty")
         self.steps = max(1, self.train_tokens // (self.pack_length * self.gradient_accumulation_steps))
 
     @property
@@ -99,16 +127,19 @@ def prune_once(cfg: RecoveryConfig, work: Path) -> Path:
     return out
 
 
-def train_arm(cfg: RecoveryConfig, pruned: Path, mode: str, objective: str, run_dir: Path):
+def train_arm(cfg: RecoveryConfig, pruned: Path, arm: Arm, run_dir: Path):
     """One arm through fintune_{lora,full}.py's code path; the trained (merged) model and its training facts."""
     from module.sft import run_sft
+
+    mode, objective = arm.mode, arm.objective
+    seed = cfg.seed if arm.seed is None else arm.seed
 
     argv = ["--model", str(pruned), "--dataset_name", str(Path(cfg.data_dir) / cfg.sft_data), "--tokenizer_max",
             str(cfg.pack_length), "--max_steps", str(cfg.steps), "--per_device_train_batch_size", "1",
             "--gradient_accumulation_steps", str(cfg.gradient_accumulation_steps), "--gradient_checkpointing",
             "false", "--warmup_steps", str(max(1, cfg.steps // 10)), "--save_strategy", "steps", "--save_steps",
             str(cfg.save_steps), "--save_total_limit", "1", "--report_to", "none", "--logging_steps", "1",
-            "--disable_tqdm", "true", "--seed", str(cfg.seed), "--data_cache", str(run_dir.parent / "cache"),
+            "--disable_tqdm", "true", "--seed", str(seed), "--data_cache", str(run_dir.parent / "cache"),
             "--output_dir", str(run_dir), "--dtype", "float32", "--lr",
             str(cfg.lr_lora if mode == "lora" else cfg.lr_full)]  # fmt: skip
     # an arm cut off (a session's end) continues from its last checkpoint: resume is exact (tests/test_distill.py)
@@ -142,7 +173,7 @@ def measure(cfg: RecoveryConfig) -> tuple[Rows, dict]:
     evaluation = Evaluation(cfg, tokenizer, "cpu")
     context = {"versions": {**versions()}, "boolq_yes_share": evaluation.boolq_yes_share, "model": cfg.model}
     if cfg.measured_only:
-        for name in ("dense", "pruned", *(f"{mode}:{objective}" for mode, objective in cfg.arm_list)):
+        for name in ("dense", "pruned", *(arm.name for arm in cfg.arm_list)):
             rows.get(name)
         if not {"dense", "pruned"} <= {r["name"] for r in rows.rows}:
             raise UserError(
@@ -156,12 +187,11 @@ def measure(cfg: RecoveryConfig) -> tuple[Rows, dict]:
             rows.add({"name": name, "params": count_parameters(model), **evaluation(model)})
             del model
     pruned = rows.dir / "pruned"
-    for mode, objective in cfg.arm_list:
-        name = f"{mode}:{objective}"
-        if rows.get(name) is not None:
+    for arm in cfg.arm_list:
+        if rows.get(arm.name) is not None:
             continue
-        model, info = train_arm(cfg, pruned, mode, objective, rows.dir / name.replace(":", "-"))
-        rows.add({"name": name, "params": count_parameters(model), **info, **evaluation(model)})
+        model, info = train_arm(cfg, pruned, arm, rows.dir / arm.name.replace(":", "-").replace("@", "-s"))
+        rows.add({"name": arm.name, "params": count_parameters(model), **info, **evaluation(model)})
         del model
     return rows, context
 
@@ -197,6 +227,10 @@ def report(rows: list[dict], context: dict, cfg: RecoveryConfig) -> str:
     averages = accuracy_averages(dense)
     noise = {m: 2 * average_se(cfg, k) for m, k in averages.items()}
     v = context["versions"]
+    reseeded = sorted({arm.seed for arm in cfg.arm_list if arm.seed is not None})
+    seeds = f"training seed {cfg.seed}" + (
+        f" (the arms named @SEED repeat one with training seed {', '.join(map(str, reseeded))})" if reseeded else ""
+    )
     lines = [
         "# Recovery: plain fine-tuning vs distillation from the dense model (SmolLM2-135M, 20% pruned)",
         "",
@@ -209,7 +243,7 @@ def report(rows: list[dict], context: dict, cfg: RecoveryConfig) -> str:
         f"{cfg.seq_len} tokens of `{cfg.calib_file}`, seed {cfg.seed}).",
         f"- Budget, the same for every arm: {cfg.steps} optimizer steps x {cfg.gradient_accumulation_steps} packed "
         f"LaMini rows x {cfg.pack_length} tokens = {cfg.steps * cfg.gradient_accumulation_steps * cfg.pack_length} "
-        f"training tokens; one training seed ({cfg.seed}); fp32 on CPU; lr {cfg.lr_full:g} (full) / {cfg.lr_lora:g} "
+        f"training tokens; {seeds}; fp32 on CPU; lr {cfg.lr_full:g} (full) / {cfg.lr_lora:g} "
         "(LoRA r 32), cosine, 10% warm-up.",
         "- Objectives: ce = the release's next-token CE on the response tokens; distill = KL(dense || student) "
         f"over the same tokens (T {cfg.temperature:g}, `--distill_from` the dense model); both = 0.5 KL + 0.5 CE.",
@@ -254,15 +288,27 @@ def report(rows: list[dict], context: dict, cfg: RecoveryConfig) -> str:
             "(resumed): the arm was cut off by a session's end and continued from its last checkpoint; "
             "its minutes count only the part after it. Tokens/s on an idle machine: docs/PERFORMANCE.md.",
         ]
-    missing = [f"{m}:{o}" for m, o in cfg.arm_list if f"{m}:{o}" not in by]
+    missing = [arm.name for arm in cfg.arm_list if arm.name not in by]
     if missing:
         lines += ["", f"Not measured yet (run again with `--resume`): {', '.join(missing)}."]
     lines += ["", *verdict(by, cfg)]
     return "\n".join(lines) + "\n"
 
 
+def seed_spread(by: dict, mode: str, objectives: tuple[str, ...]) -> tuple[float, str] | None:
+    """The largest seed-to-seed perplexity difference among these arms' repeats, and its arm; None without repeats."""
+    spreads = []
+    for objective in objectives:
+        name = f"{mode}:{objective}"
+        ppls = [r["ppl"] for n, r in by.items() if n == name or n.startswith(f"{name}@")]
+        if len(ppls) > 1:
+            spreads.append((max(ppls) - min(ppls), name))
+    return max(spreads) if spreads else None
+
+
 def verdict(by: dict, cfg: RecoveryConfig) -> list[str]:
-    """Generated: does distillation beat plain CE per mode, by how much, against the evaluation's noise."""
+    """Generated: does distillation beat plain CE per mode, by how much, against the evaluation's noise and the
+    training seeds' spread."""
     out = []
     averages = accuracy_averages(by["dense"])
     for mode in ("full", "lora"):
@@ -272,6 +318,12 @@ def verdict(by: dict, cfg: RecoveryConfig) -> list[str]:
             if ce is None or other is None:
                 continue
             d_ppl = ce["ppl"] - other["ppl"]
+            spread = seed_spread(by, mode, ("ce", objective))
+            if spread is None:
+                seeds = "One training seed: the perplexity difference has no seed spread yet."
+            else:
+                seeds = (f"Another training seed moves {spread[1]}'s perplexity by {spread[0]:.2f}: the difference is "
+                         f"{'larger' if abs(d_ppl) > spread[0] else 'not larger'} than that.")  # fmt: skip
             accuracy = []
             for m, k in averages.items():
                 d, se = value(other, m) - value(ce, m), average_se(cfg, k)
@@ -281,7 +333,7 @@ def verdict(by: dict, cfg: RecoveryConfig) -> list[str]:
             out.append(
                 f"- {mode}: {objective} vs ce: perplexity {other['ppl']:.2f} vs {ce['ppl']:.2f} "
                 f"({'lower' if d_ppl > 0 else 'higher'} by {abs(d_ppl):.2f}); " + "; ".join(accuracy)
-                + ". One training seed: the perplexity difference has no seed spread yet."
+                + ". " + seeds
             )  # fmt: skip
     return out
 

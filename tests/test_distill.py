@@ -219,13 +219,17 @@ def test_recovery_study_runs_and_resumes_on_a_tiny_model(tmp_path, tiny_long_lla
             "--work_dir", str(tmp_path / "work"), "--lr_full", "1e-3"]  # fmt: skip
     assert recovery.main([*argv, "--arms", "full:ce"]) == 0
     assert "Not measured yet" not in out.read_text()
-    assert recovery.main([*argv, "--arms", "full:ce,lora:distill", "--resume"]) == 0
+    assert recovery.main([*argv, "--arms", "full:ce,lora:distill,full:ce@1", "--resume"]) == 0
     rows = json.loads(out.with_name("recovery.json").read_text())["rows"]
-    assert [r["name"] for r in rows] == ["dense", "pruned", "full:ce", "lora:distill"]
+    assert [r["name"] for r in rows] == ["dense", "pruned", "full:ce", "lora:distill", "full:ce@1"]
     assert rows[2]["train_tokens"] == rows[3]["train_tokens"] == 512 and rows[3]["curve"][0][2] is not None
     assert rows[3]["params"] == rows[2]["params"] == rows[1]["params"] < rows[0]["params"]
+    # another training seed: the same pruned model, other rows in another order, so another first loss
+    assert rows[4]["train_tokens"] == 512 and rows[4]["curve"][0][1] != rows[2]["curve"][0][1]
+    assert any(p.name == "full-ce-s1" for p in (tmp_path / "work").glob("*/*"))
     text = out.read_text()
-    assert "| full:ce |" in text and "| lora:distill |" in text
+    assert "| full:ce |" in text and "| lora:distill |" in text and "| full:ce@1 |" in text
+    assert "training seed 0 (the arms named @SEED repeat one with training seed 1)" in text
     assert out.with_name("recovery.png").exists()
     # an interrupted study's state: the report of what is measured, nothing trained
     assert recovery.main([*argv, "--arms", "full:ce,full:both", "--measured_only"]) == 0
@@ -238,7 +242,7 @@ def test_recovery_study_runs_and_resumes_on_a_tiny_model(tmp_path, tiny_long_lla
     fresh = [*argv, "--work_dir", str(tmp_path / "fresh")]
     assert recovery.main([*fresh, "--arms", "full:ce,lora:distill", "--measured_only"]) == 0
     assert [r["name"] for r in json.loads(out.with_name("recovery.json").read_text())["rows"]] == [
-        "dense", "pruned", "full:ce", "lora:distill"]  # fmt: skip
+        "dense", "pruned", "full:ce", "lora:distill", "full:ce@1"]  # fmt: skip
     # ... and only those: other settings (another seed) find nothing to reuse
     assert recovery.main([*fresh, "--seed", "1", "--measured_only"]) == 2
 
@@ -307,3 +311,20 @@ def test_recovered_share_by_hand_and_not_for_a_gap_within_noise():
     # (2 x 100 * sqrt(0.5 / 200) = 10 points): 50%
     assert "| 20.00 | 50% |" in row and "| 58.00 | – | 46.00 | 50% | 1 |" in row
     assert "avg ex. BoolQ +12.00 points (two standard errors: 10.0)" in text
+    assert "One training seed" not in text  # no distillation arm: no verdict
+    # the verdict weighs distill - ce (ppl 20.0 vs 19.0: 1.00) against the seeds' spread: ce 20.0 / 20.4 / 19.7,
+    # distill 19.0 / 19.5, so 0.70 (ce's) is the largest; with ce@1 at 21.5 it is 1.50, larger than the difference
+    distill = {**arm, "name": "full:distill", "ppl": 19.0}
+    seeds = [{**arm, "name": "full:ce@1", "ppl": 20.4}, {**arm, "name": "full:ce@2", "ppl": 19.7},
+             {**distill, "name": "full:distill@1", "ppl": 19.5}]  # fmt: skip
+    lines = recovery.verdict({r["name"]: r for r in [dense, pruned, arm, distill]}, cfg)
+    assert len(lines) == 1 and "lower by 1.00" in lines[0] and "One training seed" in lines[0]
+    lines = recovery.verdict({r["name"]: r for r in [dense, pruned, arm, distill, *seeds]}, cfg)
+    assert "Another training seed moves full:ce's perplexity by 0.70: the difference is larger than that." in lines[0]
+    seeds[0]["ppl"] = 21.5
+    lines = recovery.verdict({r["name"]: r for r in [dense, pruned, arm, distill, *seeds]}, cfg)
+    assert "moves full:ce's perplexity by 1.50: the difference is not larger than that." in lines[0]
+    with pytest.raises(ValueError, match="MODE:OBJECTIVE\\[@SEED\\]"):
+        recovery.RecoveryConfig(arms="full:ce@x")
+    assert recovery.RecoveryConfig(arms="full:ce@0,lora:both@3").arm_list == [
+        recovery.Arm("full", "ce"), recovery.Arm("lora", "both", 3)]  # fmt: skip
