@@ -76,32 +76,50 @@ def padded_vs_packed(model, rows: list[dict], pad_id: int, device, padded_batch:
     return out
 
 
-def distill_step_speed(student, teacher, batches, device, steps: int | None = None) -> dict:
-    """Tokens/s of forward + backward + AnyPrecisionAdamW step, plain CE (`teacher` None) or distilled from
-    `teacher` (alpha 0.5), on packed `batches`; CUDA peak bytes too."""
-    distiller = Distiller(teacher, alpha=0.5, temperature=1.0) if teacher is not None else None
-    opt = AnyPrecisionAdamW(student.parameters(), lr=1e-5, momentum_dtype="bfloat16", variance_dtype="bfloat16")
-    student.train()
+class TrainStep:
+    """One forward + backward + AnyPrecisionAdamW step of `student`, plain CE (`teacher` None) or distilled from
+    `teacher` (alpha 0.5). `lap(phase)` is called after each phase (timing with the device synchronised)."""
 
-    def step(batch: dict) -> None:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        if distiller is None:
-            loss = student(**batch).loss
+    def __init__(self, student, teacher, device) -> None:
+        self.student, self.device = student, device
+        self.distiller = Distiller(teacher, alpha=0.5, temperature=1.0) if teacher is not None else None
+        self.opt = AnyPrecisionAdamW(student.parameters(), lr=1e-5, momentum_dtype="bfloat16",
+                                     variance_dtype="bfloat16")  # fmt: skip
+        student.train()
+
+    def __call__(self, batch: dict, lap=lambda phase: None) -> None:
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        if self.distiller is None:
+            loss = self.student(**batch).loss
+            lap("student forward + CE")
         else:
             inputs = {k: v for k, v in batch.items() if k != "labels"}
-            loss = distiller.loss(student(**inputs).logits, inputs, batch["labels"], None)
+            logits = self.student(**inputs).logits
+            lap("student forward")
+            loss = self.distiller.loss(logits, inputs, batch["labels"], None)
+            lap("teacher forward + loss")
+            del logits
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        lap("backward")
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        lap("optimizer step")
 
+    def warm_up(self, batches: list[dict]) -> None:
+        """One step per batch shape: kernels are chosen per shape (on an H200 a single warm-up step left the
+        first timed pass 1.5-4x slower than the next, 2026-11-30)."""
+        for batch in {tuple(b["input_ids"].shape): b for b in batches}.values():
+            self(batch)
+        sync(self.device)
+
+
+def distill_step_speed(student, teacher, batches, device, steps: int | None = None) -> dict:
+    """Tokens/s of TrainStep, plain CE (`teacher` None) or distilled, on packed `batches`; CUDA peak bytes too."""
+    step = TrainStep(student, teacher, device)
     batches = batches[: steps or None]
-    # warm-up: one step per batch shape (kernels are chosen per shape; on an H200 a single warm-up step left the
-    # first timed pass 1.5-4x slower than the next, 2026-11-30)
-    for batch in {tuple(b["input_ids"].shape): b for b in batches}.values():
-        step(batch)
+    step.warm_up(batches)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    sync(device)
     start = time.perf_counter()
     for batch in batches:
         step(batch)
@@ -114,48 +132,30 @@ def distill_step_speed(student, teacher, batches, device, steps: int | None = No
 
 
 def step_phases(student, teacher, batches, device) -> dict[str, float]:
-    """Milliseconds per step of each phase of a plain CE step (`teacher` None) or a distillation step (alpha 0.5),
-    the device synchronised between phases: where the time goes. With a teacher, its forward is also timed on
-    its own, so the loss is what is left of "teacher forward + loss"."""
-    distiller = Distiller(teacher, alpha=0.5, temperature=1.0) if teacher is not None else None
-    opt = AnyPrecisionAdamW(student.parameters(), lr=1e-5, momentum_dtype="bfloat16", variance_dtype="bfloat16")
-    student.train()
+    """Milliseconds per step of each phase of TrainStep, the device synchronised between phases: where the time
+    goes. With a teacher, its forward is also timed on its own, so the loss is what is left of "teacher forward +
+    loss"."""
+    step = TrainStep(student, teacher, device)
+    step.warm_up(batches)
     total: dict[str, float] = {}
+    clock = [0.0]
 
-    def lap(name: str, start: float) -> float:
+    def lap(phase: str) -> None:
         sync(device)
         now = time.perf_counter()
-        total[name] = total.get(name, 0.0) + now - start
-        return now
+        total[phase] = total.get(phase, 0.0) + now - clock[0]
+        clock[0] = now
 
-    for i, batch in enumerate([batches[0], *batches]):  # the first one warms up
-        if i == 1:
-            total.clear()
-        batch = {k: v.to(device) for k, v in batch.items()}
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        sync(device)
-        t = time.perf_counter()
-        if distiller is None:
-            loss = student(**batch).loss
-            t = lap("student forward + CE", t)
-        else:
-            logits = student(**inputs).logits
-            t = lap("student forward", t)
-            loss = distiller.loss(logits, inputs, batch["labels"], None)
-            t = lap("teacher forward + loss", t)
-            del logits
-        loss.backward()
-        t = lap("backward", t)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        t = lap("optimizer step", t)
-        if distiller is not None:
+    for batch in batches:
+        clock[0] = time.perf_counter()
+        step(batch, lap)
+        if step.distiller is not None:
+            inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "position_ids")}
             with torch.no_grad():
-                distiller.teacher.base_model(input_ids=inputs["input_ids"], position_ids=inputs.get("position_ids"))
-            lap("teacher forward alone", t)
-        del loss
+                step.distiller.teacher.base_model(**inputs)
+            lap("teacher forward alone")
     ms = {k: 1e3 * v / len(batches) for k, v in total.items()}
-    if distiller is not None:
+    if step.distiller is not None:
         ms["loss alone"] = ms["teacher forward + loss"] - ms["teacher forward alone"]
     return ms
 

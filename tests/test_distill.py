@@ -328,3 +328,28 @@ def test_recovered_share_by_hand_and_not_for_a_gap_within_noise():
         recovery.RecoveryConfig(arms="full:ce@x")
     assert recovery.RecoveryConfig(arms="full:ce@0,lora:both@3").arm_list == [
         recovery.Arm("full", "ce"), recovery.Arm("lora", "both", 3)]  # fmt: skip
+
+
+def test_throughput_bench_steps_train_the_student_and_time_every_phase():
+    """bench/train_throughput.py's step (timed by the CPU bench and the GPU check): the student's weights move,
+    the teacher's do not, and the phase timer reports each phase of both variants."""
+    from bench.train_throughput import SHAPES, TrainStep, distill_step_speed, step_phases, student_teacher
+    from dataset.packing.packed_dataset import Collator
+
+    cpu = torch.device("cpu")
+    student, teacher = student_teacher({**SHAPES["small"], "num_hidden_layers": 1}, 64, cpu, torch.float32)
+    rows = [{"input_ids": list(range(1, 30)), "labels": list(range(1, 30))},
+            {"input_ids": list(range(2, 20)), "labels": [-100] * 5 + list(range(7, 20))}]  # fmt: skip
+    batches = [Collator(0)(rows), Collator(0)(rows[1:])]
+    before = [p.detach().clone() for p in (*student.parameters(), *teacher.parameters())]
+    TrainStep(student, teacher, cpu)(batches[0])
+    n = len(list(student.parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(before[:n], student.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before[n:], teacher.parameters()))
+    distilled = step_phases(student, teacher, batches, cpu)
+    assert set(distilled) == {"student forward", "teacher forward + loss", "backward", "optimizer step",
+                              "teacher forward alone", "loss alone"}  # fmt: skip
+    assert min(v for k, v in distilled.items() if k != "loss alone") > 0
+    plain = step_phases(student, None, batches, cpu)
+    assert set(plain) == {"student forward + CE", "backward", "optimizer step"} and min(plain.values()) > 0
+    assert distill_step_speed(student, teacher, batches, cpu)["tokens_per_s"] > 0
