@@ -34,7 +34,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from transformers.utils.logging import disable_progress_bar
 
 from cfg.prune_config import PruneConfig
@@ -61,7 +60,6 @@ from module.structure_importance import StructureTaps
 from module.structure_plan import all_reduce as all_reduce_structures
 from module.structure_plan import apply, check_sizes, structure_scores
 from module.structures import StructureError, layout_of, supports
-from utils.atomic import atomic_dir
 from utils.cli import (
     check_context,
     load_config,
@@ -74,7 +72,7 @@ from utils.cli import (
 )
 from utils.errors import UserError, run_cli
 from utils.io import check_output_dir, digest, load_importance, model_fingerprint, save_importance
-from utils.perplexity import perplexity, text_windows
+from utils.pruned_folder import perplexity_before, perplexity_text, save_pruned
 from utils.report import (
     peak_memory_bytes,
     plot_layer_scores,
@@ -83,7 +81,6 @@ from utils.report import (
     reset_peak_memory,
     setup_logging,
     versions,
-    write_json,
 )
 from utils.speed import measure_speed, ratios
 
@@ -248,20 +245,6 @@ def importance(cfg, model, mlps, windows, dtype, device, state) -> tuple[list[to
     return scores, extra, {**meta, "cache_hit": False, "cache_entry": str(entry) if entry else None}
 
 
-def save_pruned(cfg, out: Path, model, tokenizer, report: dict, ppl_windows, ppl_before, files: dict, plot) -> None:
-    """Perplexity after (when asked), then the model folder with the kept indices, report and plot, atomically."""
-    if ppl_windows is not None:
-        report["perplexity_before"] = ppl_before
-        report["perplexity_after"] = perplexity(model, ppl_windows, cfg.batch_size, cfg.progress)
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        for name, tensors in files.items():
-            save_file(tensors, str(tmp / name))
-        write_json(tmp / "prune_report.json", report)
-        plot(tmp)
-
-
 CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                "num_hidden_layers")  # fmt: skip
 
@@ -301,7 +284,7 @@ def prune_structures(cfg, model, tokenizer, mlps, mix: Mix, scores, structure, b
         if board and len(board) > 1:
             plot_leaderboard(tmp / "mix_search.png", board, title)
 
-    save_pruned(cfg, out, model, tokenizer, report, ppl_windows, ppl_before, files, plots)
+    save_pruned(cfg, out, model, tokenizer, report, "prune_report.json", ppl_windows, ppl_before, files, plots)
     line = (
         f"{out}: {params_before / 1e6:.2f}M -> {params_after / 1e6:.2f}M parameters (removed "
         f"{report['achieved_ratio']:.4f}: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in removed.items()) + ")"
@@ -309,9 +292,7 @@ def prune_structures(cfg, model, tokenizer, mlps, mix: Mix, scores, structure, b
     if board:
         line += f", mix {mix.describe()} (held-out KL {board[0]['kl']:.4f}"
         line += f", best of {len(board)})" if len(board) > 1 else ")"
-    if ppl_windows is not None:
-        line += f", perplexity {ppl_before['perplexity']:.3f} -> {report['perplexity_after']['perplexity']:.3f}"
-    print(line + speed_text(report), flush=True)
+    print(line + perplexity_text(report) + speed_text(report), flush=True)
 
 
 def add_speed(report: dict, model) -> None:
@@ -412,15 +393,7 @@ def run(cfg: PruneConfig) -> list[Path]:
     if not state.is_main_process:  # the other ranks only helped with the importance pass
         state.wait_for_everyone()
         return outs
-    ppl_windows = None
-    ppl_before = None
-    if eval_docs is not None:
-        ppl_windows = text_windows(tokenizer, eval_docs, cfg.eval_seq_len)
-        ppl_windows = ppl_windows[: cfg.eval_windows or None]
-        ppl_before = perplexity(model, ppl_windows, cfg.batch_size, cfg.progress)
-        log.info(
-            "perplexity before: %.3f on %d windows of %s", ppl_before["perplexity"], len(ppl_windows), cfg.eval_text
-        )
+    ppl_windows, ppl_before = perplexity_before(cfg, model, tokenizer, eval_docs)
     base_report = {
         "settings": asdict(cfg),
         "versions": versions(),
@@ -474,7 +447,7 @@ def run(cfg: PruneConfig) -> list[Path]:
         }
         add_speed(report, model)
         title = f"{origin.name}: {cfg.criterion}, {plan.kind} {plan.requested:g}"
-        save_pruned(cfg, out, model, tokenizer, report, ppl_windows, ppl_before,
+        save_pruned(cfg, out, model, tokenizer, report, "prune_report.json", ppl_windows, ppl_before,
                     {"kept_neurons.safetensors": {f"layer.{j}": k for j, k in enumerate(keep)}},
                     lambda tmp, keep=keep, title=title: plot_layer_scores(tmp / "prune_layers.png", scores, keep,
                                                                           title))  # fmt: skip
@@ -482,9 +455,7 @@ def run(cfg: PruneConfig) -> list[Path]:
             f"{out}: {params_before / 1e6:.2f}M -> {params_after / 1e6:.2f}M parameters "
             f"(removed {plan.achieved_ratio:.4f}; {plan.k}/{neurons} neurons per layer)"
         )
-        if ppl_windows is not None:
-            line += f", perplexity {ppl_before['perplexity']:.3f} -> {report['perplexity_after']['perplexity']:.3f}"
-        print(line + speed_text(report), flush=True)
+        print(line + perplexity_text(report) + speed_text(report), flush=True)
     state.wait_for_everyone()
     return outs
 

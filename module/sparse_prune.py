@@ -26,7 +26,6 @@ from module.pruning import count_parameters
 from module.sparse_masks import DualTaylor, Pattern, d2_value_scores, mask_from_scores, sparsegpt, wanda_scores
 from module.structures import StructureError, layout_of
 from module.weight_taylor import entropy_weight_scores
-from utils.atomic import atomic_dir
 from utils.cli import (
     check_context,
     load_config,
@@ -38,8 +37,8 @@ from utils.cli import (
 )
 from utils.errors import UserError
 from utils.io import check_output_dir
-from utils.perplexity import perplexity, text_windows
-from utils.report import versions, write_json
+from utils.pruned_folder import perplexity_before, perplexity_text, save_pruned
+from utils.report import versions
 
 log = logging.getLogger("hfprune")
 
@@ -164,10 +163,7 @@ def run(cfg) -> list[Path]:
     report = {"settings": asdict(cfg), "versions": versions(), "model_class": type(model).__name__,
               "device": str(device), "dtype": str(dtype), "seq_len": seq_len,
               "calib_windows": 0 if windows is None else len(windows)}  # fmt: skip
-    ppl_windows = None
-    if eval_docs is not None:
-        ppl_windows = text_windows(tokenizer, eval_docs, cfg.eval_seq_len)[: cfg.eval_windows or None]
-        report["perplexity_before"] = perplexity(model, ppl_windows, cfg.batch_size, cfg.progress)
+    ppl_windows, ppl_before = perplexity_before(cfg, model, tokenizer, eval_docs)
     pruning_start = time.perf_counter()
     store = "cpu" if cfg.offload_inputs else None
     masks = prune_weights(model, windows, cfg.sparsity_method, pattern, cfg.batch_size, cfg.sparsegpt_block,
@@ -175,20 +171,15 @@ def run(cfg) -> list[Path]:
                           (cfg.d2_r1, cfg.d2_r2, cfg.d2_s))  # fmt: skip
     report["pruning_seconds"] = time.perf_counter() - pruning_start
     report["sparsity"] = sparsity_of(model, masks)
-    if ppl_windows is not None:
-        report["perplexity_after"] = perplexity(model, ppl_windows, cfg.batch_size, cfg.progress)
-    report["total_seconds"] = time.perf_counter() - start
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    report["total_seconds"] = time.perf_counter() - start  # the perplexity after is not counted
+
+    def write_masks(tmp: Path) -> None:
         save_file(packed_masks(masks), str(tmp / "sparsity_masks.safetensors"),
                   metadata={"packing": "numpy.packbits along each row, big-endian; True = removed"})  # fmt: skip
-        write_json(tmp / "sparsity_report.json", report)
+
+    save_pruned(cfg, out, model, tokenizer, report, "sparsity_report.json", ppl_windows, ppl_before, {}, write_masks)
     achieved = report["sparsity"]
     line = (f"{out}: {cfg.sparsity_method} {cfg.sparsity_type}: {achieved['pruned_linears']:.4f} of the decoder "
             f"linears' weights are zero ({achieved['all_parameters']:.4f} of all parameters)")  # fmt: skip
-    if ppl_windows is not None:
-        line += (f", perplexity {report['perplexity_before']['perplexity']:.3f} -> "
-                 f"{report['perplexity_after']['perplexity']:.3f}")  # fmt: skip
-    print(line, flush=True)
+    print(line + perplexity_text(report), flush=True)
     return [out]
