@@ -348,7 +348,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for r in rows:
         if r.get("curve"):
             steps, ce, _ = zip(*r["curve"])
-            ax.plot(steps, ce, label=r["name"])
+            ax.plot(steps, ce, label=r["name"], linestyle="--" if "@" in r["name"] else "-")  # another seed
     if not ax.lines:
         ax.text(0.5, 0.5, "no arm trained yet", ha="center", transform=ax.transAxes)
     ax.set(xlabel="optimizer step", ylabel="CE on the response tokens (training batch)",
