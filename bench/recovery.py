@@ -295,15 +295,37 @@ def report(rows: list[dict], context: dict, cfg: RecoveryConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_runs(by: dict, mode: str, objective: str) -> list[dict]:
+    """The rows of one arm: the study's seed and its repeats with other training seeds."""
+    name = f"{mode}:{objective}"
+    return [r for n, r in by.items() if n == name or n.startswith(f"{name}@")]
+
+
 def seed_spread(by: dict, mode: str, objectives: tuple[str, ...]) -> tuple[float, str] | None:
     """The largest seed-to-seed perplexity difference among these arms' repeats, and its arm; None without repeats."""
     spreads = []
     for objective in objectives:
-        name = f"{mode}:{objective}"
-        ppls = [r["ppl"] for n, r in by.items() if n == name or n.startswith(f"{name}@")]
+        ppls = [r["ppl"] for r in seed_runs(by, mode, objective)]
         if len(ppls) > 1:
-            spreads.append((max(ppls) - min(ppls), name))
+            spreads.append((max(ppls) - min(ppls), f"{mode}:{objective}"))
     return max(spreads) if spreads else None
+
+
+def seed_text(by: dict, mode: str, objective: str, d_ppl: float) -> str:
+    """The verdict's sentence on training seeds: the perplexity difference `d_ppl` (ce - objective, seed --seed)
+    against the seeds' spread, and the means where both arms have repeats."""
+    spread = seed_spread(by, mode, ("ce", objective))
+    if spread is None:
+        return "One training seed: the perplexity difference has no seed spread yet."
+    text = (f"Another training seed moves {spread[1]}'s perplexity by {spread[0]:.2f}: the difference is "
+            f"{'larger' if abs(d_ppl) > spread[0] else 'not larger'} than that.")  # fmt: skip
+    ce_runs, other_runs = seed_runs(by, mode, "ce"), seed_runs(by, mode, objective)
+    if len(ce_runs) > 1 and len(other_runs) > 1:
+        m_ce = sum(r["ppl"] for r in ce_runs) / len(ce_runs)
+        m_other = sum(r["ppl"] for r in other_runs) / len(other_runs)
+        text += (f" Mean over the seeds ({len(other_runs)} and {len(ce_runs)} runs): {m_other:.2f} vs {m_ce:.2f} "
+                 f"({'lower' if m_other < m_ce else 'higher'} by {abs(m_ce - m_other):.2f}).")  # fmt: skip
+    return text
 
 
 def verdict(by: dict, cfg: RecoveryConfig) -> list[str]:
@@ -318,12 +340,6 @@ def verdict(by: dict, cfg: RecoveryConfig) -> list[str]:
             if ce is None or other is None:
                 continue
             d_ppl = ce["ppl"] - other["ppl"]
-            spread = seed_spread(by, mode, ("ce", objective))
-            if spread is None:
-                seeds = "One training seed: the perplexity difference has no seed spread yet."
-            else:
-                seeds = (f"Another training seed moves {spread[1]}'s perplexity by {spread[0]:.2f}: the difference is "
-                         f"{'larger' if abs(d_ppl) > spread[0] else 'not larger'} than that.")  # fmt: skip
             accuracy = []
             for m, k in averages.items():
                 d, se = value(other, m) - value(ce, m), average_se(cfg, k)
@@ -333,7 +349,7 @@ def verdict(by: dict, cfg: RecoveryConfig) -> list[str]:
             out.append(
                 f"- {mode}: {objective} vs ce: perplexity {other['ppl']:.2f} vs {ce['ppl']:.2f} "
                 f"({'lower' if d_ppl > 0 else 'higher'} by {abs(d_ppl):.2f}); " + "; ".join(accuracy)
-                + ". " + seeds
+                + ". " + seed_text(by, mode, objective, d_ppl)
             )  # fmt: skip
     return out
 

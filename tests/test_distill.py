@@ -313,7 +313,8 @@ def test_recovered_share_by_hand_and_not_for_a_gap_within_noise():
     assert "avg ex. BoolQ +12.00 points (two standard errors: 10.0)" in text
     assert "One training seed" not in text  # no distillation arm: no verdict
     # the verdict weighs distill - ce (ppl 20.0 vs 19.0: 1.00) against the seeds' spread: ce 20.0 / 20.4 / 19.7,
-    # distill 19.0 / 19.5, so 0.70 (ce's) is the largest; with ce@1 at 21.5 it is 1.50, larger than the difference
+    # distill 19.0 / 19.5, so 0.70 (ce's, 20.4 - 19.7) is the largest; with ce@1 at 21.5 it is 1.80 (21.5 - 19.7),
+    # larger than the difference
     distill = {**arm, "name": "full:distill", "ppl": 19.0}
     seeds = [{**arm, "name": "full:ce@1", "ppl": 20.4}, {**arm, "name": "full:ce@2", "ppl": 19.7},
              {**distill, "name": "full:distill@1", "ppl": 19.5}]  # fmt: skip
@@ -321,9 +322,11 @@ def test_recovered_share_by_hand_and_not_for_a_gap_within_noise():
     assert len(lines) == 1 and "lower by 1.00" in lines[0] and "One training seed" in lines[0]
     lines = recovery.verdict({r["name"]: r for r in [dense, pruned, arm, distill, *seeds]}, cfg)
     assert "Another training seed moves full:ce's perplexity by 0.70: the difference is larger than that." in lines[0]
+    # means: ce (20.0 + 20.4 + 19.7) / 3 = 20.033, distill (19.0 + 19.5) / 2 = 19.25
+    assert "Mean over the seeds (2 and 3 runs): 19.25 vs 20.03 (lower by 0.78)." in lines[0]
     seeds[0]["ppl"] = 21.5
     lines = recovery.verdict({r["name"]: r for r in [dense, pruned, arm, distill, *seeds]}, cfg)
-    assert "moves full:ce's perplexity by 1.50: the difference is not larger than that." in lines[0]
+    assert "moves full:ce's perplexity by 1.80: the difference is not larger than that." in lines[0]
     with pytest.raises(ValueError, match="MODE:OBJECTIVE\\[@SEED\\]"):
         recovery.RecoveryConfig(arms="full:ce@x")
     assert recovery.RecoveryConfig(arms="full:ce@0,lora:both@3").arm_list == [
