@@ -272,14 +272,14 @@ def test_recovery_arm_cut_off_resumes_from_its_checkpoint(tmp_path, tiny_long_ll
     )
     assert cfg.steps == 4
     pruned = tiny_long_llama_dir  # the arm's code path does not care whether the model was pruned
-    whole, whole_info = recovery.train_arm(cfg, pruned, "full", "distill", tmp_path / "whole")
+    whole, whole_info = recovery.train_arm(cfg, pruned, recovery.Arm("full", "distill"), tmp_path / "whole")
     run_sft = module.sft.run_sft
     monkeypatch.setattr(module.sft, "run_sft", lambda argv, lora_mode: run_sft(argv, lora_mode, [StopAt(2)]))
-    recovery.train_arm(cfg, pruned, "full", "distill", tmp_path / "cut")
+    recovery.train_arm(cfg, pruned, recovery.Arm("full", "distill"), tmp_path / "cut")
     assert max(losses(tmp_path / "cut")) == 2 and (tmp_path / "cut" / "checkpoint-2" / "trainer_state.json").is_file()
     steps_run = StepsRun()
     monkeypatch.setattr(module.sft, "run_sft", lambda argv, lora_mode: run_sft(argv, lora_mode, [steps_run]))
-    resumed, info = recovery.train_arm(cfg, pruned, "full", "distill", tmp_path / "cut")
+    resumed, info = recovery.train_arm(cfg, pruned, recovery.Arm("full", "distill"), tmp_path / "cut")
     assert steps_run.steps == [3, 4]  # continued, not started over
     assert [step for step, *_ in info["curve"]] == [1, 2, 3, 4]
     assert info["resumed"] and not whole_info["resumed"]  # the report marks the resumed arm's minutes
