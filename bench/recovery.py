@@ -76,7 +76,7 @@ class RecoveryConfig(EvaluatedStudyConfig):
     calib_samples: int = field(default=32, metadata={"help": "Calibration windows."})
     seq_len: int = field(default=256, metadata={"help": "Tokens per calibration window."})
     arms: str = field(
-        default="full:ce,full:distill,full:both,lora:ce,lora:distill,lora:both,full:ce@1,full:distill@1,lora:ce@1",
+        default="full:ce,full:distill,full:both,lora:ce,lora:distill,lora:both,full:ce@1,full:distill@1,lora:ce@1,full:both@1",
         metadata={
             "help": "Comma list of MODE:OBJECTIVE[@SEED], MODE lora|full, OBJECTIVE ce|distill|both; @SEED repeats "
             "the arm with another training seed."
