@@ -301,30 +301,20 @@ def seed_runs(by: dict, mode: str, objective: str) -> list[dict]:
     return [r for n, r in by.items() if n == name or n.startswith(f"{name}@")]
 
 
-def seed_spread(by: dict, mode: str, objectives: tuple[str, ...]) -> tuple[float, str] | None:
-    """The largest seed-to-seed perplexity difference among these arms' repeats, and its arm; None without repeats."""
-    spreads = []
-    for objective in objectives:
-        ppls = [r["ppl"] for r in seed_runs(by, mode, objective)]
-        if len(ppls) > 1:
-            spreads.append((max(ppls) - min(ppls), f"{mode}:{objective}"))
-    return max(spreads) if spreads else None
-
-
 def seed_text(by: dict, mode: str, objective: str, d_ppl: float) -> str:
     """The verdict's sentence on training seeds: the perplexity difference `d_ppl` (ce - objective, seed --seed)
-    against the seeds' spread, and the means where both arms have repeats."""
-    spread = seed_spread(by, mode, ("ce", objective))
-    if spread is None:
+    against the largest seed-to-seed spread of the two arms, and the means where both arms have repeats."""
+    ppls = {o: [r["ppl"] for r in seed_runs(by, mode, o)] for o in ("ce", objective)}
+    spreads = [(max(p) - min(p), f"{mode}:{o}") for o, p in ppls.items() if len(p) > 1]
+    if not spreads:
         return "One training seed: the perplexity difference has no seed spread yet."
-    text = (f"Another training seed moves {spread[1]}'s perplexity by {spread[0]:.2f}: the difference is "
-            f"{'larger' if abs(d_ppl) > spread[0] else 'not larger'} than that.")  # fmt: skip
-    ce_runs, other_runs = seed_runs(by, mode, "ce"), seed_runs(by, mode, objective)
-    if len(ce_runs) > 1 and len(other_runs) > 1:
-        m_ce = sum(r["ppl"] for r in ce_runs) / len(ce_runs)
-        m_other = sum(r["ppl"] for r in other_runs) / len(other_runs)
-        text += (f" Mean over the seeds ({len(other_runs)} and {len(ce_runs)} runs): {m_other:.2f} vs {m_ce:.2f} "
-                 f"({'lower' if m_other < m_ce else 'higher'} by {abs(m_ce - m_other):.2f}).")  # fmt: skip
+    spread, name = max(spreads)
+    text = (f"Another training seed moves {name}'s perplexity by {spread:.2f}: the difference is "
+            f"{'larger' if abs(d_ppl) > spread else 'not larger'} than that.")  # fmt: skip
+    if len(spreads) == 2:  # both arms have repeats
+        m_ce, m_other = (sum(p) / len(p) for p in (ppls["ce"], ppls[objective]))
+        text += (f" Mean over the seeds ({len(ppls[objective])} and {len(ppls['ce'])} runs): {m_other:.2f} vs "
+                 f"{m_ce:.2f} ({'lower' if m_other < m_ce else 'higher'} by {abs(m_ce - m_other):.2f}).")  # fmt: skip
     return text
 
 

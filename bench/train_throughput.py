@@ -138,16 +138,17 @@ def step_phases(student, teacher, batches, device) -> dict[str, float]:
     step = TrainStep(student, teacher, device)
     step.warm_up(batches)
     total: dict[str, float] = {}
-    clock = [0.0]
+    last = 0.0  # the end of the previous phase
 
     def lap(phase: str) -> None:
+        nonlocal last
         sync(device)
         now = time.perf_counter()
-        total[phase] = total.get(phase, 0.0) + now - clock[0]
-        clock[0] = now
+        total[phase] = total.get(phase, 0.0) + now - last
+        last = now
 
     for batch in batches:
-        clock[0] = time.perf_counter()
+        last = time.perf_counter()
         step(batch, lap)
         if step.distiller is not None:
             inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "position_ids")}
