@@ -11,11 +11,12 @@
 
 import sys
 
-from module.sft import sft_main
+from cfg.finetune_config import parse_finetune_args
+from module.train.sft import sft_main
 
 
 def main(argv: list[str] | None = None, callbacks=()) -> int:
-    return sft_main(argv, lora_mode=True, callbacks=callbacks)
+    return sft_main(lambda: parse_finetune_args(sys.argv[1:] if argv is None else argv, lora_mode=True), callbacks)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from dataset.packing.packed_dataset import STRATEGIES
+from utils.cli import parse_dataclasses
 
 ATTENTION = ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager")
 
@@ -139,3 +140,13 @@ class LoraTrainingArguments(FullTrainingArguments):
     learning_rate: float = field(default=4e-4, metadata={"help": "Peak learning rate."})
     num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs."})
     weight_decay: float = field(default=0.0, metadata={"help": "Decoupled weight decay."})
+
+
+def parse_finetune_args(argv: list[str], lora_mode: bool) -> tuple[SFTArguments, LoraArguments | None,
+                                                                   FullTrainingArguments]:  # fmt: skip
+    """The settings of fintune_lora.py (`lora_mode`) or fintune_full.py from `argv` (`--config FILE.yaml` anywhere
+    supplies defaults): the data/model settings, the LoRA settings (None for full fine-tuning), the Trainer's."""
+    if lora_mode:
+        return parse_dataclasses((SFTArguments, LoraArguments, LoraTrainingArguments), argv)
+    sft, args = parse_dataclasses((SFTArguments, FullTrainingArguments), argv)
+    return sft, None, args

@@ -5,14 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from module.criteria import CRITERIA
-from module.mix_search import Mix
-from module.sparse_masks import METHODS as SPARSITY_METHODS
-from module.sparse_masks import UPDATES as SPARSITY_UPDATES
-from module.sparse_masks import Pattern
-from module.structure_criteria import STRUCTURE_CRITERIA, check_criterion
-from module.structure_plan import StructureSizes
-from module.structures import HEAD_MODES, STRUCTURES
+from module.model.layout import HEAD_MODES, STRUCTURES
+from module.prune.criteria import CRITERIA, STRUCTURE_CRITERIA, check_criterion
+from module.prune.mix import Mix
+from module.prune.plan import StructureSizes
+from module.sparse.masks import METHODS as SPARSITY_METHODS
+from module.sparse.masks import UPDATES as SPARSITY_UPDATES
+from module.sparse.masks import Pattern
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 

@@ -5,7 +5,7 @@
 # OUT/gpu_check.md. A failed check exits 1 and names its section; targets are reported met or missed.
 # About 250 s on one H200 (measured 2026-11-30), plus the machine's start.
 #
-# usage: script/gpu_check.sh [--prepare] [--tiny] [--out DIR] [bench/gpu_check.py flags...]
+# usage: script/gpu_check.sh [--prepare] [--tiny] [--out DIR] [bench/speed/gpu_check.py flags...]
 #   bash script/gpu_check.sh --tiny --out out/gpu_check_tiny  # CPU, tiny shapes, every section (CI runs this)
 #   bash script/gpu_check.sh --prepare                        # on a machine with PyPI: fill .gpu_carry/ (~25 MB)
 #   bash script/gpu_check.sh --out "$OUT" --work_dir /tmp/w   # on the GPU machine, .gpu_carry carried along
@@ -66,4 +66,4 @@ fi
 DEFAULTS=()
 [[ -d "$CARRY/data" ]] && DEFAULTS+=(--data_dir "$CARRY/data")
 [[ -d "$CARRY/tokenizer" ]] && DEFAULTS+=(--tokenizer "$CARRY/tokenizer")
-exec "$PYTHON" bench/gpu_check.py "${DEFAULTS[@]}" "${ARGS[@]}"
+exec "$PYTHON" bench/speed/gpu_check.py "${DEFAULTS[@]}" "${ARGS[@]}"

@@ -61,9 +61,10 @@ def tiny_model(family: str, seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A byte-level BPE tokenizer of VOCAB tokens trained on the built-in text."""
+    from dataset.calibration import builtin_documents
     from utils.tiny import train_tokenizer
 
-    return train_tokenizer(VOCAB)
+    return train_tokenizer(builtin_documents(), VOCAB)
 
 
 def save_tiny(tmp_path_factory, tokenizer, family: str, name: str) -> Path:

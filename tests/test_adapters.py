@@ -8,9 +8,10 @@ from conftest import EXPECTED_SHAPE, FAMILIES, VOCAB, tiny_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from module.adapters import UnsupportedModelError, find_mlps
-from module.importance import LogitHead
-from module.pruning import count_parameters, plan_keep, prune_mlps
+from module.entropy import LogitHead
+from module.model.mlp import UnsupportedModelError, count_parameters, find_mlps
+from module.model.slicing import prune_mlps
+from module.prune.plan import plan_keep
 
 IDS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 import fintune_full
 import fintune_lora
 from dataset.packing.packed_dataset import pack_examples, pack_text
-from module.distill import Distiller, shifted_targets
+from module.train.distill import Distiller, shifted_targets
 from utils.report import versions
 
 GEN = torch.Generator().manual_seed(5)
@@ -129,7 +129,7 @@ def student_dir(tmp_path_factory, tiny_long_llama_dir):
 
 def test_teacher_is_frozen_outside_the_optimizer_and_not_saved(student_dir, tiny_long_llama_dir, tmp_path):
     from cfg.finetune_config import FullTrainingArguments, SFTArguments
-    from module.sft import build
+    from module.train.sft import build
 
     sft = SFTArguments(model=str(student_dir), dataset_name=LAMINI, tokenizer_max=256, max_train_samples=16,
                        data_cache="", distill_from=str(tiny_long_llama_dir), distill_alpha=0.5)  # fmt: skip
@@ -210,7 +210,7 @@ def test_bad_teachers_are_one_line(student_dir, tiny_long_llama_dir, tmp_path, c
 
 
 def test_recovery_study_runs_and_resumes_on_a_tiny_model(tmp_path, tiny_long_llama_dir):
-    from bench import recovery
+    from bench.studies import recovery
 
     out = tmp_path / "RECOVERY.md"
     argv = ["--model", str(tiny_long_llama_dir), "--train_tokens", "512", "--pack_length", "128",
@@ -258,8 +258,8 @@ class StepsRun(TrainerCallback):
 def test_recovery_arm_cut_off_resumes_from_its_checkpoint(tmp_path, tiny_long_llama_dir, monkeypatch):
     """A study arm stopped after its first checkpoint (a session's end) continues from it and ends with the
     weights of an uninterrupted arm."""
-    import module.sft
-    from bench import recovery
+    import module.train.sft
+    from bench.studies import recovery
 
     cfg = recovery.RecoveryConfig(
         model=str(tiny_long_llama_dir),
@@ -273,12 +273,12 @@ def test_recovery_arm_cut_off_resumes_from_its_checkpoint(tmp_path, tiny_long_ll
     assert cfg.steps == 4
     pruned = tiny_long_llama_dir  # the arm's code path does not care whether the model was pruned
     whole, whole_info = recovery.train_arm(cfg, pruned, recovery.Arm("full", "distill"), tmp_path / "whole")
-    run_sft = module.sft.run_sft
-    monkeypatch.setattr(module.sft, "run_sft", lambda argv, lora_mode: run_sft(argv, lora_mode, [StopAt(2)]))
+    run_sft = module.train.sft.run_sft
+    monkeypatch.setattr(module.train.sft, "run_sft", lambda sft, lora, args: run_sft(sft, lora, args, [StopAt(2)]))
     recovery.train_arm(cfg, pruned, recovery.Arm("full", "distill"), tmp_path / "cut")
     assert max(losses(tmp_path / "cut")) == 2 and (tmp_path / "cut" / "checkpoint-2" / "trainer_state.json").is_file()
     steps_run = StepsRun()
-    monkeypatch.setattr(module.sft, "run_sft", lambda argv, lora_mode: run_sft(argv, lora_mode, [steps_run]))
+    monkeypatch.setattr(module.train.sft, "run_sft", lambda sft, lora, args: run_sft(sft, lora, args, [steps_run]))
     resumed, info = recovery.train_arm(cfg, pruned, recovery.Arm("full", "distill"), tmp_path / "cut")
     assert steps_run.steps == [3, 4]  # continued, not started over
     assert [step for step, *_ in info["curve"]] == [1, 2, 3, 4]
@@ -288,7 +288,7 @@ def test_recovery_arm_cut_off_resumes_from_its_checkpoint(tmp_path, tiny_long_ll
 
 
 def test_recovered_share_by_hand_and_not_for_a_gap_within_noise():
-    from bench import recovery
+    from bench.studies import recovery
 
     dense = {"name": "dense", "params": 10, "ppl": 10.0, "avg": 55.0, "tasks": {"arc": 52.0, "boolq": 58.0},
              "eval_seconds": 1}  # fmt: skip
@@ -334,9 +334,9 @@ def test_recovered_share_by_hand_and_not_for_a_gap_within_noise():
 
 
 def test_throughput_bench_steps_train_the_student_and_time_every_phase():
-    """bench/train_throughput.py's step (timed by the CPU bench and the GPU check): the student's weights move,
+    """bench/speed/train_throughput.py's step (timed by the CPU bench and the GPU check): the student's weights move,
     the teacher's do not, and the phase timer reports each phase of both variants."""
-    from bench.train_throughput import SHAPES, TrainStep, distill_step_speed, step_phases, student_teacher
+    from bench.speed.train_throughput import SHAPES, TrainStep, distill_step_speed, step_phases, student_teacher
     from dataset.packing.packed_dataset import Collator
 
     cpu = torch.device("cpu")

@@ -6,17 +6,12 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from bench.gpu_check import packing_agreement
+from bench.speed.gpu_check import packing_agreement
 from dataset.LaMini_dataset import Example, to_examples, tokenize_example
-from dataset.packing.packed_dataset import (
-    Collator,
-    pack_best_fit_decreasing,
-    pack_consecutive,
-    pack_examples,
-)
+from dataset.packing.packed_dataset import Collator, pack_best_fit_decreasing, pack_consecutive, pack_examples
 from dataset.prompter import Prompter
-from module.anyprecisionAdamw import AnyPrecisionAdamW, state_bytes
-from module.sft import row_multiple
+from module.train.optim import AnyPrecisionAdamW, state_bytes
+from module.train.sft import row_multiple
 from utils.errors import UserError
 
 

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 from conftest import DATA, ROOT
 
-from bench import gpu_check
+from bench.speed import gpu_check
 
 
 def test_tiny_check_fills_every_section_of_both_files(tmp_path):
@@ -98,8 +98,8 @@ def test_help_names_what_to_carry():
 
 
 def test_inference_speed_measures_both_models_on_the_same_settings():
-    from bench.inference_speed import mlp_pruned_copy
-    from utils.speed import measure_speed, ratios
+    from bench.speed.inference_speed import mlp_pruned_copy
+    from module.speed import measure_speed, ratios
     from utils.tiny import random_llama
 
     dense = random_llama(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

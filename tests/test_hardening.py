@@ -29,7 +29,7 @@ CALIB = ["--calib_dataset", "builtin", "--calib_samples", "6", "--seq_len", "24"
 PAUSING_CHILD = """
 import sys, time
 sys.path.insert(0, {root!r})
-import prune, utils.atomic, utils.io
+import prune, module.prune.output, utils.atomic, utils.io
 
 def pause(original):
     def paused(*args, **kwargs):
@@ -41,7 +41,7 @@ def pause(original):
 
 stage = sys.argv[1]
 if stage == "model":  # inside the output's temporary folder: model, tokenizer, masks and report written
-    prune.plot_layer_scores = pause(prune.plot_layer_scores)
+    module.prune.output.plot_layer_scores = pause(module.prune.output.plot_layer_scores)
 elif stage == "replace":  # the old output moved aside, the new one not yet renamed into place
     utils.atomic.move_aside = pause(utils.atomic.move_aside)
 elif stage == "cache":  # inside the importance cache entry's temporary folder

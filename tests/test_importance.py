@@ -5,9 +5,10 @@ import torch
 import torch.nn.functional as F
 from conftest import VOCAB, tiny_model
 
-from module.adapters import find_mlps
-from module.criteria import magnitude_scores, score_neurons, wanda_sp_scores
-from module.importance import collect_statistics, cross_entropy_and_grad, entropy_and_grad
+from module.entropy import cross_entropy_and_grad, entropy_and_grad
+from module.model.mlp import find_mlps
+from module.prune.criteria import magnitude_scores, score_neurons, wanda_sp_scores
+from module.prune.importance import collect_statistics
 
 WINDOWS = torch.randint(0, VOCAB, (5, 16), generator=torch.Generator().manual_seed(7))
 
@@ -140,14 +141,14 @@ def test_activation_checkpointing_does_not_change_scores(family):
 
 
 def test_taylor_check_first_order_estimate_tracks_the_real_loss_change(tiny_llama_dir):
-    """bench/taylor_check.py's plumbing on a tiny model: the signed first-order estimate of removing a
+    """bench/studies/taylor_check.py's plumbing on a tiny model: the signed first-order estimate of removing a
     neuron must rank neurons like the loss change that removal really causes."""
     import importlib.util
 
     from conftest import ROOT
     from transformers import AutoModelForCausalLM
 
-    spec = importlib.util.spec_from_file_location("taylor_check", ROOT / "bench" / "taylor_check.py")
+    spec = importlib.util.spec_from_file_location("taylor_check", ROOT / "bench" / "studies" / "taylor_check.py")
     taylor = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(taylor)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()

@@ -13,19 +13,11 @@ from test_structures import STRUCTURE_FAMILIES, run_prune
 from transformers import AutoModelForCausalLM
 
 from dataset.calibration import draw_windows, heldout_windows
-from module.adapters import find_mlps
-from module.mix_search import (
-    CandidateMasks,
-    Mix,
-    MixSpace,
-    candidate_kl,
-    first_units_scores,
-    mix_kept,
-    sliced_copy,
-)
-from module.pruning import count_parameters
-from module.structure_plan import StructureSizes
-from module.structures import layout_of
+from module.model.layout import layout_of
+from module.model.mlp import count_parameters, find_mlps
+from module.prune.masks import CandidateMasks, candidate_kl
+from module.prune.mix import Mix, MixSpace, first_units_scores, mix_kept, sliced_copy
+from module.prune.plan import StructureSizes
 
 ALL = ["mlp", "heads", "layers", "hidden"]
 
@@ -207,7 +199,7 @@ def test_hill_climb_reaches_a_better_mix_off_the_grid():
     without refinement the leaderboard is the grid."""
     import itertools
 
-    from module.mix_search import search
+    from module.prune.mix import search
 
     space = MixSpace(four_layer_model("qwen2"), ALL, 0.3)
     grid = {c.description for c in space.grid(steps=2, max_candidates=64)}
@@ -224,7 +216,7 @@ def test_hill_climb_reaches_a_better_mix_off_the_grid():
 
 
 def test_mix_study_runs_on_a_tiny_model(tmp_path, tiny_long_llama_dir):
-    from bench import mix_search
+    from bench.studies import mix_search
 
     peers = tmp_path / "peers.json"
     ran = {"name": "peer A", "ran": True, "removed": 0.3, "ppl": 9.0, "loads": "no", "how": "by hand"}

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import prune
-from module.adapters import find_mlps
+from module.model.mlp import find_mlps
 
 CALIB = ["--calib_dataset", "builtin", "--calib_samples", "6", "--seq_len", "24", "--batch_size", "4"]
 

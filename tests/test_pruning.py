@@ -4,8 +4,9 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from module.adapters import find_mlps
-from module.pruning import PruningError, count_parameters, plan_keep, relative_keep, top_k_sorted
+from module.model.mlp import count_parameters, find_mlps
+from module.prune.criteria import top_k_sorted
+from module.prune.plan import PruningError, plan_keep, relative_keep
 
 
 def brute_force_k(params: int, per_k: int, neurons: int, ratio: float) -> int:

@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 from test_structures import run_prune
 from transformers import AutoModelForCausalLM
 
-from module.adapters import decoder_layers
-from module.layerwise import run_layerwise
-from module.sparse_masks import Pattern, damped_hessian, lowest, mask_from_scores, sparsegpt, wanda_scores
-from module.sparse_prune import prune_weights
+from module.model.mlp import decoder_layers
+from module.sparse.layerwise import run_layerwise
+from module.sparse.masks import Pattern, damped_hessian, lowest, mask_from_scores, sparsegpt, wanda_scores
+from module.sparse.pipeline import prune_weights
 from utils.errors import UserError
 
 GEN = torch.Generator().manual_seed(0)
@@ -154,7 +154,7 @@ def test_sparsity_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_llama_
 
 
 def test_entropy_weight_scores_equal_autograd_of_the_summed_window_entropies():
-    from module.weight_taylor import entropy_weight_scores
+    from module.sparse.weight_taylor import entropy_weight_scores
 
     model = tiny_model("qwen3")
     windows = torch.randint(0, VOCAB, (3, 10), generator=GEN)
@@ -200,7 +200,7 @@ def test_d2prune_without_activation_terms_is_sparsegpt_and_wanda_on_values():
 
 
 def test_d2prune_activation_terms_by_hand():
-    from module.sparse_masks import DualTaylor, d2_value_scores
+    from module.sparse.masks import DualTaylor, d2_value_scores
 
     w = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
     dual = DualTaylor(y=torch.tensor([2.0, 1.0]), dx=torch.tensor([0.5, 0.1]), r1=1.0, r2=4.0)
@@ -214,8 +214,8 @@ def test_d2prune_activation_terms_by_hand():
 
 
 def test_sparsity_study_on_a_tiny_model_sets_our_rows_beside_the_published_ones(tmp_path, tiny_long_llama_dir):
-    """bench/sparsity.py's plumbing, and its comparison with the published code's rows computed by hand."""
-    from bench import sparsity
+    """bench/studies/sparsity.py's plumbing, and its comparison with the published code's rows computed by hand."""
+    from bench.studies import sparsity
 
     ours_first = tmp_path / "first.md"
     argv = ["--model", str(tiny_long_llama_dir), "--patterns", "2:4", "--methods", "magnitude,wanda", "--seeds", "0",
@@ -251,10 +251,10 @@ def test_sparsity_study_on_a_tiny_model_sets_our_rows_beside_the_published_ones(
 
 
 def test_the_published_comparison_prunes_like_prune_py(tmp_path, tiny_llama_dir):
-    """bench/sparsity_published.py's rows of our code (pruned with the attention the published code runs) are
+    """bench/studies/sparsity_published.py's rows of our code (pruned with the attention the published code runs) are
     prune.py's pruning on the same windows: with the same attention, the same weights."""
     import prune
-    from bench.sparsity_published import prune_variant
+    from bench.studies.sparsity_published import prune_variant
     from dataset.calibration import load_documents, sample_windows
     from utils.cli import load_tokenizer
 
@@ -280,10 +280,10 @@ def test_the_published_comparison_prunes_like_prune_py(tmp_path, tiny_llama_dir)
 
 
 def test_mask_agreement_by_hand():
-    """bench/mask_agreement.py: the share removed by exactly one model and the kept weights' difference."""
+    """bench/studies/mask_agreement.py: the share removed by exactly one model and the kept weights' difference."""
     import copy
 
-    from bench.mask_agreement import AgreementConfig, agreement, render
+    from bench.studies.mask_agreement import AgreementConfig, agreement, render
 
     torch.manual_seed(0)
     dense = tiny_model("llama")

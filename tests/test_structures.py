@@ -10,19 +10,17 @@ import torch
 from conftest import VOCAB, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 
-from module.adapters import decoder_layers
-from module.structures import (
+from module.model.layout import (
     StructureError,
     attention_modules,
     check_heads_keep,
     check_hidden_keep,
     head_counts,
     layout_of,
-    prune_heads,
-    prune_hidden,
-    prune_layers,
     valid_head_counts,
 )
+from module.model.mlp import decoder_layers
+from module.model.slicing import prune_heads, prune_hidden, prune_layers
 
 STRUCTURE_FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]
 IDS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -106,7 +104,7 @@ def remove_hidden_by_masking(model, layout, dropped: torch.Tensor, kept: int) ->
     the kept channels only: weight * sqrt(d'/d) and eps * d'/d give exactly x_kept / rms_kept * weight."""
     d = model.config.hidden_size
     scale = kept / d
-    from module.structures import hidden_slices
+    from module.model.layout import hidden_slices
 
     for module, how in hidden_slices(model, layout):
         if how == "embed":
@@ -200,9 +198,9 @@ def gate_gradients(model, layout, windows):
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_taylor_scores_equal_an_independent_gate_gradient(family):
-    from module.adapters import find_mlps
-    from module.importance import collect_statistics
-    from module.structure_importance import StructureTaps
+    from module.model.mlp import find_mlps
+    from module.prune.importance import collect_statistics
+    from module.prune.taps import StructureTaps
 
     model = tiny_model(family).double()
     layout = layout_of(model, "heads")
@@ -233,7 +231,7 @@ def run_prune(tmp_path, origin, *args, out="out"):
 def test_prune_py_each_structure_with_every_criterion_loads_and_generates(tmp_path, tiny_llama_dir, structure):
     import json
 
-    from module.structure_criteria import STRUCTURE_CRITERIA
+    from module.prune.criteria import STRUCTURE_CRITERIA
 
     for criterion in STRUCTURE_CRITERIA[structure]:
         out = f"out-{criterion}"
@@ -301,7 +299,7 @@ def test_unsupported_family_fails_before_loading(tmp_path, tiny_gpt2_dir, capsys
 def test_structure_study_runs_on_a_tiny_model(tmp_path, tiny_long_llama_dir):
     import json
 
-    from bench import structures
+    from bench.studies import structures
 
     peers = tmp_path / "peers.json"
     peers.write_text(json.dumps({"peers": [

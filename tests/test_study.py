@@ -1,4 +1,4 @@
-"""bench/criteria.py (the reproduction study): its statistics by hand, and its plumbing on a tiny model."""
+"""bench/studies/criteria.py (the reproduction study): its statistics by hand, and its plumbing on a tiny model."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 from conftest import DATA
 
-from bench import criteria as study
+from bench.studies import criteria as study
 
 
 def test_mean_std_and_paired_difference_by_hand():

@@ -1,17 +1,15 @@
-"""Tiny stand-ins that need no download: a byte-level BPE tokenizer trained on the built-in text, and a
-random Llama of any shape. Used by the tests and by the GPU check's `--tiny` mode."""
+"""Tiny stand-ins that need no download: a byte-level BPE tokenizer trained on given text (the tests and the GPU
+check's `--tiny` mode give it the built-in standard-library prose), and a random Llama of any shape."""
 
 from __future__ import annotations
 
 import torch
 
 
-def train_tokenizer(vocab_size: int = 300):
-    """A byte-level BPE tokenizer of `vocab_size` tokens (EOS `<eos>`) trained on the standard library's prose."""
+def train_tokenizer(texts: list[str], vocab_size: int = 300):
+    """A byte-level BPE tokenizer of `vocab_size` tokens (EOS `<eos>`) trained on `texts`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from dataset.calibration import builtin_documents
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -19,7 +17,7 @@ def train_tokenizer(vocab_size: int = 300):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator(builtin_documents(), trainer)
+    tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 

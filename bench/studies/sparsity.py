@@ -1,0 +1,184 @@
+"""Weight sparsity on SmolLM2-135M: every method at 50% unstructured, 2:4 and 4:8, two calibration seeds.
+
+    python bench/studies/sparsity.py --resume        # -> docs/SPARSITY.md and docs/SPARSITY.json (hours on 2 CPU cores)
+    python bench/studies/sparsity.py --patterns 2:4 --methods wanda --seeds 0 --out /tmp/sp/SPARSITY.md   # a quick look
+
+Each row is one `prune.py --sparsity 0.5 --sparsity_type T --sparsity_method M --seed S` run (C4 calibration,
+`--calib_samples` x `--seq_len`), reloaded with plain `from_pretrained` and scored like bench/studies/criteria.py
+(WikiText-2 perplexity; zero-shot with `--limit` > 0). Magnitude needs no data: one run per pattern. Rows
+are appended as they finish; `--resume` continues an interrupted study.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import EvaluatedStudyConfig, Evaluation, Rows, model_or_default, prune
+from module.model.mlp import count_parameters
+from utils.cli import load_causal_lm, load_tokenizer, parse_config
+from utils.errors import run_cli
+from utils.report import setup_logging, versions
+
+
+@dataclass
+class SparsityStudyConfig(EvaluatedStudyConfig):
+    out: str = field(default="docs/SPARSITY.md", metadata={"help": "The report; a .json of the rows goes beside."})
+    work_dir: str = field(default="out/sparsity_study", metadata={"help": "Rows measured so far, pruned models."})
+    limit: int = field(default=0, metadata={"help": "Items per zero-shot task (0 = perplexity only)."})
+    patterns: str = field(default="unstructured,2:4,4:8", metadata={"help": "Comma list of --sparsity_type."})
+    methods: str = field(
+        default="magnitude,wanda,sparsegpt,d2prune,entropy,entropy+sparsegpt",
+        metadata={"help": "Comma list of --sparsity_method; M+sparsegpt adds --sparsity_update sparsegpt."},
+    )
+    seeds: str = field(default="0,1", metadata={"help": "Calibration seeds."})
+    sparsity: float = field(default=0.5, metadata={"help": "Share of the decoder linears' weights removed."})
+    calib_file: str = field(default="c4/c4_validation_2k.jsonl", metadata={"help": "Calibration text in DATA."})
+    calib_samples: int = field(default=128, metadata={"help": "Calibration windows (Wanda's 128)."})
+    seq_len: int = field(default=512, metadata={"help": "Tokens per calibration window (Wanda: 2048; CPU: 512)."})
+    published: str = field(
+        default=str(ROOT / "docs" / "sparsity_published.json"),
+        metadata={"help": "The published code's rows (bench/studies/sparsity_published.py; '' = none)."},
+    )
+
+    def __post_init__(self) -> None:
+        self.pattern_list = [p.strip() for p in self.patterns.split(",") if p.strip()]
+        self.method_list = [m.strip() for m in self.methods.split(",") if m.strip()]
+        self.seed_list = [int(s) for s in self.seeds.split(",")]
+
+    def settings(self) -> dict:
+        """As the base's, without what only selects rows (each row is named by its pattern, method and seed)
+        and the published rows (read when the report is written): --resume with more rows keeps those measured."""
+        selection = ("patterns", "methods", "seeds", "published")
+        return {k: v for k, v in super().settings().items() if k not in selection}
+
+
+def run_one(cfg: SparsityStudyConfig, pattern: str, method: str, seed: int, out: Path) -> dict:
+    calib = str(Path(cfg.data_dir) / cfg.calib_file)
+    method, _, update = method.partition("+")
+    args = ["--origin_path", cfg.model, "--sparsity", str(cfg.sparsity), "--sparsity_type", pattern,
+            "--sparsity_method", method, "--sparsity_update", update or "none", "--seed", str(seed),
+            "--calib_dataset", calib, "--calib_samples", str(cfg.calib_samples), "--seq_len", str(cfg.seq_len),
+            "--output_dir", str(out), "--overwrite", "--no_progress"]  # fmt: skip
+    start = time.perf_counter()
+    prune(args)
+    report = json.loads((out / "sparsity_report.json").read_text())
+    return {"prune_seconds": time.perf_counter() - start, "achieved": report["sparsity"]["pruned_linears"]}
+
+
+def measure(cfg: SparsityStudyConfig) -> tuple[list[dict], dict]:
+    cfg.model = model_or_default(cfg.model)
+    rows = Rows(cfg)
+    evaluation = Evaluation(cfg, load_tokenizer(cfg.model, "--model"), "cpu")
+    if rows.get("dense") is None:
+        model = load_causal_lm(cfg.model, "dense", torch.float32)
+        rows.add({"name": "dense", "params": count_parameters(model), **evaluation(model)})
+    for pattern in cfg.pattern_list:
+        for method in cfg.method_list:
+            for seed in cfg.seed_list[:1] if method == "magnitude" else cfg.seed_list:
+                name = f"{pattern}/{method}/s{seed}"
+                if rows.get(name) is not None:
+                    continue
+                info = run_one(cfg, pattern, method, seed, rows.dir / "model")
+                model = load_causal_lm(str(rows.dir / "model"), name, torch.float32)
+                rows.add({"name": name, "pattern": pattern, "method": method, "seed": seed,
+                          "params": count_parameters(model), **info, **evaluation(model)})  # fmt: skip
+    return rows.rows, {"versions": versions(), "model": cfg.model}
+
+
+def render(rows: list[dict], context: dict, cfg: SparsityStudyConfig) -> str:
+    v = context["versions"]
+    dense = next(r for r in rows if r["name"] == "dense")
+    lines = [
+        f"# Weight sparsity on SmolLM2-135M: {cfg.sparsity:.0%} of every decoder linear layer",
+        "",
+        f"Written by `python bench/studies/sparsity.py` (pruning and scoring its rows: "
+        f"{sum(r.get('prune_seconds', 0) + r['eval_seconds'] for r in rows) / 60:.0f} min on {v['device_name']}, torch "
+        f"{v['torch']}, transformers {v['transformers']}, commit {(v['hfprune_commit'] or '?')[:10]}); nothing here "
+        "is edited by hand.",
+        "",
+        f"- Calibration: {cfg.calib_samples} windows x {cfg.seq_len} tokens of `{cfg.calib_file}` per seed "
+        f"({', '.join(map(str, cfg.seed_list))}); magnitude needs none. WikiText-2 perplexity: the first "
+        f"{cfg.ppl_windows} windows of {cfg.ppl_seq_len} tokens. Dense: **{dense['ppl']:.2f}**.",
+        "- The saved models are dense tensors with exact zeros: no speed-up without sparse kernels.",
+        "",
+        "| pattern | " + " | ".join(cfg.method_list) + " |",
+        "|---|" + "---|" * len(cfg.method_list),
+    ]
+    for pattern in cfg.pattern_list:
+        cells = []
+        for method in cfg.method_list:
+            ppl = [r["ppl"] for r in rows if r.get("pattern") == pattern and r.get("method") == method]
+            cells.append(" / ".join(f"{p:.1f}" for p in ppl) or "not yet")
+        lines.append(f"| {pattern} | " + " | ".join(cells) + " |")
+    lines += ["", "WikiText-2 perplexity, one value per calibration seed (lower is better)."]
+    if cfg.published and Path(cfg.published).is_file():
+        lines += published_lines(rows, json.loads(Path(cfg.published).read_text()))
+    return "\n".join(lines) + "\n"
+
+
+VARIANT = "/ours-"  # a published-comparison row NAME/ours-VARIANT: our pruning again under a rounding-level change
+
+
+def published_lines(rows: list[dict], published: dict, tolerance: float = 0.03) -> list[str]:
+    """Our rows beside the published implementations' on the same windows: the relative difference, and how far
+    our own perplexity moves under rounding-level changes (published rows NAME/ours-VARIANT, same windows)."""
+    ours = {r["name"]: r for r in rows}
+    theirs = {r["name"]: r for r in published["rows"] if VARIANT not in r["name"]}
+    variants = [r for r in published["rows"] if VARIANT in r["name"]]
+    lines = ["", "## Against the published code", "",
+             "| run | published | ours (the table's) | ours / published - 1 | ours, rounding-level changes "
+             "(/ published - 1) | spread of ours (max / min - 1) |", "|---|---|---|---|---|---|"]  # fmt: skip
+    outside, inside_spread = [], []
+    for name, row in theirs.items():
+        mine = ours.get(name)
+        alike = [(r["name"].rsplit(VARIANT, 1)[1], r["ppl"]) for r in variants if r["name"].startswith(f"{name}/")]
+        changed = ", ".join(f"{v} {ppl:.2f} ({ppl / row['ppl'] - 1:+.1%})" for v, ppl in alike) or "not yet"
+        if mine is None:
+            lines.append(f"| {name} | {row['ppl']:.2f} | not yet |  | {changed} |  |")
+            continue
+        difference = mine["ppl"] / row["ppl"] - 1
+        ppls = [mine["ppl"], *(ppl for _, ppl in alike)]
+        spread = max(ppls) / min(ppls) - 1
+        if abs(difference) > tolerance:
+            outside.append(name)
+            if alike and abs(difference) <= spread:
+                inside_spread.append(name)
+        lines.append(f"| {name} | {row['ppl']:.2f} | {mine['ppl']:.2f} | {difference:+.1%} | {changed} | "
+                     f"{f'{spread:.1%}' if alike else ''} |")  # fmt: skip
+    if not outside:
+        verdict = f"every compared run within {tolerance:.0%}."
+    else:
+        verdict = f"outside {tolerance:.0%}: {', '.join(outside)}"
+        if inside_spread:
+            verdict += (f"; of these, {', '.join(inside_spread)} differ from the published code by no more than our "
+                        "own runs differ from each other under rounding-level changes")  # fmt: skip
+        verdict += "."
+    return lines + ["", f"WikiText-2 perplexity on the same windows; {verdict}", "", f"How: {published['about']}"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+
+    def go() -> None:
+        cfg = parse_config(SparsityStudyConfig, sys.argv[1:] if argv is None else argv)
+        rows, context = measure(cfg)
+        out = Path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps({"context": context, "rows": rows}, indent=1) + "\n")
+        out.write_text(render(rows, context, cfg))
+        print(f"wrote {out}")
+
+    return run_cli(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
