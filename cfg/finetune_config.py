@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
 
 from transformers import TrainingArguments
 
+from dataset.calibration import TEXT_SUFFIXES
 from dataset.packing.packed_dataset import STRATEGIES
-from utils.cli import parse_dataclasses
+from utils.cli import parse_dataclasses, parse_device
+from utils.validate import Rule, check_applies, check_ranges
 
 ATTENTION = ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager")
 
@@ -26,6 +30,29 @@ def check_learning_rate(value: float, flag: str) -> None:
 
 @dataclass
 class SFTArguments:
+    """The data, model and objective of a fine-tuning run; RULES: the numbers' ranges and where flags apply
+    (utils/validate.py)."""
+
+    KINDS: ClassVar[dict[str, str]] = {
+        "distill": "distillation (--distill_from)",
+        "anyprecision": "--optimizer anyprecision",
+        "packed": "packed rows (--packing bfd/consecutive, or plain text)",
+        "instructions": "instruction data (not plain text: no --text_field, no .txt/.raw --dataset_name)",
+    }
+    RULES: ClassVar[dict[str, Rule]] = {
+        "tokenizer_max": Rule(low=2),
+        "pack_length": Rule(low=2, applies=("packed",)),
+        "train_on_inputs": Rule(applies=("instructions",)),
+        "max_train_samples": Rule(low=1),
+        "lr": Rule(low=0, low_open=True),
+        "momentum_dtype": Rule(applies=("anyprecision",)),
+        "variance_dtype": Rule(applies=("anyprecision",)),
+        "use_kahan_summation": Rule(applies=("anyprecision",)),
+        "distill_alpha": Rule(low=0, high=1, applies=("distill",)),
+        "distill_temperature": Rule(low=0, low_open=True, applies=("distill",)),
+        "teacher_device": Rule(applies=("distill",)),
+    }
+
     model: str = field(metadata={"help": "Model to fine-tune: a (pruned) HF folder or a hub id."})
     dataset_name: str = field(
         default="lamini",
@@ -75,13 +102,13 @@ class SFTArguments:
     )
 
     def __post_init__(self) -> None:
+        if self.lr is not None:
+            check_learning_rate(self.lr, "--lr")
+        check_ranges(self)
+        if self.teacher_device:
+            parse_device(self.teacher_device, "--teacher_device")
+        check_applies(self)  # before defaults fill in: what the user gave is what is judged
         self.pack_length = self.pack_length or self.tokenizer_max
-        if not (math.isfinite(self.distill_alpha) and 0 <= self.distill_alpha <= 1):
-            raise ValueError(f"--distill_alpha must be in [0, 1] (got {self.distill_alpha})")
-        if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
-            raise ValueError(f"--distill_temperature must be > 0 (got {self.distill_temperature})")
-        if self.tokenizer_max < 2:
-            raise ValueError(f"--tokenizer_max must be >= 2 (got {self.tokenizer_max})")
         if self.packing != "none" and self.tokenizer_max > self.pack_length:
             raise ValueError(f"--tokenizer_max {self.tokenizer_max} is larger than --pack_length {self.pack_length}")
         if self.packing not in (*STRATEGIES, "none"):
@@ -92,16 +119,39 @@ class SFTArguments:
             raise ValueError(f"--attn_implementation {self.attn_implementation!r} is not one of {', '.join(ATTENTION)}")
         if self.optimizer not in ("anyprecision", "adamw"):
             raise ValueError(f"--optimizer {self.optimizer!r} is not one of anyprecision, adamw")
-        if self.dtype not in ("auto", "bfloat16", "float32"):
-            raise ValueError(f"--dtype {self.dtype!r} is not one of auto, bfloat16, float32")
-        if self.lr is not None:
-            check_learning_rate(self.lr, "--lr")
-        if self.max_train_samples is not None and self.max_train_samples < 1:
-            raise ValueError(f"--max_train_samples must be >= 1 (got {self.max_train_samples})")
+        for flag, dtype in (("--dtype", self.dtype), ("--momentum_dtype", self.momentum_dtype),
+                            ("--variance_dtype", self.variance_dtype)):  # fmt: skip
+            valid = ("auto", "bfloat16", "float32") if flag == "--dtype" else ("bfloat16", "float16", "float32")
+            if dtype not in valid:
+                raise ValueError(f"{flag} {dtype!r} is not one of {', '.join(valid)}")
+
+    @property
+    def text(self) -> bool:
+        """Plain text (every token a label, packed into full rows) rather than instruction records."""
+        return self.text_field is not None or Path(self.dataset_name).suffix in TEXT_SUFFIXES
+
+    def kinds(self) -> set[str]:
+        kinds = set()
+        if self.text or self.packing != "none":
+            kinds.add("packed")
+        if not self.text:
+            kinds.add("instructions")
+        if self.distill_from:
+            kinds.add("distill")
+        if self.optimizer == "anyprecision":
+            kinds.add("anyprecision")
+        return kinds
+
+    def run_text(self) -> str:
+        data = "plain text" if self.text else "instruction data"
+        return f"this fine-tuning run ({data}, --optimizer {self.optimizer}, --packing {self.packing})"
 
 
 @dataclass
 class LoraArguments:
+    RULES: ClassVar[dict[str, Rule]] = {"lora_r": Rule(low=1), "lora_alpha": Rule(low=0, low_open=True),
+                                        "lora_dropout": Rule(low=0, high=1, high_open=True)}  # fmt: skip
+
     lora_r: int = field(default=32, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
@@ -111,10 +161,20 @@ class LoraArguments:
     )
     merge: bool = field(default=False, metadata={"help": "Also write a merged standalone model to OUTPUT/merged."})
 
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
 
 @dataclass
 class FullTrainingArguments(TrainingArguments):
-    """TrainingArguments with the release's full fine-tuning defaults."""
+    """TrainingArguments with the release's full fine-tuning defaults (RULES: ranges of the numbers set here)."""
+
+    RULES: ClassVar[dict[str, Rule]] = {
+        "learning_rate": Rule(low=0, low_open=True), "num_train_epochs": Rule(low=0, low_open=True),
+        "weight_decay": Rule(low=0), "per_device_train_batch_size": Rule(low=1),
+        "gradient_accumulation_steps": Rule(low=1), "logging_steps": Rule(low=0, low_open=True),
+        "save_steps": Rule(low=0, low_open=True),
+    }  # fmt: skip
 
     output_dir: str | None = field(default=None, metadata={"help": "Run folder (default: out/<model>-full-<time>)."})
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate."})
@@ -130,6 +190,7 @@ class FullTrainingArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         check_learning_rate(self.learning_rate, "--learning_rate")
+        check_ranges(self)
         super().__post_init__()
 
 

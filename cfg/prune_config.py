@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from module.model.layout import HEAD_MODES, STRUCTURES
 from module.prune.criteria import CRITERIA, STRUCTURE_CRITERIA, check_criterion
+from module.prune.importance import GRADIENT_CRITERIA
 from module.prune.mix import Mix
 from module.prune.plan import StructureSizes
 from module.sparse.masks import METHODS as SPARSITY_METHODS
 from module.sparse.masks import UPDATES as SPARSITY_UPDATES
 from module.sparse.masks import Pattern
+from utils.validate import Rule, check_applies, check_ranges
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -36,157 +39,207 @@ def parse_ratios(text: str | None, flag: str, upper: float = math.inf) -> list[f
 
 @dataclass
 class PruneConfig:
+    """Every setting of prune.py. RULES gives each number its range and each flag the runs it applies to
+    (utils/validate.py checks them for every run alike); what combines with what is checked in `__post_init__`."""
+
+    KINDS: ClassVar[dict[str, str]] = {
+        "structured": "structure pruning (--pruning_ratio, --mlp_ratio, --prune_parts or --mix)",
+        "search": "a mix search (--prune_parts with --pruning_ratio alone) or --mix",
+        "heads": "pruning attention heads (heads in --prune_parts)",
+        "gradient": "a criterion that needs the gradient (entropy, ce, entropy_wanda)",
+        "vocab_loss": "a loss over the vocabulary (criteria entropy, ce, entropy_wanda; a mix search; "
+        "--sparsity_method entropy)",
+        "sparse": "weight sparsity (--sparsity)",
+        "sparsegpt": "SparseGPT's update (--sparsity_method sparsegpt or d2prune, or --sparsity_update sparsegpt)",
+        "d2prune": "--sparsity_method d2prune",
+        "eval": "a perplexity evaluation (--eval_text)",
+    }  # fmt: skip
+    RULES: ClassVar[dict[str, Rule]] = {  # ranges of the numbers, and the runs a flag applies to
+        "pruning_ratio": Rule(applies=("structured",)),
+        "mlp_ratio": Rule(applies=("structured",)),
+        "prune_parts": Rule(applies=("structured",)),
+        "mix": Rule(applies=("structured",)),
+        "search_steps": Rule(low=1, applies=("search",)),
+        "search_tolerance": Rule(low=0, high=1, high_open=True, applies=("search",)),
+        "search_windows": Rule(low=1, applies=("search",)),
+        "search_refine": Rule(low=0, applies=("search",)),
+        "search_candidates": Rule(low=1, applies=("search",)),
+        "measure_speed": Rule(applies=("structured",)),
+        "heads_keep": Rule(low=0, applies=("structured",)),
+        "head_mode": Rule(applies=("heads",)),
+        "layers_remove": Rule(low=0, applies=("structured",)),
+        "hidden_keep": Rule(low=0, applies=("structured",)),
+        "criterion": Rule(applies=("structured",)),
+        "calib_samples": Rule(low=1),
+        "seq_len": Rule(low=2),
+        "sparsity": Rule(low=0, high=1, low_open=True, high_open=True),
+        "sparsity_type": Rule(applies=("sparse",)),
+        "sparsity_method": Rule(applies=("sparse",)),
+        "sparsity_update": Rule(applies=("sparse",)),
+        "d2_r1": Rule(low=0, applies=("d2prune",)),
+        "d2_r2": Rule(low=0, applies=("d2prune",)),
+        "d2_s": Rule(low=0, low_open=True, applies=("d2prune",)),
+        "sparsegpt_block": Rule(low=1, applies=("sparsegpt",)),
+        "sparsegpt_damp": Rule(low=0, high=1, high_open=True, applies=("sparsegpt",)),
+        "offload_inputs": Rule(applies=("sparse",)),
+        "seed": Rule(low=0),
+        "batch_size": Rule(low=1),
+        "loss_chunk_tokens": Rule(low=1, applies=("vocab_loss",)),
+        "activation_checkpointing": Rule(applies=("gradient",)),
+        "round_to": Rule(low=1, applies=("structured",)),
+        "importance_cache": Rule(applies=("structured",)),
+        "recompute": Rule(applies=("structured",)),
+        "eval_seq_len": Rule(low=2, applies=("eval",)),
+        "eval_windows": Rule(low=0, applies=("eval",)),
+    }
+
     origin_path: str = field(metadata={"help": "Model to prune: a local Hugging Face folder or a hub id."})
     pruning_ratio: str | None = field(
         default=None,
-        metadata={
-            "help": "Fraction of ALL parameters to remove (MLP neurons only); a comma list such as "
-            "0.2,0.3 writes several models from one importance pass."
-        },
-    )
+        metadata={"help": "Fraction of ALL parameters to remove (MLP neurons only); a comma list such as 0.2,0.3 "
+                          "writes several models from one importance pass."},
+    )  # fmt: skip
     mlp_ratio: str | None = field(
         default=None,
-        metadata={
-            "help": "The release's size: keep k = int(mlp_ratio * hidden_size) neurons per layer "
-            "(comma list allowed). Give this or --pruning_ratio."
-        },
-    )
+        metadata={"help": "The release's size: keep k = int(mlp_ratio * hidden_size) neurons per layer (comma list "
+                          "allowed). Give this or --pruning_ratio."},
+    )  # fmt: skip
     prune_parts: str = field(
         default="mlp",
-        metadata={
-            "help": f"Comma list of the structures to prune: {', '.join(STRUCTURES)}, or auto (every structure "
-            "the family supports). With --heads_keep/--layers_remove/--hidden_keep for each listed structure, "
-            "mlp takes its share from --pruning_ratio/--mlp_ratio; without them, --pruning_ratio is the total "
-            "and the mix that moves the model's predictions least (held-out KL) is searched."
-        },
-    )
+        metadata={"help": f"Comma list of the structures to prune: {', '.join(STRUCTURES)}, or auto (every structure "
+                          "the family supports). With --heads_keep/--layers_remove/--hidden_keep for each listed "
+                          "structure, mlp takes its share from --pruning_ratio/--mlp_ratio; without them, "
+                          "--pruning_ratio is the total and the mix that moves the model's predictions least "
+                          "(held-out KL) is searched."},
+    )  # fmt: skip
     mix: str | None = field(
         default=None,
-        metadata={
-            "help": "Prune exactly this mix, as the search's leaderboard writes it (e.g. "
-            "mlp_keep=1152,heads_keep=6,layers_remove=2); with the search's --prune_parts it reuses its cache."
-        },
-    )
+        metadata={"help": "Prune exactly this mix, as the search's leaderboard writes it (e.g. "
+                          "mlp_keep=1152,heads_keep=6,layers_remove=2); with the search's --prune_parts it reuses its"
+                          " cache."},
+    )  # fmt: skip
     search_steps: int = field(
         default=4,
-        metadata={
-            "help": "Search grid: each structure besides the MLP is offered at the sizes removing about "
-            "0, 1/N, ..., N/N of the target."
-        },
-    )
+        metadata={"help": "Search grid: each structure besides the MLP is offered at the sizes removing about 0, 1/N,"
+                          " ..., N/N of the target."},
+    )  # fmt: skip
     search_tolerance: float = field(
         default=0.01,
         metadata={"help": "Without mlp in the search, how far a mix may land from --pruning_ratio (absolute)."},
-    )
+    )  # fmt: skip
     search_windows: int = field(
         default=16,
         metadata={"help": "Held-out calibration windows (disjoint from the importance windows) for the search's KL."},
-    )
+    )  # fmt: skip
     search_refine: int = field(
         default=4,
-        metadata={
-            "help": "Rounds of hill climbing from the grid's best: each scores the mixes one loadable step of one "
-            "structure away (the MLP refilled), stopping when the best stays best (0 = the grid only)."
-        },
+        metadata={"help": "Rounds of hill climbing from the grid's best: each scores the mixes one loadable step of "
+                          "one structure away (the MLP refilled), stopping when the best stays best (0 = the grid "
+                          "only)."},
+    )  # fmt: skip
+    search_candidates: int = field(
+        default=64, metadata={"help": "At most this many candidates are scored."}
     )
-    search_candidates: int = field(default=64, metadata={"help": "At most this many candidates are scored."})
     measure_speed: bool = field(
         default=False,
-        metadata={
-            "help": "Time prefill (1024-token prompt) and greedy decoding (batch 1 and 8) of the dense and the "
-            "pruned model; in a search, of every candidate (each sliced in turn: one extra model copy)."
-        },
-    )
+        metadata={"help": "Time prefill (1024-token prompt) and greedy decoding (batch 1 and 8) of the dense and the "
+                          "pruned model; in a search, of every candidate (each sliced in turn: one extra model copy)."},
+    )  # fmt: skip
     heads_keep: int = field(
-        default=0, metadata={"help": "Attention (query) heads kept per layer (--prune_parts heads)."}
+        default=0,
+        metadata={"help": "Attention (query) heads kept per layer (--prune_parts heads)."},
     )
     head_mode: str = field(
         default="kv_group",
-        metadata={
-            "help": "kv_group: remove whole key/value groups with their query heads; query: the same number of "
-            "query heads inside every group."
-        },
+        metadata={"help": "kv_group: remove whole key/value groups with their query heads; query: the same number of "
+                          "query heads inside every group."},
+    )  # fmt: skip
+    layers_remove: int = field(
+        default=0, metadata={"help": "Decoder layers to remove (--prune_parts layers)."}
     )
-    layers_remove: int = field(default=0, metadata={"help": "Decoder layers to remove (--prune_parts layers)."})
-    hidden_keep: int = field(default=0, metadata={"help": "Hidden (residual) channels kept (--prune_parts hidden)."})
+    hidden_keep: int = field(
+        default=0,
+        metadata={"help": "Hidden (residual) channels kept (--prune_parts hidden)."},
+    )
     criterion: str = field(
         default="entropy",
-        metadata={
-            "help": f"Score: {', '.join(CRITERIA)} for MLP neurons; heads: "
-            f"{', '.join(STRUCTURE_CRITERIA['heads'])}; layers: {', '.join(STRUCTURE_CRITERIA['layers'])}; "
-            f"hidden: {', '.join(STRUCTURE_CRITERIA['hidden'])}."
-        },
-    )
+        metadata={"help": f"Score: {', '.join(CRITERIA)} for MLP neurons; heads: "
+                          f"{', '.join(STRUCTURE_CRITERIA['heads'])}; layers: "
+                          f"{', '.join(STRUCTURE_CRITERIA['layers'])}; hidden: "
+                          f"{', '.join(STRUCTURE_CRITERIA['hidden'])}."},
+    )  # fmt: skip
     calib_dataset: str = field(
         default="c4",
-        metadata={
-            "help": "Calibration text: 'c4' (allenai/c4 en, the release's), a hub dataset id, a local "
-            ".json/.jsonl/.txt/.parquet file or folder, or 'builtin' (offline standard-library prose)."
-        },
-    )
+        metadata={"help": "Calibration text: 'c4' (allenai/c4 en, the release's), a hub dataset id, a local "
+                          ".json/.jsonl/.txt/.parquet file or folder, or 'builtin' (offline standard-library prose)."},
+    )  # fmt: skip
     calib_text_field: str = field(default="text", metadata={"help": "Field holding the text in records."})
     calib_samples: int = field(
         default=0,
         metadata={"help": "Calibration windows, at most one per document (0 = 1024, the release's; with --sparsity "
-                  "128, Wanda's)."},
+                          "128, Wanda's)."},
     )  # fmt: skip
     seq_len: int = field(
         default=0,
         metadata={"help": "Tokens per calibration window (0 = 1024, the release's; with --sparsity the model's "
-                  "context capped at 2048, Wanda's)."},
+                          "context capped at 2048, Wanda's)."},
     )  # fmt: skip
     sparsity: float = field(
         default=0.0,
-        metadata={"help": "Remove this share of the weights of every decoder linear layer instead of structures "
-                  "(e.g. 0.5; not with --pruning_ratio/--mlp_ratio/--prune_parts/--mix)."},
+        metadata={"help": "Remove this share of the weights of every decoder linear layer instead of structures (e.g."
+                          " 0.5; not with --pruning_ratio/--mlp_ratio/--prune_parts/--mix)."},
     )  # fmt: skip
     sparsity_type: str = field(
-        default="unstructured", metadata={"help": "unstructured, or N:M (N zeros in every M inputs: 2:4, 4:8)."}
+        default="unstructured",
+        metadata={"help": "unstructured, or N:M (N zeros in every M inputs: 2:4, 4:8)."},
     )
     sparsity_method: str = field(
         default="wanda",
         metadata={"help": f"With --sparsity: {', '.join(SPARSITY_METHODS)} (magnitude needs no calibration data)."},
-    )
+    )  # fmt: skip
     sparsity_update: str = field(
         default="none",
         metadata={"help": "none, or sparsegpt: after a magnitude/wanda/entropy mask, SparseGPT's update of the "
-                  "remaining weights."},
+                          "remaining weights."},
     )  # fmt: skip
-    d2_r1: float = field(default=1.0, metadata={"help": "D²Prune's lambda_1 (first-order activation term)."})
-    d2_r2: float = field(default=0.0, metadata={"help": "D²Prune's lambda_2 (second-order activation term)."})
-    d2_s: float = field(default=1500.0, metadata={"help": "D²Prune's activation scale s (its scripts: 1500)."})
-    sparsegpt_block: int = field(default=128, metadata={"help": "SparseGPT's column block (its mask granularity)."})
-    sparsegpt_damp: float = field(
-        default=0.01, metadata={"help": "SparseGPT's dampening, x the mean Hessian diagonal."}
+    d2_r1: float = field(
+        default=1.0, metadata={"help": "D²Prune's lambda_1 (first-order activation term)."}    )
+    d2_r2: float = field(
+        default=0.0, metadata={"help": "D²Prune's lambda_2 (second-order activation term)."}    )
+    d2_s: float = field(
+        default=1500.0,
+        metadata={"help": "D²Prune's activation scale s (its scripts: 1500)."}
     )
+    sparsegpt_block: int = field(
+        default=128,
+        metadata={"help": "SparseGPT's column block (its mask granularity)."},
+    )
+    sparsegpt_damp: float = field(
+        default=0.01,
+        metadata={"help": "SparseGPT's dampening, x the mean Hessian diagonal."},
+    )  # fmt: skip
     offload_inputs: bool = field(
         default=False,
-        metadata={
-            "help": "With --sparsity: keep the calibration activations on the CPU between layers (large models)."
-        },
-    )
+        metadata={"help": "With --sparsity: keep the calibration activations on the CPU between layers (large "
+                          "models)."},
+    )  # fmt: skip
     allow_long_context: bool = field(
         default=False,
-        metadata={
-            "help": "Allow --seq_len/--eval_seq_len beyond the model's max_position_embeddings (rotary or other "
-            "computed positions only; a learned position table cannot be extended)."
-        },
-    )
+        metadata={"help": "Allow --seq_len/--eval_seq_len beyond the model's max_position_embeddings (rotary or other"
+                          " computed positions only; a learned position table cannot be extended)."},
+    )  # fmt: skip
     seed: int = field(default=42, metadata={"help": "Seed of the window draw (and of the random criterion)."})
     batch_size: int = field(default=1, metadata={"help": "Windows per forward/backward pass."})
     loss_chunk_tokens: int = field(
         default=0,
-        metadata={
-            "help": "Tokens per chunk of the vocabulary loss (0 = fp32 logits of ~256 MiB on CUDA, ~32 MiB on CPU)."
-        },
-    )
+        metadata={"help": "Tokens per chunk of the vocabulary loss (0 = fp32 logits of ~256 MiB on CUDA, ~32 MiB "
+                          "on CPU)."},
+    )  # fmt: skip
     activation_checkpointing: bool = field(
         default=False,
-        metadata={
-            "help": "Recompute each layer in the importance backward pass: much less activation memory "
-            "(larger batches, longer windows, bigger models) for about one more forward pass."
-        },
-    )
+        metadata={"help": "Recompute each layer in the importance backward pass: much less activation memory (larger "
+                          "batches, longer windows, bigger models) for about one more forward pass."},
+    )  # fmt: skip
     dtype: str = field(
         default="auto",
         metadata={"help": f"Compute and saved dtype: {', '.join(DTYPES)}; auto = bfloat16 on CUDA, float32 on CPU."},
@@ -194,39 +247,80 @@ class PruneConfig:
     device: str = field(default="auto", metadata={"help": "cuda, cuda:N, cpu or auto (cuda if available)."})
     device_map: str | None = field(
         default=None,
-        metadata={
-            "help": "auto: shard the model over every visible GPU, for models larger than one GPU "
-            "(one process; not with accelerate launch)."
-        },
+        metadata={"help": "auto: shard the model over every visible GPU, for models larger than one GPU (one process;"
+                          " not with accelerate launch)."},
+    )  # fmt: skip
+    round_to: int = field(
+        default=1,
+        metadata={"help": "Round the kept neurons to a multiple of this (1 = exact)."},
     )
-    round_to: int = field(default=1, metadata={"help": "Round the kept neurons to a multiple of this (1 = exact)."})
     output_dir: str | None = field(
         default=None,
-        metadata={
-            "help": "Output folder (one ratio) or parent folder (several); default a descriptive name under out/."
-        },
+        metadata={"help": "Output folder (one ratio) or parent folder (several); default a descriptive name "
+                          "under out/."},
     )
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing output folder."})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace an existing output folder (the old one is removed only once the new one is "
+                          "complete)."},
+    )
     importance_cache: str = field(
-        default="out/importance_cache", metadata={"help": "Folder of cached importance scores ('' disables)."}
+        default="out/importance_cache",
+        metadata={"help": "Folder of cached importance scores ('' disables)."},
     )
-    recompute: bool = field(default=False, metadata={"help": "Ignore a cached importance entry and recompute."})
+    recompute: bool = field(
+        default=False, metadata={"help": "Ignore a cached importance entry and recompute."}
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
     eval_text: str | None = field(
         default=None,
-        metadata={
-            "help": "Report perplexity before and after pruning on this text (same sources as "
-            "--calib_dataset, e.g. builtin:heldout or a WikiText file)."
-        },
+        metadata={"help": "Report perplexity before and after pruning on this text (same sources as --calib_dataset, "
+                          "e.g. builtin:heldout or a WikiText file)."},
+    )  # fmt: skip
+    eval_seq_len: int = field(
+        default=512, metadata={"help": "Window length of the perplexity evaluation."}
     )
-    eval_seq_len: int = field(default=512, metadata={"help": "Window length of the perplexity evaluation."})
-    eval_windows: int = field(default=0, metadata={"help": "Evaluate only the first N windows (0 = all)."})
+    eval_windows: int = field(
+        default=0, metadata={"help": "Evaluate only the first N windows (0 = all)."}
+    )
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         if self.sparsity:
             self._check_sparsity()
-            return
+        else:
+            self._check_structured()
+        check_applies(self)
+
+    def kinds(self) -> set[str]:
+        """What this run is, in the words of KINDS (which flags apply to it)."""
+        if self.sparsity:
+            kinds = {"sparse"}
+            if self.sparsity_method in ("sparsegpt", "d2prune") or self.sparsity_update == "sparsegpt":
+                kinds.add("sparsegpt")
+            if self.sparsity_method == "d2prune":
+                kinds.add("d2prune")
+            if self.sparsity_method == "entropy":
+                kinds.add("vocab_loss")
+        else:
+            kinds = {"structured"}
+            if self.search or self.selected_mix is not None:
+                kinds |= {"search", "vocab_loss"}
+            if self.criterion in GRADIENT_CRITERIA:
+                kinds |= {"gradient", "vocab_loss"}
+            if "heads" in self.parts:
+                kinds.add("heads")
+        if self.eval_text:
+            kinds.add("eval")
+        return kinds
+
+    def run_text(self) -> str:
+        if self.sparsity:
+            return f"--sparsity removes single weights (--sparsity_method {self.sparsity_method})"
+        return f"this structure pruning run (--prune_parts {self.prune_parts}, --criterion {self.criterion})"
+
+    def _check_structured(self) -> None:
         self.calib_samples = self.calib_samples or 1024
         self.seq_len = self.seq_len or 1024
         self.pruning_ratios = parse_ratios(self.pruning_ratio, "--pruning_ratio", upper=1.0)
@@ -240,9 +334,6 @@ class PruneConfig:
             raise ValueError(f"--head_mode {self.head_mode!r} is not one of {', '.join(HEAD_MODES)}")
         flags = {"heads": ("heads_keep", self.heads_keep), "layers": ("layers_remove", self.layers_remove),
                  "hidden": ("hidden_keep", self.hidden_keep)}  # fmt: skip
-        for flag, value in flags.values():
-            if value < 0:
-                raise ValueError(f"--{flag} must be >= 0 (got {value})")
         given = [f"--{flag}" for flag, value in flags.values() if value]
         searchable = self.auto or (self.parts != ["mlp"] and not given)
         self.selected_mix = Mix.parse(self.mix) if self.mix is not None else None
@@ -279,29 +370,13 @@ class PruneConfig:
         for part in self.parts:
             if part != "mlp":
                 check_criterion(part, self.criterion)
+        self._check_dtype()
+
+    def _check_dtype(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if not 0 <= self.search_tolerance < 1:
-            raise ValueError(f"--search_tolerance must be in [0, 1) (got {self.search_tolerance})")
-        for name in ("calib_samples", "batch_size", "round_to", "eval_seq_len", "search_steps", "search_windows",
-                     "search_candidates"):  # fmt: skip
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1 (got {getattr(self, name)})")
-        if self.seq_len < 2:
-            raise ValueError(f"--seq_len must be >= 2 (got {self.seq_len})")
-        for name in ("loss_chunk_tokens", "eval_windows", "search_refine"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be >= 0 (got {getattr(self, name)})")
 
     def _check_sparsity(self) -> None:
-        structured = [flag for flag, given in (("--pruning_ratio", self.pruning_ratio), ("--mlp_ratio", self.mlp_ratio),
-                      ("--mix", self.mix), ("--prune_parts", self.prune_parts != "mlp"),
-                      ("--heads_keep", self.heads_keep), ("--layers_remove", self.layers_remove),
-                      ("--hidden_keep", self.hidden_keep)) if given]  # fmt: skip
-        if structured:
-            raise ValueError(f"--sparsity removes single weights; it does not combine with {', '.join(structured)}")
-        if not (math.isfinite(self.sparsity) and 0 < self.sparsity < 1):
-            raise ValueError(f"--sparsity must be in (0, 1) (got {self.sparsity})")
         pattern = Pattern.parse(self.sparsity_type, self.sparsity)
         if pattern.structured and abs(pattern.sparsity - self.sparsity) > 1e-9:
             raise ValueError(f"--sparsity_type {self.sparsity_type} is {pattern.sparsity:g} sparsity; give --sparsity "
@@ -310,18 +385,8 @@ class PruneConfig:
             raise ValueError(f"--sparsity_method {self.sparsity_method!r} is not one of {', '.join(SPARSITY_METHODS)}")
         if self.sparsity_update not in SPARSITY_UPDATES:
             raise ValueError(f"--sparsity_update {self.sparsity_update!r} is not one of {', '.join(SPARSITY_UPDATES)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if not (math.isfinite(self.d2_s) and self.d2_s > 0):
-            raise ValueError(f"--d2_s must be > 0 (got {self.d2_s})")
-        if self.sparsegpt_block < 1 or not 0 <= self.sparsegpt_damp < 1:
-            raise ValueError("--sparsegpt_block must be >= 1 and --sparsegpt_damp in [0, 1)")
+        self._check_dtype()
         self.calib_samples = self.calib_samples or 128
-        for name in ("calib_samples", "batch_size", "eval_seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1 (got {getattr(self, name)})")
-        if self.seq_len == 1 or self.seq_len < 0:
-            raise ValueError(f"--seq_len must be >= 2 (got {self.seq_len})")
         self.pruning_ratios, self.mlp_ratios, self.parts, self.selected_mix = [], [], [], None
 
     @property

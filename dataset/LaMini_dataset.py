@@ -68,22 +68,29 @@ def load_records(source: str) -> tuple[list[dict], str]:
 
 
 def to_examples(records: list[dict]) -> list[Example]:
-    """Map LaMini (instruction/response) or Alpaca (instruction/input/output) records."""
+    """Map LaMini (instruction/response) or Alpaca (instruction/input/output) records; every record is checked
+    (its number counts from 1) before anything is tokenized."""
     if not records:
         raise UserError("the instruction dataset is empty")
     examples = []
     for i, r in enumerate(records):
         if not isinstance(r, dict):
-            raise UserError(f"record {i} of the instruction dataset is a {type(r).__name__}, not a record")
+            raise UserError(f"record {i + 1} of the instruction dataset is a {type(r).__name__}, not a record")
         if "instruction" in r and "response" in r:
-            examples.append(Example(r["instruction"], "", r["response"]))
+            keys = ("instruction", None, "response")
         elif "instruction" in r and "output" in r:
-            examples.append(Example(r["instruction"], r.get("input") or "", r["output"]))
+            keys = ("instruction", "input", "output")
         else:
             raise UserError(
-                f"unknown dataset fields {sorted(r)} (record {i}); expected instruction+response (LaMini) "
+                f"unknown dataset fields {sorted(r)} (record {i + 1}); expected instruction+response (LaMini) "
                 "or instruction+input+output (Alpaca)"
             )
+        values = [r.get(k) or "" if k == "input" else r[k] if k else "" for k in keys]
+        wrong = next((k for k, v in zip(keys, values) if not isinstance(v, str)), None)
+        if wrong is not None:
+            raise UserError(f"record {i + 1} of the instruction dataset: its {wrong!r} is {type(r[wrong]).__name__}, "
+                            "not text")  # fmt: skip
+        examples.append(Example(*values))
     return examples
 
 

@@ -38,67 +38,76 @@ def builtin_documents(heldout: bool = False) -> list[str]:
     return [t for i, t in enumerate(texts) if (i % BUILTIN_HELDOUT_EVERY == 0) == heldout]
 
 
-def _records_text(records: list, field: str, source: str) -> list[str]:
+def _records_text(records: list, field: str, source: str, field_flag: str) -> list[str]:
+    """The text of every record: all strings, or all records with a string in `field`; the first record that
+    breaks the rule is named (its number counts from 1, as an editor's line numbers do for JSON Lines)."""
     if records and isinstance(records[0], str):
+        bad = next((i for i, r in enumerate(records) if not isinstance(r, str)), None)
+        if bad is not None:
+            raise CalibrationError(f"{source}: record {bad + 1} is a {type(records[bad]).__name__} among plain "
+                                   "strings; give one kind of record")  # fmt: skip
         return list(records)
     if records and not isinstance(records[0], dict):
-        raise CalibrationError(f"calibration data {source} holds {type(records[0]).__name__} values, not records")
-    if records and field not in records[0]:
-        raise CalibrationError(
-            f"calibration data {source} has no field {field!r} (fields: {', '.join(map(str, records[0]))}); "
-            "set --calib_text_field"
-        )
+        raise CalibrationError(f"{source} holds {type(records[0]).__name__} values, not records")
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise CalibrationError(f"{source}: record {i + 1} is a {type(r).__name__}, not a record like the others")
+        if field not in r:
+            raise CalibrationError(f"{source}: record {i + 1} has no field {field!r} (fields: "
+                                   f"{', '.join(map(str, r))}); set {field_flag}")  # fmt: skip
+        if r[field] is not None and not isinstance(r[field], str):
+            raise CalibrationError(f"{source}: record {i + 1}'s {field!r} is a {type(r[field]).__name__}, not text")
     return [r[field] for r in records]
 
 
-def _read_file(path: Path, field: str) -> list[str]:
+def _read_file(path: Path, field: str, flag: str, field_flag: str) -> list[str]:
     suffix = path.suffix.lower()
     if suffix in TEXT_SUFFIXES:  # documents are separated by blank (or whitespace-only) lines
-        text = read_text(path, "calibration file")
+        text = read_text(path, f"{flag} file")
         return [d.strip() for d in re.split(r"\n[ \t]*\n", text) if d.strip()]
     if suffix not in LOCAL_SUFFIXES:
-        raise CalibrationError(f"calibration file {path} has an unsupported type; valid: {', '.join(LOCAL_SUFFIXES)}")
-    return _records_text(read_records(path, "calibration file"), field, str(path))
+        raise CalibrationError(f"{flag} file {path} has an unsupported type; valid: {', '.join(LOCAL_SUFFIXES)}")
+    return _records_text(read_records(path, f"{flag} file"), field, f"{flag} file {path}", field_flag)
 
 
-def _load_hub(dataset_id: str, field: str, data_files: str | None = None) -> list[str]:
+def _load_hub(dataset_id: str, field: str, flag: str, data_files: str | None = None) -> list[str]:
     import datasets
 
     try:
         ds = datasets.load_dataset(dataset_id, data_files=data_files, split="train")
     except Exception as err:  # noqa: BLE001 - the hub raises many types; the user needs one line either way
         raise CalibrationError(
-            f"cannot load calibration dataset {dataset_id!r} from the hub ({first_line(err)}); "
-            "offline, pass a local file/folder or --calib_dataset builtin"
+            f"cannot load {flag} {dataset_id!r} from the hub ({first_line(err)}); offline, pass a local file/folder"
+            + (" or --calib_dataset builtin" if flag == "--calib_dataset" else "")
         ) from None
     if field not in ds.column_names:
-        raise CalibrationError(
-            f"calibration dataset {dataset_id!r} has no field {field!r} (fields: {', '.join(ds.column_names)})"
-        )
+        raise CalibrationError(f"{flag} {dataset_id!r} has no field {field!r} (fields: {', '.join(ds.column_names)})")
     return ds[field]
 
 
-def load_documents(source: str, text_field: str = "text") -> list[str]:
-    """Documents of the calibration source (see the module docstring)."""
+def load_documents(source: str, text_field: str = "text", flag: str = "--calib_dataset",
+                   field_flag: str = "--calib_text_field") -> list[str]:  # fmt: skip
+    """Documents of a text source (see the module docstring), every record checked; errors name `flag` (the
+    option that gave `source`) and `field_flag` (the one that names the text field)."""
     if source in ("builtin", "builtin:heldout"):
         return builtin_documents(heldout=source.endswith("heldout"))
     if source == "c4":
-        return _load_hub(C4_HUB[0], text_field, data_files=C4_HUB[1])
+        return _load_hub(C4_HUB[0], text_field, flag, data_files=C4_HUB[1])
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in LOCAL_SUFFIXES and p.is_file())
         if not files:
-            raise CalibrationError(f"calibration folder {path} holds no {'/'.join(LOCAL_SUFFIXES)} files")
-        docs = [d for f in files for d in _read_file(f, text_field)]
+            raise CalibrationError(f"{flag} folder {path} holds no {'/'.join(LOCAL_SUFFIXES)} files")
+        docs = [d for f in files for d in _read_file(f, text_field, flag, field_flag)]
     elif path.is_file():
-        docs = _read_file(path, text_field)
+        docs = _read_file(path, text_field, flag, field_flag)
     elif source.startswith((".", "/", "~")) or path.suffix.lower() in LOCAL_SUFFIXES:
-        raise CalibrationError(f"calibration file {source} does not exist")
+        raise CalibrationError(f"{flag} file {source} does not exist")
     else:
-        docs = _load_hub(source, text_field)
+        docs = _load_hub(source, text_field, flag)
     docs = [d for d in docs if isinstance(d, str) and d.strip()]
     if not docs:
-        raise CalibrationError(f"calibration data {source} holds no text in field {text_field!r}")
+        raise CalibrationError(f"{flag} {source} holds no text in field {text_field!r}")
     return docs
 
 

@@ -1,8 +1,9 @@
 """What every pruning run shares, whatever it removes: the settings logged first, this process's place in a
-launch, device and dtype, the output folders checked before anything loads, the model's shapes (a weightless
-copy) for the checks that need no weights, the tokenizer, the evaluation text, the model and the report's
-common fields. The structured (module/prune), weight-sparsity (module/sparse) and per-batch (module/dynamic)
-pipelines each start with `begin_run`.
+launch, device and dtype, the output folders guarded before anything loads (utils/outputs.py: no output
+touches an input, each can be created, and the run holds an exclusive claim on them while it runs), the
+model's shapes (a weightless copy) for the checks that need no weights, the tokenizer, the evaluation text, the
+model and the report's common fields. The structured (module/prune) and weight-sparsity (module/sparse)
+pipelines each run inside `with begin_run(...) as run:`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,9 +20,17 @@ from torch import nn
 from transformers.utils.logging import disable_progress_bar
 
 from dataset.calibration import load_documents
-from utils.cli import load_config, load_model, load_tokenizer, meta_model, process_state, resolve_device_dtype
+from utils.cli import (
+    check_weights,
+    load_config,
+    load_model,
+    load_tokenizer,
+    meta_model,
+    process_state,
+    resolve_device_dtype,
+)
 from utils.errors import UserError
-from utils.io import check_output_dir
+from utils.outputs import check_cache, check_output, claim
 from utils.report import versions
 
 log = logging.getLogger("hfprune")
@@ -35,6 +45,17 @@ class Run:
     device: torch.device
     dtype: torch.dtype
     start: float
+    outputs: list[Path]
+    claims: ExitStack = field(default_factory=ExitStack)
+
+    def __enter__(self) -> Run:
+        """Claim the outputs (the main process of a launch: the only one that writes) until the run ends."""
+        if self.state.is_main_process:
+            self.claims.enter_context(claim(self.outputs))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.claims.close()
 
     @property
     def origin(self) -> Path:
@@ -42,15 +63,20 @@ class Run:
 
     def shapes(self) -> nn.Module:
         """The model with no memory behind its weights: every check that needs shapes but no weights."""
-        config = load_config(self.cfg.origin_path, "model --origin_path", self.cfg.trust_remote_code)
-        return meta_model(config, self.cfg.trust_remote_code)
+        what = "model --origin_path"
+        shapes = meta_model(load_config(self.cfg.origin_path, what, self.cfg.trust_remote_code),
+                            self.cfg.trust_remote_code, what)  # fmt: skip
+        check_weights(self.cfg.origin_path, shapes, what)
+        return shapes
 
     def tokenizer(self):
         return load_tokenizer(self.cfg.origin_path, "model --origin_path", self.cfg.trust_remote_code)
 
     def eval_documents(self) -> list[str] | None:
         """The --eval_text documents (None without --eval_text), read before the model loads."""
-        return load_documents(self.cfg.eval_text, self.cfg.calib_text_field) if self.cfg.eval_text else None
+        if not self.cfg.eval_text:
+            return None
+        return load_documents(self.cfg.eval_text, self.cfg.calib_text_field, "--eval_text")
 
     def load_model(self) -> nn.Module:
         return load_model(self.cfg.origin_path, self.device, self.dtype, self.cfg.trust_remote_code,
@@ -65,9 +91,17 @@ class Run:
         return time.perf_counter() - self.start
 
 
+def run_inputs(cfg) -> dict[str, object]:
+    """Every input path of a pruning run, by flag: no output may equal, contain or lie inside one of them."""
+    inputs = {"--origin_path": cfg.origin_path, "--calib_dataset": cfg.calib_dataset, "--eval_text": cfg.eval_text}
+    if not cfg.sparsity and cfg.importance_cache:
+        inputs["--importance_cache"] = Path(cfg.importance_cache)  # created by the run if it is not there yet
+    return inputs
+
+
 def begin_run(cfg, outputs: list[Path], single_process: str | None = None) -> Run:
-    """Log the settings, place this process, check the outputs; `single_process`: the one line that refuses a
-    launch of several processes (None: a launch splits the work)."""
+    """Log the settings, place this process, guard the outputs (claimed when the run is entered);
+    `single_process`: the one line that refuses a launch of several processes (None: a launch splits the work)."""
     start = time.perf_counter()
     log.info("config: %s", json.dumps(asdict(cfg), sort_keys=True))
     if not cfg.progress:
@@ -75,12 +109,14 @@ def begin_run(cfg, outputs: list[Path], single_process: str | None = None) -> Ru
     state = process_state(cfg.device)  # one process, or one rank of `accelerate launch` / torchrun
     distributed_auto = cfg.device == "auto" and state.num_processes > 1
     device, dtype = resolve_device_dtype(str(state.device) if distributed_auto else cfg.device, cfg.dtype)
-    origin = Path(cfg.origin_path).expanduser()
+    inputs = run_inputs(cfg)
     for out in outputs:
-        check_output_dir(out, [origin] if origin.exists() else [], cfg.overwrite)
+        check_output(out, inputs, cfg.overwrite)
+    if not cfg.sparsity:
+        check_cache(cfg.importance_cache, "--importance_cache")
     if single_process is not None and state.num_processes > 1:
         raise UserError(single_process)
     if cfg.device_map and state.num_processes > 1:
         raise UserError("--device_map shards one model over the GPUs of one process; do not combine it with "
                         "accelerate launch")  # fmt: skip
-    return Run(cfg, state, device, dtype, start)
+    return Run(cfg, state, device, dtype, start, list(outputs))

@@ -75,6 +75,8 @@ activate_env
 cd "$ROOT"
 CHECK=("$PYTHON" -m utils.lm_eval_tasks check --tasks "$TASKS")
 if ((LOCAL)) || [[ "$TASKS" == *_local* ]]; then CHECK+=(--data_dir "$DATA_DIR"); fi
+# the adapter must fit the model (read from their files, so not in a dry run, which only prints the commands)
+[[ -z "$ADAPTER" || "$DRY_RUN" == 1 ]] || CHECK+=(--model "$MODEL" --adapter "$ADAPTER")
 "${CHECK[@]}" || exit 2
 
 MODEL_ARGS="pretrained=$MODEL,dtype=$DTYPE,add_bos_token=True"
@@ -92,7 +94,7 @@ PPL_CMD=("$PYTHON" -m utils.perplexity --model "$MODEL" --dataset wikitext2 --se
 if [[ -d "$DATA_DIR/wikitext-2-raw" ]]; then PPL_CMD+=(--data_dir "$DATA_DIR"); fi
 
 if [[ "$DRY_RUN" != 1 ]]; then
-  mkdir -p "$OUTPUT" "$ROOT/log/eval"
+  mkdir -p "$ROOT/log/eval"  # lm_eval and the perplexity create OUTPUT themselves: a failed run leaves none
   echo "evaluating $MODEL${ADAPTER:+ + $ADAPTER} on $TASKS ($DEVICE, $DTYPE) -> $OUTPUT" >&2
 fi
 run_cmd "${CMD[@]}"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import VOCAB, tiny_model
 from safetensors.torch import load_file
-from test_structures import run_prune
+from test_structures import CALIB
 from transformers import AutoModelForCausalLM
 
 from module.model.mlp import decoder_layers
@@ -116,6 +116,13 @@ def test_pruned_model_reloads_with_the_same_logits(tmp_path):
         i, name = key.split(".", 2)[1:]
         weight = dict(again.model.layers[int(i)].named_modules())[name].weight
         assert (weight[mask] == 0).all()
+
+
+def run_prune(tmp_path, origin, *args):
+    """prune.py --sparsity ... into tmp_path/out (a sparsity run takes no --importance_cache: it has no cache)."""
+    import prune
+
+    return prune.main(["--origin_path", str(origin), "--output_dir", str(tmp_path / "out"), *CALIB, *args])
 
 
 def test_prune_py_sparsity_writes_zeros_masks_and_report(tmp_path, tiny_llama_dir):

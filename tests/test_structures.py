@@ -139,8 +139,10 @@ def test_loadability_rules_name_the_valid_sizes():
     llama = layout_of(tiny_model("llama"), "heads")
     # Llama refuses hidden_size % heads != 0: of 32 MHA heads only the divisors of 4096 load
     assert valid_head_counts(llama2_7b, "kv_group", True) == [32, 16, 8, 4, 2, 1]
-    with pytest.raises(StructureError, match="valid: 32, 16, 8, 4, 2, 1"):
+    with pytest.raises(StructureError, match="valid: 16, 8, 4, 2, 1$"):  # keeping all 32 prunes nothing
         check_heads_keep(llama2_7b, 24, "kv_group", llama)
+    with pytest.raises(StructureError, match="keeping all 32 prunes nothing"):
+        check_heads_keep(llama2_7b, 32, "kv_group", llama)
     qwen = tf.Qwen2Config(hidden_size=896, num_attention_heads=14, num_key_value_heads=2)
     assert valid_head_counts(qwen, "kv_group", False) == [14, 7]
     assert valid_head_counts(qwen, "query", False) == [14, 12, 10, 8, 6, 4, 2]
@@ -268,8 +270,9 @@ def test_mlp_scores_and_output_unchanged_by_pruning_other_structures_too(tmp_pat
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--prune_parts", "heads", "--heads_keep", "3"], "valid: 4, 2"),
-        (["--prune_parts", "heads", "--heads_keep", "3", "--head_mode", "query"], "valid: 4, 2"),
+        (["--prune_parts", "heads", "--heads_keep", "3"], "valid: 2"),
+        (["--prune_parts", "heads", "--heads_keep", "3", "--head_mode", "query"], "valid: 2"),
+        (["--prune_parts", "heads", "--heads_keep", "4"], "keeping all 4 prunes nothing"),
         (["--prune_parts", "hidden", "--hidden_keep", "30"], "nearest valid: 28"),
         (["--prune_parts", "heads,hidden", "--heads_keep", "2", "--hidden_keep", "27"], "its 2 attention heads"),
         (["--prune_parts", "layers", "--layers_remove", "2"], "must be in 1..1"),

@@ -85,10 +85,7 @@ def clear_leftovers(final: Path) -> None:
             p.rename(final)
             log.warning("restored %s from %s: the writer (pid %d) died while replacing it", final, p.name, pid)
         else:
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
+            remove(p)
             log.warning("removed %s, left by a writer that no longer runs (pid %d)", p, pid)
 
 
@@ -110,9 +107,16 @@ def move_aside(final: Path) -> Path | None:
     return old
 
 
+class AppearedError(FileExistsError):
+    """`final` appeared while its replacement was being written, and replacing it was not asked for."""
+
+
 @contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `final`, on failure it is removed."""
+def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it takes `final`'s place, on failure it is removed. An
+    existing `final` is moved aside only at that last step and deleted once the new folder is in place (put
+    back if the rename fails); with `replace=False` a `final` that appeared meanwhile is left as it is and
+    AppearedError is raised."""
     final = Path(final).resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     clear_leftovers(final)
@@ -122,13 +126,34 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         apply_umask(tmp)
+        if not replace and final.exists():
+            raise AppearedError(f"{final} appeared while this run was writing it; the new result was not saved")
+        swap_into(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def swap_into(new: Path, final: Path) -> None:
+    """Put the complete folder `new` in `final`'s place: an existing `final` is moved aside, `new` renamed into
+    place, and the old one deleted only then (put back if the rename fails)."""
     old = move_aside(final)
-    tmp.rename(final)
+    try:
+        new.rename(final)
+    except BaseException:
+        if old is not None:
+            old.rename(final)
+        raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        remove(old)
+
+
+def remove(path: Path) -> None:
+    """Delete a file or a folder tree."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

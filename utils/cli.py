@@ -12,6 +12,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 
 from utils.errors import UserError, first_line
 
@@ -102,21 +104,32 @@ def parse_config(cls, argv: list[str]):
     return cfg
 
 
-def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+def parse_device(device: str, flag: str = "--device") -> torch.device:
+    """A device that exists here ("auto": cuda if there is one, else cpu), or one line naming `flag`."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise UserError(f"--device {device!r} is not a device; valid: auto, cpu, cuda, cuda:N") from None
+        raise UserError(f"{flag} {device!r} is not a device; valid: auto, cpu, cuda, cuda:N") from None
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device {device}: no such CUDA device here ({torch.cuda.device_count()} found); use cpu")
+        raise UserError(f"{flag} {device}: no such CUDA device here ({torch.cuda.device_count()} found); use cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"{flag} {device}: only cpu and cuda devices are supported")
+    return dev
+
+
+def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    dev = parse_device(device)
     if dtype == "auto":
         return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
     return dev, DTYPE_NAMES[dtype]
 
 
-LOAD_ERRORS = (OSError, ValueError, KeyError, ImportError)  # what from_pretrained raises for a bad path or id
+# what from_pretrained raises for a bad path or id, a config it cannot read (huggingface_hub's strict dataclasses
+# check every config field's type), or weights that do not fit it
+LOAD_ERRORS = (OSError, ValueError, KeyError, ImportError, TypeError, RuntimeError, SafetensorError,
+               StrictDataclassError)
 
 
 def _hub_reachable(timeout: float = 5.0) -> str | None:
@@ -190,12 +203,38 @@ def load_config(path: str, what: str, trust_remote_code: bool = False):
     return _from_pretrained(AutoConfig, path, what, trust_remote_code=trust_remote_code)
 
 
-def meta_model(config, trust_remote_code: bool = False):
+def meta_model(config, trust_remote_code: bool = False, what: str = "model --origin_path"):
     """The model of `config` with no memory behind its weights: shapes for every check before loading."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise UserError(f"cannot build {what} from its config.json: {first_line(err)}") from None
+
+
+def check_weights(path: str, model, what: str) -> None:
+    """The shapes in a local folder's safetensors headers fit `model` (built from its config): a truncated file or
+    a config that does not describe the weights (e.g. another vocab_size) is one line before anything loads."""
+    from safetensors import safe_open
+
+    folder = Path(path).expanduser()
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files or (folder / "adapter_config.json").is_file():
+        return
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open has keys(), no __iter__
+                    shape = tuple(f.get_slice(key).get_shape())
+                    if key in expected and expected[key] != shape:
+                        raise UserError(f"{what} {path}: {file.name} holds {key} of shape {list(shape)}, but its "
+                                        f"config.json describes {list(expected[key])}")  # fmt: skip
+        except SafetensorError as err:
+            reason = first_line(err)
+            raise UserError(f"{what} {path}: {file.name} is not a complete safetensors file ({reason})") from None
 
 
 def check_context(model, length: int, flag: str, allow_long: bool) -> None:

@@ -11,9 +11,12 @@ class UserError(ValueError):
 
 
 def first_line(err: BaseException) -> str:
-    """The first line of a library's error message (or its type), for a one-line error of our own."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    """The first line of a library's error message (or its type), for a one-line error of our own; a first line
+    that ends in a colon is joined with the line that says what follows it."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def run_cli(action: Callable[[], object]) -> int:

@@ -1,33 +1,21 @@
-"""Files: output-folder checks, digests and fingerprints, the importance cache (safetensors + JSON, no pickles)."""
+"""Files: digests and fingerprints, the importance cache (safetensors + JSON, no pickles)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from utils.atomic import atomic_dir, clear_leftovers
-from utils.errors import UserError
+from utils.atomic import atomic_dir
+from utils.errors import first_line
 
-
-class OutputError(UserError):
-    """An output location that must not be written."""
-
-
-def check_output_dir(output: Path, protected: list[Path], overwrite: bool) -> None:
-    """Refuse an existing folder without --overwrite, and any place inside (or equal to) a protected one."""
-    out = output.resolve()
-    clear_leftovers(out)
-    for p in protected:
-        p = p.resolve()
-        if out == p or p in out.parents:
-            raise OutputError(f"--output_dir {output} is inside the source model folder {p}; choose another place")
-    if out.exists() and not overwrite:
-        raise OutputError(f"--output_dir {output} already exists; pass --overwrite to replace it")
+log = logging.getLogger("hfprune")
 
 
 def digest(obj) -> str:
@@ -64,13 +52,21 @@ def save_importance(folder: Path, scores: list[torch.Tensor], meta: dict, extra:
 
 
 def load_importance(folder: Path) -> tuple[list[torch.Tensor], dict, dict] | None:
-    """Neuron scores, metadata and other structures' scores from `save_importance`, or None if the folder is
-    not a complete entry."""
+    """Neuron scores, metadata and other structures' scores from `save_importance`; None if the folder is not a
+    complete entry, or (with a warning) a damaged one: it is then recomputed and replaced atomically."""
     st, js = folder / "importance.safetensors", folder / "importance.json"
     if not (st.is_file() and js.is_file()):
         return None
-    tensors = load_file(str(st))
-    meta = json.loads(js.read_text())
-    n_layers = sum(k.startswith("layer.") for k in tensors)
+    try:
+        tensors = load_file(str(st))
+        meta = json.loads(js.read_text())
+        n_layers = sum(k.startswith("layer.") for k in tensors)
+        scores = [tensors[f"layer.{i}"] for i in range(n_layers)]
+    except (OSError, ValueError, KeyError, SafetensorError) as err:  # JSONDecodeError is a ValueError
+        log.warning("importance cache entry %s is damaged (%s): recomputing it", folder, first_line(err))
+        return None
+    if not isinstance(meta, dict):
+        log.warning("importance cache entry %s is damaged (its JSON is not a mapping): recomputing it", folder)
+        return None
     extra = {k.removeprefix("structure."): v for k, v in tensors.items() if k.startswith("structure.")}
-    return [tensors[f"layer.{i}"] for i in range(n_layers)], meta, extra
+    return scores, meta, extra

@@ -1,6 +1,8 @@
-"""The paper's lm_eval tasks, their offline twins, and a fast check of task names and data folders.
+"""The paper's lm_eval tasks, their offline twins, and a fast check of what script/eval.sh is given: task names,
+data folders, and that a LoRA adapter fits its base model (before lm_eval loads anything).
 
 python -m utils.lm_eval_tasks check --tasks arc_easy_local,piqa_local --data_dir ../shared/data
+python -m utils.lm_eval_tasks check --tasks arc_easy --model out/pruned --adapter out/lora
 python -m utils.lm_eval_tasks list
 """
 
@@ -73,19 +75,58 @@ def check(tasks: list[str], data_dir: str | None) -> None:
                     raise TaskCheckError(f"data folder {data_dir} lacks {rel} (needed by {task})")
 
 
+def check_adapter(model: str, adapter: str) -> None:
+    """Every LoRA matrix of `adapter` fits the module it adapts in `model` (its config alone, no weights): an
+    adapter trained on another model (another width, a pruned or unpruned sibling) is one line here instead of a
+    size-mismatch traceback inside lm_eval."""
+    from safetensors import safe_open
+
+    from utils.cli import load_config, meta_model
+
+    files = sorted(Path(adapter).glob("adapter_model*.safetensors"))
+    if not files:
+        raise TaskCheckError(f"adapter {adapter} has no adapter_model.safetensors")
+    base = meta_model(load_config(model, "model"), what=f"model {model}")
+    modules = dict(base.named_modules())
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open has keys(), no __iter__
+                match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.\w+)?\.weight", key)
+                if match is None:
+                    continue
+                module = modules.get(match[1])
+                shape = f.get_slice(key).get_shape()
+                if module is None or not hasattr(module, "in_features"):
+                    raise TaskCheckError(f"adapter {adapter} adapts {match[1]}, which model {model} does not have; "
+                                         "was it trained on another base model?")  # fmt: skip
+                size, side = (shape[1], module.in_features) if match[2] == "A" else (shape[0], module.out_features)
+                if size != side:
+                    raise TaskCheckError(f"adapter {adapter} does not fit model {model}: {key} has shape {shape}, "
+                                         f"but {match[1]} there is {module.in_features} -> {module.out_features}; "
+                                         "give the model the adapter was trained on")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="check task names (and the data folder for offline tasks)")
     c.add_argument("--tasks", required=True, help="comma list")
     c.add_argument("--data_dir", default=None)
+    c.add_argument("--model", default=None, help="with --adapter: the base model the adapter must fit")
+    c.add_argument("--adapter", default=None, help="a peft LoRA folder")
     sub.add_parser("list", help="print the paper's tasks and the offline tasks")
     args = parser.parse_args(argv)
     if args.cmd == "list":
         print("paper:", ",".join(PAPER_TASKS))
         print("offline:", ",".join(LOCAL_TASKS))
         return 0
-    return run_cli(lambda: check([t.strip() for t in args.tasks.split(",") if t.strip()], args.data_dir))
+
+    def run_checks() -> None:
+        check([t.strip() for t in args.tasks.split(",") if t.strip()], args.data_dir)
+        if args.adapter:
+            check_adapter(args.model, args.adapter)
+
+    return run_cli(run_checks)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """How every pruning run (structured and sparse) ends: perplexity on the `--eval_text` windows before and
-after, and the output folder written all at once (a failed run leaves nothing half-written)."""
+after, and the output folder written all at once (a failed run leaves nothing half-written; an old folder is
+replaced only with --overwrite, in one rename once the new one is complete)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from utils.atomic import atomic_dir
+from utils.atomic import AppearedError, atomic_dir
+from utils.outputs import OutputError
 from utils.perplexity import perplexity, text_windows
 from utils.report import write_json
 
@@ -45,14 +47,18 @@ def save_pruned(
     if ppl_windows is not None:
         report["perplexity_before"] = ppl_before
         report["perplexity_after"] = perplexity(model, ppl_windows, cfg.batch_size, cfg.progress)
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        for name, tensors in files.items():
-            save_file(tensors, str(tmp / name))
-        write_json(tmp / report_name, report)
-        if extra is not None:
-            extra(tmp)
+    try:
+        with atomic_dir(out, replace=cfg.overwrite) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            for name, tensors in files.items():
+                save_file(tensors, str(tmp / name))
+            write_json(tmp / report_name, report)
+            if extra is not None:
+                extra(tmp)
+    except AppearedError:
+        raise OutputError(f"{out} appeared while this run was writing it (not by HFPrune, which holds a claim); "
+                          "it was left as it is and this run's result was not saved") from None  # fmt: skip
 
 
 def perplexity_text(report: dict) -> str:

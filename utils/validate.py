@@ -1,15 +1,17 @@
-"""One validator for every settings dataclass: ranges and where a flag applies are declared beside the field,
-in its metadata, and checked here for every mode alike (structured, sparse, dynamic pruning; fine-tuning).
+"""One validator for every settings dataclass: each class keeps a table `RULES` (field -> Rule) of the numbers'
+ranges and of the runs each flag applies to, and this module checks them for every run alike (structured,
+sparse and dynamic pruning, fine-tuning). The table lives on the class, not in the fields' metadata, because
+transformers' HfArgumentParser hands a field's metadata to argparse as keyword arguments.
 
-    calib_samples: int = field(default=0, metadata=rule("Calibration windows.", low=0))
-    d2_r1: float = field(default=1.0, metadata=rule("D²Prune's lambda_1.", low=0, applies=("d2prune",)))
+    RULES = {"seq_len": Rule(low=2), "d2_r1": Rule(low=0, applies=("d2prune",))}
 
-- `low`/`high` bound a number (`low_open`/`high_open` exclude the bound); nan and inf are always refused, so
-  a number field without a rule is a mistake (tests/test_validate.py finds any);
-- `applies`: the run kinds the flag is used by; given (not at its default) in any other run, it is refused
-  with one line naming the run and what the flag needs, instead of being silently ignored.
-A settings class names its run's kinds in `kinds()` and what each kind means in `KINDS`, and calls
-`check_fields(self)` first in `__post_init__`.
+- `low`/`high` bound a number (`low_open`/`high_open` exclude the bound); nan and inf are always refused; a field
+  at its default is trusted (0 often means "the default size"). A number field without a rule is a mistake:
+  tests/test_validate.py finds any, and tries nan, inf, -1 and 0 on every rule.
+- `applies`: the run kinds that use the flag; given (away from its default) in any other run, it is refused with
+  one line naming the run and what the flag needs, instead of being silently ignored.
+A settings class calls `check_ranges(self)` first in `__post_init__` and, once it knows what the run is,
+`check_applies(self)`: its `kinds()` names the run's kinds, `KINDS` what each means, `run_text()` the run.
 """
 
 from __future__ import annotations
@@ -19,13 +21,19 @@ from dataclasses import MISSING, dataclass, fields
 
 
 @dataclass(frozen=True)
-class Range:
-    """The valid values of a number: low <= v <= high (strict where open); None = unbounded."""
+class Rule:
+    """A number's valid values (low <= v <= high, strict where open; None = unbounded) and the run kinds a flag
+    applies to (None = every run)."""
 
     low: float | None = None
     high: float | None = None
     low_open: bool = False
     high_open: bool = False
+    applies: tuple[str, ...] | None = None
+
+    @property
+    def bounded(self) -> bool:
+        return self.low is not None or self.high is not None
 
     def holds(self, v: float) -> bool:
         if not math.isfinite(v):
@@ -38,22 +46,8 @@ class Range:
         if self.low is not None and self.high is not None:
             return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
         if self.low is not None:
-            return f"{'>' if self.low_open else '>='} {self.low:g} and finite"
-        if self.high is not None:
-            return f"{'<' if self.high_open else '<='} {self.high:g}"
-        return "a finite number"
-
-
-def rule(help: str, *, low: float | None = None, high: float | None = None, low_open: bool = False,
-         high_open: bool = False, applies: tuple[str, ...] | None = None, number: bool = False) -> dict:  # fmt: skip
-    """A field's metadata: its help, its range (`number=True` for a number with no bound but finiteness) and the
-    run kinds it applies to (None: every run)."""
-    meta: dict = {"help": help}
-    if number or low is not None or high is not None:
-        meta["range"] = Range(low, high, low_open, high_open)
-    if applies is not None:
-        meta["applies"] = tuple(applies)
-    return meta
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"{'<' if self.high_open else '<='} {self.high:g}"
 
 
 def default_of(f):
@@ -68,17 +62,23 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_fields(cfg) -> None:
-    """Every number of `cfg` in its range, and no flag given that the run (`cfg.kinds()`) does not use; a
-    ValueError of one line otherwise (the parser turns it into `error: ...`, exit 2)."""
-    kinds = set(cfg.kinds())
+def check_ranges(cfg) -> None:
+    """Every number of `cfg` finite and in its range; a ValueError of one line otherwise (the parser turns it
+    into `error: ...`, exit 2)."""
+    rules = type(cfg).RULES
     for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        rng = f.metadata.get("range")
-        if rng is not None and is_number(value) and not rng.holds(value):
-            raise ValueError(f"--{f.name} {value!r} is not valid; it must be {rng.text()}")
-        applies = f.metadata.get("applies")
-        if applies is not None and not kinds & set(applies) and value != default_of(f):
-            needs = " or ".join(cfg.KINDS[k] for k in applies)
-            raise ValueError(f"--{f.name} does not apply to this run ({cfg.run_text()}); it is used by {needs}; "
-                             "drop it")  # fmt: skip
+        value, rule = getattr(cfg, f.name), rules.get(f.name)
+        if rule is None or not rule.bounded or not is_number(value) or value == default_of(f):
+            continue
+        if not rule.holds(value):
+            raise ValueError(f"--{f.name} must be {rule.text()} (got {value!r})")
+
+
+def check_applies(cfg) -> None:
+    """No flag given (away from its default) that this run does not use."""
+    kinds, rules = set(cfg.kinds()), type(cfg).RULES
+    for f in fields(cfg):
+        applies = rules[f.name].applies if f.name in rules else None
+        if applies is not None and not kinds & set(applies) and getattr(cfg, f.name) != default_of(f):
+            needs = "; or ".join(cfg.KINDS[k] for k in applies)
+            raise ValueError(f"{cfg.run_text()} does not combine with --{f.name}: it applies to {needs}; drop it")

@@ -109,14 +109,16 @@ def valid_head_counts(config, mode: str, hidden_divisible: bool) -> list[int]:
 
 
 def check_heads_keep(config, heads_keep: int, mode: str, layout: Layout) -> None:
-    valid = valid_head_counts(config, mode, layout.hidden_divisible_by_heads)
+    """A head count the mode can reach, the config accepts, and that removes something."""
+    valid = valid_head_counts(config, mode, layout.hidden_divisible_by_heads)[1:]  # the first one keeps them all
     if heads_keep not in valid:
         h = head_counts(config)
         rule = (f"; {config.model_type} also needs hidden_size {config.hidden_size} divisible by the head count"
                 if layout.hidden_divisible_by_heads else "")  # fmt: skip
         raise StructureError(
             f"--heads_keep {heads_keep} cannot be reached with --head_mode {mode} from {h.query} query / {h.kv} "
-            f"key-value heads{rule}; valid: {', '.join(map(str, valid)) or 'none'}"
+            f"key-value heads{rule} (keeping all {h.query} prunes nothing); valid: "
+            f"{', '.join(map(str, valid)) or 'none'}"
         )
 
 

@@ -229,10 +229,11 @@ class MixSpace:
             stride = len(cands) / max_candidates
             cands = [cands[int(i * stride)] for i in range(max_candidates)]
         if not cands:
-            raise StructureError(
-                f"no loadable mix of {', '.join(self.parts)} removes {self.ratio:g} of the parameters within "
-                f"{self.tolerance:g}; add mlp to --prune_parts (it fills any remainder) or raise --search_tolerance"
-            )
+            hint = ("lower --pruning_ratio: even every other structure at its smallest loadable size and the MLPs "
+                    "filling the rest cannot reach it" if self.fill else
+                    "add mlp to --prune_parts (it fills any remainder) or raise --search_tolerance")  # fmt: skip
+            raise StructureError(f"no loadable mix of {', '.join(self.parts)} removes {self.ratio:g} of the parameters"
+                                 f"{'' if self.fill else f' within {self.tolerance:g}'}; {hint}")  # fmt: skip
         return cands
 
     def neighbours(self, cand: Candidate) -> list[Candidate]:

@@ -36,7 +36,7 @@ from module.prune.mix import (
 from module.prune.output import save_mlp_sizes, save_structures
 from module.prune.plan import KeepPlan, check_sizes, plan_keep
 from module.prune.scores import run_scores
-from module.run import begin_run
+from module.run import Run, begin_run
 from module.speed import speed_against, speed_of
 from utils.cli import check_context
 from utils.pruned_folder import perplexity_before
@@ -169,7 +169,13 @@ def prune_structures(cfg) -> list[Path]:
     """The structured run of a PruneConfig: every saved model's folder (the other ranks of a launch only help
     with the importance pass)."""
     outs = output_dirs(cfg)
-    run = begin_run(cfg, outs)
+    with begin_run(cfg, outs) as run:
+        run_structures(cfg, run, outs)
+    return outs
+
+
+def run_structures(cfg, run: Run, outs: list[Path]) -> None:
+    """Check on the weightless copy, draw the windows, load, score, then search or size, cut and save."""
     searches = check_before_loading(cfg, run.shapes())
     tokenizer = run.tokenizer()
     windows, heldout = calibration_windows(cfg, tokenizer)
@@ -183,7 +189,7 @@ def prune_structures(cfg) -> list[Path]:
     scores, structure, imp = run_scores(cfg, model, mlps, windows, run.dtype, run.device, run.state)
     if not run.state.is_main_process:  # the other ranks only helped with the importance pass
         run.state.wait_for_everyone()
-        return outs
+        return
     ppl_windows, ppl_before = perplexity_before(cfg, model, tokenizer, eval_docs)
     base_report = {**run.report(model), "mlp_shape": mlps.shape.name, "params_before": params_before,
                    "intermediate_size_before": mlps.neurons, "criterion": cfg.criterion, **imp}  # fmt: skip
@@ -208,4 +214,3 @@ def prune_structures(cfg) -> list[Path]:
         save_mlp_sizes(cfg, model, tokenizer, mlps, plans, outs, scores, base_report, ppl_windows, ppl_before,
                        run.start)  # fmt: skip
     run.state.wait_for_everyone()
-    return outs

@@ -18,6 +18,7 @@ from module.model.layout import layout_of
 from module.model.mlp import ModelMLPs
 from module.prune.criteria import score_neurons
 from module.prune.importance import ACTIVATION_CRITERIA, GRADIENT_CRITERIA, all_reduce_statistics, collect_statistics
+from module.prune.mix import first_units_scores
 from module.prune.plan import structure_scores
 from module.prune.taps import StructureTaps, all_reduce_structures
 from utils.io import digest, load_importance, model_fingerprint, save_importance
@@ -45,6 +46,16 @@ def cache_key(cfg, model: nn.Module, windows: torch.Tensor | None, dtype: torch.
     return digest(fields)[:20], fields
 
 
+def fits(scores: list[torch.Tensor], extra: dict, model: nn.Module, mlps: ModelMLPs, parts: list[str]) -> bool:
+    """A cached entry has one score per unit of every structure this run prunes (a damaged or foreign entry
+    does not)."""
+    if "mlp" in parts and [s.shape for s in scores] != [torch.Size([mlps.neurons])] * len(mlps.layers):
+        return False
+    wanted = first_units_scores(model)
+    needed = [k for k in wanted if k.split(".")[0] in ("heads", "groups") and "heads" in parts or k in parts]
+    return all(k in extra and extra[k].shape == wanted[k].shape for k in needed)
+
+
 def run_scores(cfg, model: nn.Module, mlps: ModelMLPs, windows: torch.Tensor | None, dtype: torch.dtype,
                device: torch.device, state) -> tuple[list[torch.Tensor], dict, dict]:  # fmt: skip
     """Neuron scores per layer, other structures' scores by name, and the metadata of how they were made."""
@@ -52,8 +63,10 @@ def run_scores(cfg, model: nn.Module, mlps: ModelMLPs, windows: torch.Tensor | N
     key, key_fields = cache_key(cfg, model, windows, dtype)
     entry = Path(cfg.importance_cache) / f"{cfg.criterion}-{key}" if cfg.importance_cache else None
     if entry is not None and not cfg.recompute and (cached := load_importance(entry)) is not None:
-        log.info("importance: reusing cached scores from %s", entry)
-        return cached[0], cached[2], {**cached[1], "cache_hit": True, "cache_entry": str(entry)}
+        if fits(cached[0], cached[2], model, mlps, cfg.parts):
+            log.info("importance: reusing cached scores from %s", entry)
+            return cached[0], cached[2], {**cached[1], "cache_hit": True, "cache_entry": str(entry)}
+        log.warning("importance cache entry %s does not fit this model's shapes: recomputing it", entry)
     reset_peak_memory(device)
     stats = None
     taps = None

@@ -20,7 +20,7 @@ from torch import nn
 from dataset.calibration import load_documents, sample_windows
 from module.model.layout import StructureError, layout_of
 from module.model.mlp import count_parameters, decoder_layers
-from module.run import begin_run
+from module.run import Run, begin_run
 from module.sparse.layerwise import linears_of, run_layerwise
 from module.sparse.masks import DualTaylor, Pattern, d2_value_scores, mask_from_scores, sparsegpt, wanda_scores
 from module.sparse.weight_taylor import entropy_weight_scores
@@ -117,12 +117,19 @@ def sparsity_of(model: nn.Module, masks: dict[str, torch.Tensor] | None = None) 
 
 def run_sparsity(cfg) -> list[Path]:
     """The weight-sparsity run of a PruneConfig with --sparsity: the saved folder."""
-    pattern = Pattern.parse(cfg.sparsity_type, cfg.sparsity)
     name = Path(cfg.origin_path.rstrip("/")).name
     out = Path(cfg.output_dir or f"out/{name}-{cfg.sparsity_method}-{cfg.sparsity_type.replace(':', 'of')}"
                f"-sp{cfg.sparsity:g}-s{cfg.seed}")  # fmt: skip
-    run = begin_run(cfg, [out], single_process="--sparsity runs in one process, layer by layer; for a model larger "
-                    "than one GPU use --device_map auto (and --offload_inputs), not accelerate launch")  # fmt: skip
+    one_process = ("--sparsity runs in one process, layer by layer; for a model larger than one GPU use --device_map "
+                   "auto (and --offload_inputs), not accelerate launch")  # fmt: skip
+    with begin_run(cfg, [out], single_process=one_process) as run:
+        sparsify(cfg, run, out)
+    return [out]
+
+
+def sparsify(cfg, run: Run, out: Path) -> None:
+    """Check the pattern on the weightless copy, draw the windows, load, prune layer by layer, save."""
+    pattern = Pattern.parse(cfg.sparsity_type, cfg.sparsity)
     shapes = run.shapes()
     check_pattern(shapes, pattern)
     seq_len = cfg.seq_len or min(getattr(shapes.config, "max_position_embeddings", 2048) or 2048, 2048)
@@ -159,4 +166,3 @@ def run_sparsity(cfg) -> list[Path]:
     line = (f"{out}: {cfg.sparsity_method} {cfg.sparsity_type}: {achieved['pruned_linears']:.4f} of the decoder "
             f"linears' weights are zero ({achieved['all_parameters']:.4f} of all parameters)")  # fmt: skip
     print(line + perplexity_text(report), flush=True)
-    return [out]

@@ -11,22 +11,24 @@ import logging
 import re
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
-from dataset.calibration import TEXT_SUFFIXES, load_documents
+from dataset.calibration import load_documents
 from dataset.LaMini_dataset import tokenized_dataset
 from dataset.packing.packed_dataset import Collator, pack_examples, pack_text
 from module.model.mlp import find_mlps
 from module.train.distill import Distiller, check_teacher
 from module.train.optim import AnyPrecisionAdamW
 from module.train.trainer import PackedSFTTrainer
-from utils.atomic import apply_umask, atomic_dir
-from utils.cli import check_context, load_causal_lm, load_config, load_tokenizer, meta_model
+from utils.atomic import apply_umask, atomic_dir, swap_into, writer_tag
+from utils.cli import check_context, check_weights, load_causal_lm, load_config, load_tokenizer, meta_model
 from utils.errors import UserError, run_cli
+from utils.outputs import check_output, claim
 from utils.report import plot_loss_curve, setup_logging, versions, write_json
 
 log = logging.getLogger("hfprune")
@@ -73,19 +75,38 @@ def optimizer_spec(sft, args) -> tuple | None:
     }  # fmt: skip
 
 
-def prepare_output(args, sft, kind: str) -> Path:
+def output_folder(args, sft, lora) -> Path:
+    """--output_dir, or a new descriptive folder under out/."""
     if not args.output_dir:
+        kind = "full" if lora is None else "lora"
         args.output_dir = f"out/{Path(sft.model.rstrip('/')).name}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out = Path(args.output_dir)
-    resuming = args.resume_from_checkpoint not in (None, "", False)
-    if out.exists() and any(out.iterdir()) and not resuming:
-        if not sft.overwrite:
-            raise UserError(f"--output_dir {out} already holds a run; pass --resume_from_checkpoint or --overwrite")
-        shutil.rmtree(out)
-    model_dir = Path(sft.model).expanduser()
-    if model_dir.exists() and (out.resolve() == model_dir.resolve() or model_dir.resolve() in out.resolve().parents):
-        raise UserError(f"--output_dir {out} is inside the model folder {model_dir}")
-    return out
+    return Path(args.output_dir)
+
+
+def resuming(args) -> bool:
+    return args.resume_from_checkpoint not in (None, "", False)
+
+
+def check_run_output(out: Path, sft, args) -> bool:
+    """One line for an output that would touch an input of the run or an earlier run without --overwrite; True
+    when an earlier run is there to be replaced (only once the new one is complete)."""
+    earlier = out.is_dir() and any(out.iterdir())
+    if earlier and not (sft.overwrite or resuming(args)):
+        raise UserError(f"--output_dir {out} already holds a run; pass --resume_from_checkpoint or --overwrite")
+    inputs = {"--model": sft.model, "--distill_from": sft.distill_from, "--dataset_name": sft.dataset_name,
+              "--data_cache": Path(sft.data_cache) if sft.data_cache else None}  # fmt: skip
+    check_output(out, inputs, overwrite=True)
+    return earlier and not resuming(args)
+
+
+def shared_tag(args) -> str:
+    """Rank 0's writer tag on every rank: the temporary folder an --overwrite run trains in has one name."""
+    box = [writer_tag()]
+    if args.world_size > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def resume_checkpoint(out: Path, requested) -> str | None:
@@ -147,7 +168,8 @@ def build(sft, args, lora, callbacks=()):
     if sft.lr is not None:
         args.learning_rate = sft.lr
     # the config alone decides these: refuse before tokenizing data and loading weights
-    shapes = meta_model(load_config(sft.model, "--model", sft.trust_remote_code), sft.trust_remote_code)
+    shapes = meta_model(load_config(sft.model, "--model", sft.trust_remote_code), sft.trust_remote_code, "--model")
+    check_weights(sft.model, shapes, "--model")
     row_length = sft.tokenizer_max if sft.packing == "none" else sft.pack_length
     check_context(shapes, row_length, "--pack_length" if sft.packing != "none" else "--tokenizer_max",
                   sft.allow_long_context)  # fmt: skip
@@ -157,10 +179,12 @@ def build(sft, args, lora, callbacks=()):
     if sft.distill_from:  # refuse a teacher that cannot teach this student before loading anything big
         teacher_config = load_config(sft.distill_from, "--distill_from", sft.trust_remote_code)
         check_teacher(shapes.config, teacher_config, tokenizer, teacher_tokenizer(sft), sft.distill_from)
-    text = sft.text_field is not None or Path(sft.dataset_name).suffix in TEXT_SUFFIXES
+        teacher_shapes = meta_model(teacher_config, sft.trust_remote_code, "--distill_from")
+        check_weights(sft.distill_from, teacher_shapes, "--distill_from")
+    text = sft.text
     fill = None
     if text:
-        docs = load_documents(sft.dataset_name, sft.text_field or "text")
+        docs = load_documents(sft.dataset_name, sft.text_field or "text", "--dataset_name", "--text_field")
         ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
         rows = pack_text(ids, sft.pack_length, tokenizer.eos_token_id)[: sft.max_train_samples]
         if not rows:
@@ -217,36 +241,52 @@ def build(sft, args, lora, callbacks=()):
 
 def run_sft(sft, lora, args, callbacks=()) -> Path:
     """Train and save: `sft` (SFTArguments), `lora` (LoraArguments, None for full fine-tuning), `args` (the
-    TrainingArguments); returns the run folder."""
-    out = prepare_output(args, sft, "full" if lora is None else "lora")
+    TrainingArguments); returns the run folder. Rank 0 holds a claim on it for the whole run; with --overwrite the
+    run trains in a temporary sibling that replaces the earlier run only once it is complete."""
+    out = output_folder(args, sft, lora)
+    replacing = check_run_output(out, sft, args)
     log.info("config: %s", json.dumps({"sft": asdict(sft), "lora": asdict(lora) if lora else None,
                                        "training": args.to_dict()}, default=str))  # fmt: skip
-    created = not out.exists()
-    try:
-        resume = resume_checkpoint(out, args.resume_from_checkpoint)
-        trainer, tokenizer, data = build(sft, args, lora, callbacks)
-        result = trainer.train(resume_from_checkpoint=resume)
-    except BaseException:
-        if created:
-            remove_if_empty(out)  # a run that failed before its first save leaves nothing behind
-        raise
-    if trainer.is_world_process_zero():
-        trainer.save_model(str(out))
-        tokenizer.save_pretrained(str(out))
-        if lora is not None and lora.merge:
-            merged = trainer.model.merge_and_unload()
-            with atomic_dir(out / "merged") as tmp:
-                merged.save_pretrained(str(tmp))
-                tokenizer.save_pretrained(str(tmp))
-        plot_loss_curve(out / "loss_curve.png", trainer.state.log_history,
-                        f"{Path(sft.model.rstrip('/')).name}: {'LoRA' if lora else 'full'} fine-tuning")  # fmt: skip
-        write_json(out / "train_report.json", {
-            "sft": asdict(sft), "lora": asdict(lora) if lora else None, "training": args.to_dict(), "data": data,
-            "metrics": result.metrics, "log_history": trainer.state.log_history, "versions": versions(),
-            "world_size": args.world_size,
-        })  # fmt: skip
-        apply_umask(out)  # the Trainer writes its weights 0600; written last, the report marks a complete run
+    work = out.parent / f".{out.name}.tmp-{shared_tag(args)}" if replacing else out
+    args.output_dir = str(work)
+    with claim([out]) if args.process_index == 0 else nullcontext():
+        created = not work.exists()
+        try:
+            resume = resume_checkpoint(work, args.resume_from_checkpoint)
+            trainer, tokenizer, data = build(sft, args, lora, callbacks)
+            result = trainer.train(resume_from_checkpoint=resume)
+            args.output_dir = str(out)  # what the report records
+            if trainer.is_world_process_zero():
+                save_run(trainer, tokenizer, sft, lora, args, data, result, work)
+                if replacing:
+                    swap_into(work, out)
+        except BaseException:
+            if replacing and args.process_index == 0:
+                shutil.rmtree(work, ignore_errors=True)  # the earlier run stays as it was
+            elif created:
+                remove_if_empty(work)  # a run that failed before its first save leaves nothing behind
+            raise
     return out
+
+
+def save_run(trainer, tokenizer, sft, lora, args, data: dict, result, out: Path) -> None:
+    """The model (or adapter), tokenizer, merged model, loss curve and report; the report last, as the mark of a
+    complete run."""
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(str(out))
+    if lora is not None and lora.merge:
+        merged = trainer.model.merge_and_unload()
+        with atomic_dir(out / "merged") as tmp:
+            merged.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+    plot_loss_curve(out / "loss_curve.png", trainer.state.log_history,
+                    f"{Path(sft.model.rstrip('/')).name}: {'LoRA' if lora else 'full'} fine-tuning")  # fmt: skip
+    write_json(out / "train_report.json", {
+        "sft": asdict(sft), "lora": asdict(lora) if lora else None, "training": args.to_dict(), "data": data,
+        "metrics": result.metrics, "log_history": trainer.state.log_history, "versions": versions(),
+        "world_size": args.world_size,
+    })  # fmt: skip
+    apply_umask(out)  # the Trainer writes its weights 0600; written last, the report marks a complete run
 
 
 def sft_main(settings, callbacks=()) -> int:
