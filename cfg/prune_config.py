@@ -6,14 +6,19 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from module.dynamic.probe import METRICS as DYNAMIC_METRICS
+from module.dynamic.wrap import VARIANTS as DYNAMIC_VARIANTS
 from module.model.layout import HEAD_MODES, STRUCTURES
 from module.prune.criteria import CRITERIA, STRUCTURE_CRITERIA, check_criterion
 from module.prune.importance import GRADIENT_CRITERIA
 from module.prune.mix import Mix
 from module.prune.plan import StructureSizes
+from module.prune.reconstruct import MODES as RECONSTRUCT_MODES
+from module.prune.reconstruct import TARGETS as RECONSTRUCT_TARGETS
 from module.sparse.masks import METHODS as SPARSITY_METHODS
 from module.sparse.masks import UPDATES as SPARSITY_UPDATES
 from module.sparse.masks import Pattern
+from module.sparse.weight_taylor import FORMS as ENTROPY_FORMS
 from utils.validate import Rule, check_applies, check_ranges
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -52,19 +57,24 @@ class PruneConfig:
         "sparse": "weight sparsity (--sparsity)",
         "sparsegpt": "SparseGPT's update (--sparsity_method sparsegpt or d2prune, or --sparsity_update sparsegpt)",
         "d2prune": "--sparsity_method d2prune",
+        "sparse_entropy": "--sparsity_method entropy",
         "eval": "a perplexity evaluation (--eval_text)",
+        "reconstruct": "compensation after removal (--reconstruct bias or ls)",
+        "reconstruct_search": "--reconstruct bias/ls with a mix search",
+        "dynamic": "dynamic pruning (--dynamic probe)",
+        "dynamic_prior": "--dynamic_prior entropy",
     }  # fmt: skip
     RULES: ClassVar[dict[str, Rule]] = {  # ranges of the numbers, and the runs a flag applies to
-        "pruning_ratio": Rule(applies=("structured",)),
+        "pruning_ratio": Rule(applies=("structured", "dynamic")),
         "mlp_ratio": Rule(applies=("structured",)),
-        "prune_parts": Rule(applies=("structured",)),
+        "prune_parts": Rule(applies=("structured", "dynamic")),
         "mix": Rule(applies=("structured",)),
         "search_steps": Rule(low=1, applies=("search",)),
         "search_tolerance": Rule(low=0, high=1, high_open=True, applies=("search",)),
         "search_windows": Rule(low=1, applies=("search",)),
         "search_refine": Rule(low=0, applies=("search",)),
         "search_candidates": Rule(low=1, applies=("search",)),
-        "measure_speed": Rule(applies=("structured",)),
+        "measure_speed": Rule(applies=("structured", "dynamic")),
         "heads_keep": Rule(low=0, applies=("structured",)),
         "head_mode": Rule(applies=("heads",)),
         "layers_remove": Rule(low=0, applies=("structured",)),
@@ -81,16 +91,25 @@ class PruneConfig:
         "d2_s": Rule(low=0, low_open=True, applies=("d2prune",)),
         "sparsegpt_block": Rule(low=1, applies=("sparsegpt",)),
         "sparsegpt_damp": Rule(low=0, high=1, high_open=True, applies=("sparsegpt",)),
-        "offload_inputs": Rule(applies=("sparse",)),
+        "offload_inputs": Rule(applies=("sparse", "reconstruct")),
+        "entropy_form": Rule(applies=("sparse_entropy",)),
         "seed": Rule(low=0),
         "batch_size": Rule(low=1),
         "loss_chunk_tokens": Rule(low=1, applies=("vocab_loss",)),
         "activation_checkpointing": Rule(applies=("gradient",)),
         "round_to": Rule(low=1, applies=("structured",)),
-        "importance_cache": Rule(applies=("structured",)),
-        "recompute": Rule(applies=("structured",)),
+        "importance_cache": Rule(applies=("structured", "dynamic_prior")),
+        "recompute": Rule(applies=("structured", "dynamic_prior")),
         "eval_seq_len": Rule(low=2, applies=("eval",)),
         "eval_windows": Rule(low=0, applies=("eval",)),
+        "reconstruct": Rule(applies=("structured",)),
+        "reconstruct_target": Rule(applies=("reconstruct",)),
+        "reconstruct_damp": Rule(low=0, applies=("reconstruct",)),
+        "reconstruct_samples": Rule(low=1, applies=("reconstruct",)),
+        "reconstruct_rescore": Rule(low=0, applies=("reconstruct_search",)),
+        "dynamic_variant": Rule(applies=("dynamic",)),
+        "dynamic_metric": Rule(applies=("dynamic",)),
+        "dynamic_prior": Rule(applies=("dynamic",)),
     }
 
     origin_path: str = field(metadata={"help": "Model to prune: a local Hugging Face folder or a hub id."})
@@ -177,12 +196,12 @@ class PruneConfig:
     calib_samples: int = field(
         default=0,
         metadata={"help": "Calibration windows, at most one per document (0 = 1024, the release's; with --sparsity "
-                          "128, Wanda's)."},
+                          "128, Wanda's; with --dynamic 2000, Probe Pruning's)."},
     )  # fmt: skip
     seq_len: int = field(
         default=0,
         metadata={"help": "Tokens per calibration window (0 = 1024, the release's; with --sparsity the model's "
-                          "context capped at 2048, Wanda's)."},
+                          "context capped at 2048, Wanda's; with --dynamic 1024, Probe Pruning's evaluation length)."},
     )  # fmt: skip
     sparsity: float = field(
         default=0.0,
@@ -218,10 +237,63 @@ class PruneConfig:
         default=0.01,
         metadata={"help": "SparseGPT's dampening, x the mean Hessian diagonal."},
     )  # fmt: skip
+    reconstruct: str = field(
+        default="none",
+        metadata={"help": "After removal (module/prune/reconstruct.py): none (the paper's: the units are dropped), "
+                          "ls (each consumer of removed units refit by least squares on the calibration windows, "
+                          "layer by layer; removed layers replaced by a linear map folded into the layer before) "
+                          "or bias (FLAP's mean compensation in biases, where the family has or can add one)."},
+    )  # fmt: skip
+    reconstruct_target: str = field(
+        default="dense",
+        metadata={"help": "What a refit consumer should reproduce: the dense model's output on its own inputs "
+                          "(dense: also corrects the error of the layers below) or the unpruned layer's on the "
+                          "pruned inputs (own)."},
+    )  # fmt: skip
+    reconstruct_damp: float = field(
+        default=0.1,
+        metadata={"help": "Ridge of the refit, x the mean diagonal of the pruned inputs' Gram matrix (towards the "
+                          "plain sliced weights; 0.1 measured best of 0.001-0.1 on SmolLM2, docs/RECONSTRUCTION.md)."},
+    )  # fmt: skip
+    reconstruct_samples: int = field(
+        default=0,
+        metadata={"help": "Calibration windows of the refit (0 = --calib_samples): a refit fits a Gram matrix per "
+                          "consumer and wants far more tokens than scoring; the first --calib_samples of them score."},
+    )  # fmt: skip
+    reconstruct_rescore: int = field(
+        default=4,
+        metadata={"help": "With a mix search: re-rank this many of the leaderboard's best by their held-out KL "
+                          "after reconstruction, so the saved mix is the best reconstructed one (0 = off)."},
+    )  # fmt: skip
+    dynamic: str = field(
+        default="none",
+        metadata={"help": "probe: Probe Pruning (per batch, no weights removed): --pruning_ratio R of the MLP neurons "
+                          "(and query heads with --prune_parts mlp,heads) chosen anew for every batch; writes a small "
+                          "folder (history, settings, the origin's path) that evaluate.py and script/eval.sh load."},
+    )  # fmt: skip
+    dynamic_variant: str = field(
+        default="probe",
+        metadata={"help": f"With --dynamic probe: {', '.join(DYNAMIC_VARIANTS)} (probe + history + EMA, the "
+                          "paper's; the whole batch as the probe; the probe without history; the history alone)."},
+    )  # fmt: skip
+    dynamic_metric: str = field(
+        default="ppsp",
+        metadata={"help": f"With --dynamic probe: the unit score, one of {', '.join(DYNAMIC_METRICS)}."},
+    )  # fmt: skip
+    dynamic_prior: str = field(
+        default="none",
+        metadata={"help": "With --dynamic probe: entropy scores MLP neurons by the entropy-Taylor importance of the "
+                          "calibration windows, rescaled per batch by the probe's energy (none: PPsp alone)."},
+    )  # fmt: skip
+    entropy_form: str = field(
+        default="sum",
+        metadata={"help": "With --sparsity_method entropy: sum (|W * sum of window gradients|), abs (sum over "
+                          "windows of |W * window gradient|) or fisher (sum over windows of (W * gradient)^2)."},
+    )  # fmt: skip
     offload_inputs: bool = field(
         default=False,
-        metadata={"help": "With --sparsity: keep the calibration activations on the CPU between layers (large "
-                          "models)."},
+        metadata={"help": "With --sparsity or --reconstruct: keep the calibration activations on the CPU between "
+                          "layers (large models)."},
     )  # fmt: skip
     allow_long_context: bool = field(
         default=False,
@@ -229,7 +301,10 @@ class PruneConfig:
                           " computed positions only; a learned position table cannot be extended)."},
     )  # fmt: skip
     seed: int = field(default=42, metadata={"help": "Seed of the window draw (and of the random criterion)."})
-    batch_size: int = field(default=1, metadata={"help": "Windows per forward/backward pass."})
+    batch_size: int = field(
+        default=1,
+        metadata={"help": "Windows per forward/backward pass (a --reconstruct refit runs at least 8 per forward)."},
+    )
     loss_chunk_tokens: int = field(
         default=0,
         metadata={"help": "Tokens per chunk of the vocabulary loss (0 = fp32 logits of ~256 MiB on CUDA, ~32 MiB "
@@ -287,22 +362,30 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        if self.dynamic != "none" and self.sparsity:
+            raise ValueError("--dynamic and --sparsity are different runs; give one")
         if self.sparsity:
             self._check_sparsity()
+        elif self.dynamic != "none":
+            self._check_dynamic()
         else:
             self._check_structured()
         check_applies(self)
 
     def kinds(self) -> set[str]:
         """What this run is, in the words of KINDS (which flags apply to it)."""
-        if self.sparsity:
+        if self.dynamic != "none":
+            kinds = {"dynamic"}
+            if self.dynamic_prior != "none":
+                kinds |= {"dynamic_prior", "gradient", "vocab_loss"}
+        elif self.sparsity:
             kinds = {"sparse"}
             if self.sparsity_method in ("sparsegpt", "d2prune") or self.sparsity_update == "sparsegpt":
                 kinds.add("sparsegpt")
             if self.sparsity_method == "d2prune":
                 kinds.add("d2prune")
             if self.sparsity_method == "entropy":
-                kinds.add("vocab_loss")
+                kinds |= {"vocab_loss", "sparse_entropy"}
         else:
             kinds = {"structured"}
             if self.search or self.selected_mix is not None:
@@ -311,11 +394,17 @@ class PruneConfig:
                 kinds |= {"gradient", "vocab_loss"}
             if "heads" in self.parts:
                 kinds.add("heads")
+            if self.reconstruct != "none":
+                kinds.add("reconstruct")
+                if "search" in kinds:
+                    kinds.add("reconstruct_search")
         if self.eval_text:
             kinds.add("eval")
         return kinds
 
     def run_text(self) -> str:
+        if self.dynamic != "none":
+            return f"--dynamic {self.dynamic} (per-batch pruning, --dynamic_variant {self.dynamic_variant})"
         if self.sparsity:
             return f"--sparsity removes single weights (--sparsity_method {self.sparsity_method})"
         return f"this structure pruning run (--prune_parts {self.prune_parts}, --criterion {self.criterion})"
@@ -370,6 +459,14 @@ class PruneConfig:
         for part in self.parts:
             if part != "mlp":
                 check_criterion(part, self.criterion)
+        if self.reconstruct not in RECONSTRUCT_MODES:
+            raise ValueError(f"--reconstruct {self.reconstruct!r} is not one of {', '.join(RECONSTRUCT_MODES)}")
+        if self.reconstruct_target not in RECONSTRUCT_TARGETS:
+            raise ValueError(f"--reconstruct_target {self.reconstruct_target!r} is not one of "
+                             f"{', '.join(RECONSTRUCT_TARGETS)}")  # fmt: skip
+        if self.reconstruct != "none" and self.reconstruct_target == "own" and "hidden" in self.parts:
+            raise ValueError("--reconstruct_target own runs the unpruned layer on the pruned stream, which needs the "
+                             "full hidden width; with hidden in --prune_parts use --reconstruct_target dense")
         self._check_dtype()
 
     def _check_dtype(self) -> None:
@@ -383,11 +480,39 @@ class PruneConfig:
                              f"{pattern.sparsity:g}")  # fmt: skip
         if self.sparsity_method not in SPARSITY_METHODS:
             raise ValueError(f"--sparsity_method {self.sparsity_method!r} is not one of {', '.join(SPARSITY_METHODS)}")
+        if self.entropy_form not in ENTROPY_FORMS:
+            raise ValueError(f"--entropy_form {self.entropy_form!r} is not one of {', '.join(ENTROPY_FORMS)}")
         if self.sparsity_update not in SPARSITY_UPDATES:
             raise ValueError(f"--sparsity_update {self.sparsity_update!r} is not one of {', '.join(SPARSITY_UPDATES)}")
         self._check_dtype()
         self.calib_samples = self.calib_samples or 128
         self.pruning_ratios, self.mlp_ratios, self.parts, self.selected_mix = [], [], [], None
+
+    def _check_dynamic(self) -> None:
+        if self.dynamic != "probe":
+            raise ValueError(f"--dynamic {self.dynamic!r} is not none or probe")
+        ratios = parse_ratios(self.pruning_ratio, "--pruning_ratio", upper=1.0)
+        if len(ratios) != 1:
+            raise ValueError("--dynamic probe takes one --pruning_ratio R in (0, 1): the share of the MLP neurons (and "
+                             "query heads) each batch removes")  # fmt: skip
+        self.parts = [p.strip() for p in self.prune_parts.split(",")]
+        if not set(self.parts) <= {"mlp", "heads"} or len(set(self.parts)) != len(self.parts):
+            raise ValueError(f"--dynamic probe prunes mlp and/or heads (query heads); --prune_parts "
+                             f"{self.prune_parts!r} is not a comma list of them")  # fmt: skip
+        if self.dynamic_variant not in DYNAMIC_VARIANTS:
+            raise ValueError(f"--dynamic_variant {self.dynamic_variant!r} is not one of {', '.join(DYNAMIC_VARIANTS)}")
+        if self.dynamic_metric not in DYNAMIC_METRICS:
+            raise ValueError(f"--dynamic_metric {self.dynamic_metric!r} is not one of {', '.join(DYNAMIC_METRICS)}")
+        if self.dynamic_prior not in ("none", "entropy"):
+            raise ValueError(f"--dynamic_prior {self.dynamic_prior!r} is not none or entropy")
+        with_history = self.dynamic_variant in ("probe", "history")
+        if self.dynamic_prior != "none" and ("mlp" not in self.parts or not with_history):
+            raise ValueError("--dynamic_prior entropy scores MLP neurons against the calibration history: it needs mlp "
+                             "in --prune_parts and --dynamic_variant probe or history")  # fmt: skip
+        self._check_dtype()
+        self.calib_samples = self.calib_samples or 2000
+        self.seq_len = self.seq_len or 1024
+        self.pruning_ratios, self.mlp_ratios, self.selected_mix = ratios, [], None
 
     @property
     def auto(self) -> bool:

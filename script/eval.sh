@@ -8,9 +8,11 @@
 #SBATCH --time=08:00:00
 # Zero-shot evaluation of a (pruned) model with the lm_eval CLI: the paper's ten tasks, or the seven
 # offline twins in cfg/lm_eval_tasks read from a local data folder; optionally WikiText-2 perplexity.
+# A dynamic folder (prune.py --dynamic probe) goes through evaluate.py instead: lm_eval's Python API with
+# the origin model and its per-batch pruning in memory, at a fixed batch size (default 8).
 #
 # usage: script/eval.sh [options] MODEL [ADAPTER]          (also: sbatch script/eval.sh ...)
-#   MODEL                 HF folder or hub id; ADAPTER: a peft LoRA folder, evaluated via peft=
+#   MODEL                 HF folder, hub id or dynamic folder; ADAPTER: a peft LoRA folder, evaluated via peft=
 #   --tasks LIST          comma list (default: the paper's ten; with --local the seven offline tasks)
 #   --local               offline task definitions (cfg/lm_eval_tasks), data from --data_dir
 #   --data_dir DIR        data folder for --local (default: $HFPRUNE_DATA, else ../shared/data)
@@ -58,8 +60,14 @@ done
 
 [[ -n "$MODEL" ]] || die "give the model to evaluate (see --help)"
 if [[ -n "$ADAPTER" && ! -f "$ADAPTER/adapter_config.json" ]]; then die "adapter $ADAPTER has no adapter_config.json"; fi
+DYNAMIC=0
+if [[ -f "$MODEL/dynamic_config.json" ]]; then
+  DYNAMIC=1
+  [[ -z "$ADAPTER" ]] || die "an adapter does not combine with a dynamic folder (its origin model is evaluated)"
+  if [[ "$BATCH" == auto ]]; then BATCH=8; fi  # per-batch pruning depends on the batches: a fixed size
+fi
 if [[ "$MODEL" == /* || "$MODEL" == .* || -e "$MODEL" ]]; then
-  [[ -f "$MODEL/config.json" ]] || die "model folder $MODEL has no config.json"
+  ((DYNAMIC)) || [[ -f "$MODEL/config.json" ]] || die "model folder $MODEL has no config.json"
   OUTPUT=${OUTPUT:-$MODEL/lm_eval}
 else
   OUTPUT=${OUTPUT:-lm_eval/${MODEL//\//__}}
@@ -92,6 +100,14 @@ PPL_CMD=("$PYTHON" -m utils.perplexity --model "$MODEL" --dataset wikitext2 --se
          --device "$DEVICE" --output "$OUTPUT/perplexity_wikitext2.json")
 [[ -z "$ADAPTER" ]] || PPL_CMD+=(--adapter "$ADAPTER")
 if [[ -d "$DATA_DIR/wikitext-2-raw" ]]; then PPL_CMD+=(--data_dir "$DATA_DIR"); fi
+
+if ((DYNAMIC)); then
+  CMD=("$PYTHON" "$ROOT/evaluate.py" --model "$MODEL" --tasks "$TASKS" --batch_size "$BATCH" --dtype "$DTYPE"
+       --device "$DEVICE" --output "$OUTPUT" --data_dir "$DATA_DIR")
+  [[ -z "$LIMIT" ]] || CMD+=(--limit "$LIMIT")
+  ((PPL == 0)) || CMD+=(--ppl --ppl_seq_len 2048)
+  PPL=0
+fi
 
 if [[ "$DRY_RUN" != 1 ]]; then
   mkdir -p "$ROOT/log/eval"  # lm_eval and the perplexity create OUTPUT themselves: a failed run leaves none

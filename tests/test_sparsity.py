@@ -178,6 +178,28 @@ def test_entropy_weight_scores_equal_autograd_of_the_summed_window_entropies():
         torch.testing.assert_close(got.double(), (weight * weight.grad).abs(), rtol=1e-3, atol=1e-7)
 
 
+@pytest.mark.parametrize("form", ["abs", "fisher"])
+def test_per_window_entropy_forms_equal_autograd_window_by_window(form):
+    """abs: sum over windows of |W * dH_w/dW|; fisher: sum of its squares; each window's own fp64 autograd."""
+    from module.sparse.weight_taylor import entropy_weight_scores
+
+    model = tiny_model("qwen3")
+    windows = torch.randint(0, VOCAB, (3, 10), generator=GEN)
+    scores = entropy_weight_scores(model, windows, batch_size=2, chunk_tokens=7, progress=False, form=form)
+    expected: dict = {}
+    for window in windows:
+        reference = tiny_model("qwen3").double()
+        logp = torch.log_softmax(reference(window[None]).logits, -1)
+        (-(logp.exp() * logp).sum(-1).mean()).backward()
+        for key in scores:
+            i, name = key.split(".", 2)[1:]
+            weight = dict(reference.model.layers[int(i)].named_modules())[name].weight
+            term = (weight * weight.grad).detach()
+            expected[key] = expected.get(key, 0) + (term.abs() if form == "abs" else term.square())
+    for key, got in scores.items():
+        torch.testing.assert_close(got.double(), expected[key], rtol=1e-3, atol=1e-9)
+
+
 def test_entropy_mask_with_the_sparsegpt_update():
     model = tiny_model("llama")
     plain = tiny_model("llama")
@@ -204,6 +226,61 @@ def test_d2prune_without_activation_terms_is_sparsegpt_and_wanda_on_values():
     assert len(layer0) == 7
     for key in layer0:
         assert torch.equal(d2[key], (wanda if key.endswith("self_attn.v_proj") else gpt)[key]), key
+
+
+def released_d2_statistics(xs: list[torch.Tensor], ys: list[torch.Tensor], s: float) -> dict:
+    """D²Prune's add_batch (prune/d2prune_utils.py at b22c860), written out: one window at a time, each sum first
+    scaled by n/(n+1); its SparseGPT layers take the norm of the input scaled by sqrt(2/n), its Wanda layer of the
+    raw input."""
+    h = torch.zeros(xs[0].shape[-1], xs[0].shape[-1], dtype=torch.float64)
+    y = torch.zeros(ys[0].shape[-1], dtype=torch.float64)
+    dx_gpt = torch.zeros(xs[0].shape[-1], dtype=torch.float64)
+    dx_wanda = torch.zeros_like(dx_gpt)
+    for n, (x, out) in enumerate(zip(xs, ys), 1):  # n: the windows seen after this one
+        x, out = x.double().t(), out.double()  # [in, tokens], [tokens, out]
+        for t in (h, y, dx_gpt, dx_wanda):
+            t *= (n - 1) / n
+        scaled = (2 / n) ** 0.5 * x
+        h += scaled @ scaled.t()
+        y += out.norm(dim=0) / s
+        dx_gpt += scaled.norm(dim=1) / s
+        dx_wanda += x.norm(dim=1) / s
+    return {"hessian": h, "y": y, "dx_gpt": dx_gpt, "dx_wanda": dx_wanda}
+
+
+@pytest.mark.parametrize("seq_len", [8, 16])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_d2prune_statistics_are_the_released_codes_at_any_window_length_and_batch(seq_len, batch_size):
+    """The Hessian per window (T x ours per token) and y, dx as weighted running sums, whatever the batching."""
+    from module.sparse.layerwise import LinearStats
+    from module.sparse.pipeline import dual_taylor
+
+    model = tiny_model("llama").eval()
+    windows = torch.randint(0, VOCAB, (5, seq_len), generator=torch.Generator().manual_seed(seq_len))
+    captured, per_window = {}, {"x": [], "y": []}
+
+    def keep(index, linears, stats):
+        if index == 0:
+            captured.update(stats)
+
+    def record(module, args, out):
+        per_window["x"].append(args[0][0])
+        per_window["y"].append(out[0])
+
+    handle = model.model.layers[0].self_attn.q_proj.register_forward_hook(record)
+    with torch.no_grad():
+        for w in windows:  # the released code: one window per call
+            model(w[None], use_cache=False)
+    handle.remove()
+    run_layerwise(model, windows, keep, batch_size=batch_size, hessian=True, norms=True)
+    stats: LinearStats = captured["self_attn.q_proj"]
+    released = released_d2_statistics(per_window["x"], per_window["y"], s=1500.0)
+    torch.testing.assert_close(stats.hessian("window").double(), released["hessian"], rtol=1e-4, atol=1e-6)
+    gpt = dual_taylor(stats, 1.0, 0.0, 1500.0, updated=True)
+    wanda = dual_taylor(stats, 1.0, 0.0, 1500.0, updated=False)
+    torch.testing.assert_close(gpt.y.double(), released["y"], rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(gpt.dx.double(), released["dx_gpt"], rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(wanda.dx.double(), released["dx_wanda"], rtol=1e-4, atol=1e-9)
 
 
 def test_d2prune_activation_terms_by_hand():

@@ -33,7 +33,8 @@ EXAMPLES = {  # a valid value away from the default, for every flag with a rule 
     "head_mode": "query", "criterion": "ce", "sparsity_type": "2:4", "sparsity_method": "sparsegpt",
     "sparsity_update": "sparsegpt", "offload_inputs": "true", "activation_checkpointing": "true",
     "importance_cache": "other-cache", "recompute": "true", "train_on_inputs": "true", "momentum_dtype": "float32",
-    "variance_dtype": "float32", "use_kahan_summation": "true", "teacher_device": "cpu",
+    "variance_dtype": "float32", "use_kahan_summation": "true", "teacher_device": "cpu", "reconstruct": "ls",
+    "reconstruct_target": "own", "entropy_form": "abs",
 }  # fmt: skip
 SETTINGS = [PruneConfig, SFTArguments, LoraArguments, FullTrainingArguments]
 

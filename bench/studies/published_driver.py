@@ -4,9 +4,10 @@ Called by bench/studies/sparsity_published.py with the interpreter of an environ
 published code was written for (its decoder layers are called without position embeddings, which
 transformers 5 refuses). Imports nothing of HFPrune, so it runs there:
 
-    PYTHON bench/studies/published_driver.py wanda|sparsegpt REPO MODEL WINDOWS.pt PATTERN SPARSITY OUT
+    PYTHON bench/studies/published_driver.py IMPLEMENTATION REPO MODEL WINDOWS.pt PATTERN SPARSITY OUT
 
-REPO is a checkout of locuslab/wanda or IST-DASLab/sparsegpt; WINDOWS.pt an int64 [n, seq_len] tensor of
+IMPLEMENTATION is wanda, sparsegpt or d2prune, REPO a checkout of locuslab/wanda, IST-DASLab/sparsegpt or
+20250516aaa/D2Prune; WINDOWS.pt an int64 [n, seq_len] tensor of
 token ids; PATTERN unstructured or N:M. The model runs in fp32 on CPU with eager attention (so the causal
 mask their layer calls need is always built) and is saved to OUT with save_pretrained.
 """
@@ -50,6 +51,27 @@ def run_sparsegpt(repo: str, model, windows: torch.Tensor, n: int, m: int, spars
     sparsegpt_llama.llama_sequential(model, batches(windows), torch.device("cpu"))
 
 
+def run_d2prune(repo: str, model, windows: torch.Tensor, n: int, m: int, sparsity: float) -> None:
+    """D2Prune_LLAMA with its Llama scripts' settings (scripts/llama-2-7b.sh: s 1500, r1 1, r2 0, D2-SparseGPT and
+    D2-Wanda, self_attn.v_proj pruned without an update)."""
+    import logging
+
+    sys.path.insert(0, repo)
+    torch.cuda.synchronize = lambda *args: None  # its fasterprune synchronizes CUDA; a CPU build asserts
+    torch.cuda.empty_cache = lambda *args: None
+    from prune.prune_llama import D2Prune_LLAMA  # 20250516aaa/D2Prune
+
+    args = argparse.Namespace(
+        device=torch.device("cpu"), sparsity_ratio=sparsity, nsamples=len(windows),
+        target_layer_names=["self_attn.v_proj"], d2_sparsegpt=True, d2_wanda=True, prune_n=n, prune_m=m,
+        logger=logging.getLogger("d2prune"), free=False, seq_len=windows.shape[1], auto_s=False, s=1500.0, r1=1.0,
+        r2=0.0, kmeans=False, seed=0,
+    )  # fmt: skip
+    model.seq_len = windows.shape[1]
+    model.hf_device_map = {}
+    D2Prune_LLAMA(args, model).prune_llm(batches(windows))
+
+
 def main() -> int:
     implementation, repo, model_path, windows_path, pattern, sparsity, out = sys.argv[1:8]
     windows = torch.load(windows_path)
@@ -65,7 +87,8 @@ def main() -> int:
     model.seqlen = windows.shape[1]
     start = time.perf_counter()
     with torch.no_grad():
-        {"wanda": run_wanda, "sparsegpt": run_sparsegpt}[implementation](repo, model, windows, n, m, float(sparsity))
+        runners = {"wanda": run_wanda, "sparsegpt": run_sparsegpt, "d2prune": run_d2prune}
+        runners[implementation](repo, model, windows, n, m, float(sparsity))
     seconds = time.perf_counter() - start
     model.save_pretrained(out)
     with open(f"{out}/published_run.json", "w") as f:

@@ -51,6 +51,7 @@ class PublishedConfig(SparsityStudyConfig):
     python: str = field(default="", metadata={"help": "Interpreter of the environment the published code runs in."})
     wanda_repo: str = field(default="", metadata={"help": "A git checkout of locuslab/wanda."})
     sparsegpt_repo: str = field(default="", metadata={"help": "A git checkout of IST-DASLab/sparsegpt."})
+    d2prune_repo: str = field(default="", metadata={"help": "A git checkout of 20250516aaa/D2Prune."})
     variants: str = field(
         default="eager,batch4,jitter1@2:4",
         metadata={"help": "Our pruning again on the same windows, changed only at the level of rounding: eager (the "
@@ -64,9 +65,10 @@ class PublishedConfig(SparsityStudyConfig):
         self.variant_list = [tuple(v.strip().partition("@")[::2]) for v in self.variants.split(",") if v.strip()]
         for variant, _ in self.variant_list:
             variant_settings(variant)
-        unknown = set(self.method_list) - {"wanda", "sparsegpt"}
+        unknown = set(self.method_list) - {"wanda", "sparsegpt", "d2prune"}
         if unknown:
-            raise UserError(f"--methods: published implementations are wanda and sparsegpt, not {sorted(unknown)}")
+            raise UserError(f"--methods: published implementations are wanda, sparsegpt and d2prune, not "
+                            f"{sorted(unknown)}")  # fmt: skip
         for method in self.method_list:
             if not (Path(self.repo(method)) / ".git").exists():
                 raise UserError(f"--{method}_repo {self.repo(method)!r} is not a git checkout of the published code")
@@ -74,7 +76,7 @@ class PublishedConfig(SparsityStudyConfig):
             raise UserError(f"--python {self.python!r}: no such interpreter")
 
     def repo(self, method: str) -> str:
-        return self.wanda_repo if method == "wanda" else self.sparsegpt_repo
+        return {"wanda": self.wanda_repo, "sparsegpt": self.sparsegpt_repo, "d2prune": self.d2prune_repo}[method]
 
     def settings(self) -> dict:
         """As the study's, without the variants (they only select rows)."""

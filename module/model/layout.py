@@ -40,13 +40,17 @@ class Layout:
     final_norm: str = "norm"  # in the base model
     norm_eps: str = "variance_epsilon"  # the norms' epsilon attribute
     hidden_divisible_by_heads: bool = False  # the config refuses hidden_size % num_attention_heads != 0
+    activation: str = "mlp.act_fn"  # the gated MLP's act(gate) * up
+    query_norm: str | None = None  # per-head norms of the queries/keys before RoPE (Qwen3), in the attention
+    key_norm: str | None = None
 
 
 LAYOUTS: tuple[Layout, ...] = (
     Layout(("llama",), hidden_divisible_by_heads=True),
-    Layout(("qwen2", "qwen3", "mistral")),  # Qwen3's q_norm/k_norm span head_dim: untouched by every slice
+    Layout(("qwen2", "mistral")),
+    Layout(("qwen3",), query_norm="q_norm", key_norm="k_norm"),  # they span head_dim: untouched by every slice
 )
-SUPPORTED = {"heads": LAYOUTS, "layers": LAYOUTS, "hidden": LAYOUTS}
+SUPPORTED = {"heads": LAYOUTS, "layers": LAYOUTS, "hidden": LAYOUTS, "dynamic": LAYOUTS}
 
 
 def supports(model: nn.Module, structure: str) -> bool:
@@ -55,15 +59,17 @@ def supports(model: nn.Module, structure: str) -> bool:
     return structure == "mlp" or any(model_type in layout.model_types for layout in SUPPORTED.get(structure, ()))
 
 
-def layout_of(model: nn.Module, structure: str) -> Layout:
-    """The family's layout for `structure`, or one line naming the unsupported (family, structure) pair."""
+def layout_of(model: nn.Module, structure: str, flag: str | None = None) -> Layout:
+    """The family's layout for `structure`, or one line naming the unsupported (family, structure) pair (and
+    the flag that asked for it: `--prune_parts STRUCTURE` unless `flag` says otherwise)."""
     model_type = getattr(model.config, "model_type", type(model).__name__)
     for layout in SUPPORTED.get(structure, ()):
         if model_type in layout.model_types:
             return layout
     families = sorted(t for layout in SUPPORTED.get(structure, ()) for t in layout.model_types)
     raise StructureError(
-        f"--prune_parts {structure} is not supported for {model_type} models (supported: {', '.join(families)})"
+        f"{flag or f'--prune_parts {structure}'} is not supported for {model_type} models (supported: "
+        f"{', '.join(families)})"
     )
 
 

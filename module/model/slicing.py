@@ -2,7 +2,8 @@
 
 Shared by every family; where each structure lives comes from the data in module/model/mlp.py (`find_mlps`)
 and module/model/layout.py (`Layout`). Each cut writes the new size to the config, so the result loads with
-plain `from_pretrained`.
+plain `from_pretrained`. `add_biases` gives consumers a zero bias where a config key lets the family build one
+(for --reconstruct bias).
 
 - heads, `kv_group` mode: whole key/value groups with their query heads; `query` mode: the same number
   of query heads inside every group (key/value heads all kept). q/k/v rows and o_proj columns.
@@ -13,11 +14,22 @@ plain `from_pretrained`.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
-from module.model.layout import Layout, StructureError, attention_modules, head_counts, head_rows, hidden_slices
+from module.model.layout import (
+    Layout,
+    StructureError,
+    attention_modules,
+    head_counts,
+    head_rows,
+    hidden_slices,
+    submodule,
+)
 from module.model.mlp import ModelMLPs, decoder_layers
+from utils.errors import UserError
 
 
 def prune_mlps(mlps: ModelMLPs, config, keep: list[torch.Tensor]) -> None:
@@ -102,3 +114,37 @@ def prune_hidden(model: nn.Module, layout: Layout, keep: torch.Tensor) -> None:
             _slice_linear(module, keep, how)
     model.config.hidden_size = len(keep)
     model.config.head_dim = h.head_dim
+
+
+def add_biases(pruned: nn.Module, paths: list[str], trust_remote_code: bool = False) -> list[str]:
+    """Give the consumers at `paths` (in every decoder layer) a bias for --reconstruct bias: the one they have,
+    or zeros under a config key that makes the family build one (found by building a weightless model with the
+    key set, so the saved model loads with it); the keys set. One line when neither exists."""
+    from utils.cli import meta_model
+
+    layers = decoder_layers(pruned)
+    missing = [p for p in paths if getattr(submodule(layers[0], p), "bias", None) is None]
+    keys = []
+    for key in ("mlp_bias", "attention_bias"):
+        if not missing or key not in pruned.config.to_dict() or getattr(pruned.config, key):
+            continue
+        trial = copy.deepcopy(pruned.config)
+        setattr(trial, key, True)
+        shapes = meta_model(trial, trust_remote_code)
+        gained = [p for p in missing if getattr(submodule(decoder_layers(shapes)[0], p), "bias", None) is not None]
+        if not gained:
+            continue
+        setattr(pruned.config, key, True)
+        keys.append(key)
+        meta_layer = decoder_layers(shapes)[0]
+        for layer in layers:  # every linear the key governs gets a zero bias, so the state dict matches the config
+            for name, module in layer.named_modules():
+                meta = submodule(meta_layer, name) if name else meta_layer
+                if isinstance(module, nn.Linear) and module.bias is None and getattr(meta, "bias", None) is not None:
+                    module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype,
+                                                           device=module.weight.device))  # fmt: skip
+        missing = [p for p in missing if p not in gained]
+    if missing:
+        raise UserError(f"--reconstruct bias: {pruned.config.model_type} has no bias on {', '.join(missing)} and "
+                        "no config key that adds one (so no loadable model could hold it); use --reconstruct ls")
+    return keys

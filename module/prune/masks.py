@@ -171,3 +171,23 @@ def candidate_kl(
         bar.close()
         model.train(was_training)
     return [v / windows.numel() for v in sums]
+
+
+@torch.no_grad()
+def models_kl(dense: nn.Module, pruned: nn.Module, windows: torch.Tensor, batch_size: int = 1,
+              chunk_tokens: int | None = None, progress: bool = True) -> float:  # fmt: skip
+    """Mean KL(dense || pruned) per token over `windows` [N, T] between two real models (a pruned model that
+    masks cannot express: a reconstructed one)."""
+    head_d, head_p = LogitHead.from_model(dense), LogitHead.from_model(pruned)
+    chunk = chunk_tokens or default_chunk_tokens(head_d.weight.shape[0], head_d.weight.device)
+    device = dense.get_input_embeddings().weight.device
+    total = 0.0
+    for s in tqdm(range(0, len(windows), batch_size), desc="KL after reconstruction", disable=not progress):
+        ids = windows[s : s + batch_size].to(device)
+        hd = dense.base_model(input_ids=ids, use_cache=False).last_hidden_state.flatten(0, 1)
+        hp = pruned.base_model(input_ids=ids, use_cache=False).last_hidden_state.flatten(0, 1)
+        for c in range(0, len(hd), chunk):
+            lp = log_prob_chunks(head_d, hd[c : c + chunk], chunk)[0]
+            lq = log_prob_chunks(head_p, hp[c : c + chunk].to(head_p.weight.device), chunk)[0]
+            total += float((lp.exp() * (lp - lq.to(lp.device))).sum(dtype=torch.float64))
+    return total / windows.numel()

@@ -114,6 +114,7 @@ class Candidate:
     removed: dict[str, int]
     kl: float | None = None
     speed: dict | None = None
+    kl_reconstructed: float | None = None  # with --reconstruct and --reconstruct_rescore
     description: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -121,7 +122,8 @@ class Candidate:
 
     def as_dict(self) -> dict:
         return {"mix": self.description, "params": self.params, "achieved_ratio": self.achieved_ratio,
-                "removed": self.removed, "kl": self.kl, "speed": self.speed}  # fmt: skip
+                "removed": self.removed, "kl": self.kl, "kl_reconstructed": self.kl_reconstructed,
+                "speed": self.speed}  # fmt: skip
 
 
 def candidate_of(shapes: nn.Module, mix: Mix, params_before: int) -> Candidate:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from dataset.calibration import draw_windows, heldout_windows, load_documents
 from module.model.layout import StructureError, layout_of, supports
 from module.model.mlp import count_parameters, find_mlps
 from module.prune.criteria import DATA_FREE
-from module.prune.masks import CandidateMasks, candidate_kl
+from module.prune.masks import CandidateMasks, candidate_kl, models_kl
 from module.prune.mix import (
     Candidate,
     Mix,
@@ -35,6 +36,7 @@ from module.prune.mix import (
 )
 from module.prune.output import save_mlp_sizes, save_structures
 from module.prune.plan import KeepPlan, check_sizes, plan_keep
+from module.prune.reconstruct import Settings, reconstructed
 from module.prune.scores import run_scores
 from module.run import Run, begin_run
 from module.speed import speed_against, speed_of
@@ -60,6 +62,8 @@ def output_dirs(cfg) -> list[Path]:
             parts += f"-{sizes.head_mode}"
         mlp = [f"-{'pr' if kind == 'pruning_ratio' else 'mlp'}{v:g}" for kind, v in cfg.sizes] or [""]
         tags = [f"{cfg.criterion}{m}{parts}-s{cfg.seed}" for m in mlp]
+    if cfg.reconstruct != "none":
+        tags = [t.replace(f"-s{cfg.seed}", f"-{cfg.reconstruct}-s{cfg.seed}") for t in tags]
     if cfg.output_dir and len(tags) == 1:
         return [Path(cfg.output_dir)]
     parent = Path(cfg.output_dir) if cfg.output_dir else Path("out")
@@ -72,18 +76,21 @@ def searching(cfg) -> bool:
 
 
 def calibration_windows(cfg, tokenizer) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The seeded calibration windows (None for criteria that need no data) and, for a mix search, the held-out
-    windows drawn from other documents (drawn alike for every criterion, so their KLs compare)."""
-    if cfg.criterion in DATA_FREE and not searching(cfg):
+    """The seeded calibration windows (None when neither the criterion nor a reconstruction needs data; with
+    --reconstruct_samples N beyond --calib_samples, N of them: the first --calib_samples score, all N refit) and,
+    for a mix search, the held-out windows drawn from the other documents (drawn alike for every criterion, so
+    their KLs compare)."""
+    if cfg.criterion in DATA_FREE and not searching(cfg) and cfg.reconstruct == "none":
         return None, None
     docs = load_documents(cfg.calib_dataset, cfg.calib_text_field)
-    windows, used = draw_windows(docs, tokenizer, cfg.calib_samples, cfg.seq_len, cfg.seed)
+    n = max(cfg.calib_samples, cfg.reconstruct_samples if cfg.reconstruct != "none" else 0)
+    windows, used = draw_windows(docs, tokenizer, n, cfg.seq_len, cfg.seed)  # the first k of n: the draw of k
     log.info("calibration: %d windows x %d tokens from %s (%d documents)", *windows.shape, cfg.calib_dataset, len(docs))
     heldout = None
     if searching(cfg):
         heldout = heldout_windows(docs, tokenizer, used, cfg.search_windows, cfg.seq_len, cfg.seed)
         log.info("mix search: %d held-out windows x %d tokens from other documents", *heldout.shape)
-    return (None if cfg.criterion in DATA_FREE else windows), heldout
+    return windows, heldout
 
 
 def size_plans(cfg, model: nn.Module) -> list[KeepPlan]:
@@ -165,6 +172,25 @@ def search_mixes(cfg, model, mlps, scores, structure, heldout, searches, dense_s
     return boards
 
 
+def rescore(cfg, model: nn.Module, board: list[Candidate], scores, structure, heldout: torch.Tensor,
+            recon: Settings) -> list[Candidate]:  # fmt: skip
+    """The leaderboard with its best `--reconstruct_rescore` candidates re-ranked by their held-out KL after
+    reconstruction (each sliced from a copy and reconstructed in turn), ahead of the rest."""
+    top = board[: cfg.reconstruct_rescore]
+    kls = []
+    for cand in top:
+        mlp_keep, kept = mix_kept(model, cand.mix, scores, structure)
+        pruned = sliced_copy(model, cand.mix, mlp_keep, kept)
+        reconstructed(model, pruned, mlp_keep, kept, recon)
+        kls.append(models_kl(model, pruned, heldout, cfg.batch_size, cfg.loss_chunk_tokens or None, cfg.progress))
+        del pruned
+    rescored = sorted((replace(c, kl_reconstructed=k) for c, k in zip(top, kls)),
+                      key=lambda c: (c.kl_reconstructed, c.params, c.description))  # fmt: skip
+    log.info("reconstruct: the best %d candidates re-ranked by their KL after reconstruction: %s", len(top),
+             ", ".join(f"{c.description} {c.kl:.4f} -> {c.kl_reconstructed:.4f}" for c in rescored))  # fmt: skip
+    return rescored + board[len(top) :]
+
+
 def prune_structures(cfg) -> list[Path]:
     """The structured run of a PruneConfig: every saved model's folder (the other ranks of a launch only help
     with the importance pass)."""
@@ -186,7 +212,10 @@ def run_structures(cfg, run: Run, outs: list[Path]) -> None:
     plans = size_plans(cfg, model)
     log.info("model: %s, %d layers x %d neurons (%s MLP), %.2fM parameters", type(model).__name__, len(mlps.layers),
              mlps.neurons, mlps.shape.name, params_before / 1e6)  # fmt: skip
-    scores, structure, imp = run_scores(cfg, model, mlps, windows, run.dtype, run.device, run.state)
+    # the scoring windows: none for a data-free criterion (its cache key has none), the first --calib_samples
+    scoring = None if cfg.criterion in DATA_FREE or windows is None else windows[: cfg.calib_samples]
+    scores, structure, imp = run_scores(cfg, model, mlps, scoring, run.dtype, run.device, run.state)
+    recon = Settings.of(cfg, windows)
     if not run.state.is_main_process:  # the other ranks only helped with the importance pass
         run.state.wait_for_everyone()
         return
@@ -198,19 +227,23 @@ def run_structures(cfg, run: Run, outs: list[Path]) -> None:
         base_report["dense_speed"] = dense_speed
     if searches:
         boards = search_mixes(cfg, model, mlps, scores, structure, heldout, searches, dense_speed)
+        if recon.active and cfg.reconstruct_rescore:
+            boards = [rescore(cfg, model, board, scores, structure, heldout, recon) for board in boards]
         for i, ((ratio, _), board, out) in enumerate(zip(searches, boards, outs)):
             chosen = board[0]
             search_report = {"target_ratio": ratio, "parts": cfg.parts, "heldout_windows": list(heldout.shape),
                              "chosen": chosen.description, "leaderboard": [c.as_dict() for c in board]}  # fmt: skip
             report = {**base_report, "search": search_report, "speed": chosen.speed}
-            target = model if i == len(boards) - 1 else copy.deepcopy(model)  # the last one slices the model itself
+            in_place = i == len(boards) - 1 or recon.active  # the last slices the model itself; a reconstruction copies
+            target = model if in_place else copy.deepcopy(model)
             save_structures(cfg, target, tokenizer, find_mlps(target), chosen.mix, scores, structure, report, out,
-                            ppl_windows, ppl_before)  # fmt: skip
+                            ppl_windows, ppl_before, recon)  # fmt: skip
     elif cfg.structure_sizes.parts:
         mix = Mix(plans[0].k if plans else None, cfg.structure_sizes)
         report = {**base_report, "mlp_plan": plans[0].as_dict() if plans else None}  # the MLP's share alone
-        save_structures(cfg, model, tokenizer, mlps, mix, scores, structure, report, outs[0], ppl_windows, ppl_before)
+        save_structures(cfg, model, tokenizer, mlps, mix, scores, structure, report, outs[0], ppl_windows, ppl_before,
+                        recon)  # fmt: skip
     else:
         save_mlp_sizes(cfg, model, tokenizer, mlps, plans, outs, scores, base_report, ppl_windows, ppl_before,
-                       run.start)  # fmt: skip
+                       run.start, recon)  # fmt: skip
     run.state.wait_for_everyone()

@@ -21,12 +21,18 @@ from module.model.mlp import decoder_layers
 
 @dataclass
 class LinearStats:
-    """Sums over the calibration tokens of one linear layer's inputs x (fp32)."""
+    """Sums over the calibration tokens of one linear layer's inputs x (fp32).
+
+    D²Prune's activation statistics are kept as its released code builds them (prune/d2prune_utils.py at
+    b22c860): it adds one window at a time to running averages, each update first scaling the sum by n/(n+1),
+    so window w of K ends up weighted w/K, and its SparseGPT layers take the input norm after scaling the input
+    by sqrt(2/w). `d2_statistics` turns the weighted sums below into its y and dx."""
 
     sq: torch.Tensor  # sum of x_j^2, [in]
     xx: torch.Tensor | None = None  # sum of x x^T, [in, in] (SparseGPT's Hessian, before 2/n)
-    in_norm: torch.Tensor | None = None  # sum over windows of ||x_j|| over the window's tokens, [in] (D2Prune)
-    out_norm: torch.Tensor | None = None  # sum over windows of ||y_i|| over the window's tokens, [out] (D2Prune)
+    in_norm_w: torch.Tensor | None = None  # sum over windows w of w * ||x_j||_w, [in] (D2Prune, no-update layers)
+    in_norm_sqrt_w: torch.Tensor | None = None  # sum over windows of sqrt(w) * ||x_j||_w, [in] (D2Prune)
+    out_norm_w: torch.Tensor | None = None  # sum over windows w of w * ||y_i||_w, [out] (D2Prune)
     tokens: int = 0
     windows: int = 0
 
@@ -36,18 +42,26 @@ class LinearStats:
         zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float32, device=device)  # noqa: E731
         n = linear.in_features
         return cls(zeros(n), zeros(n, n) if hessian else None, zeros(n) if norms else None,
-                   zeros(linear.out_features) if norms else None)  # fmt: skip
+                   zeros(n) if norms else None, zeros(linear.out_features) if norms else None)  # fmt: skip
 
-    def hessian(self) -> torch.Tensor:
-        return self.xx * (2.0 / max(self.tokens, 1))
+    def hessian(self, per: str = "token") -> torch.Tensor:
+        """2 X X^T averaged per token (ours: the scale does not change SparseGPT's masks or update), or per
+        window (SparseGPT's and D²Prune's released code: T times ours), which D²Prune's saliency sums with
+        its activation terms."""
+        return self.xx * (2.0 / max(self.tokens if per == "token" else self.windows, 1))
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """One batch: inputs x and outputs y, [windows, tokens, features]."""
-        if self.in_norm is not None:
-            self.in_norm += x.detach().float().norm(dim=-2).reshape(-1, x.shape[-1]).sum(0)
-            self.out_norm += y.detach().float().norm(dim=-2).reshape(-1, y.shape[-1]).sum(0)
-        self.windows += x.reshape(-1, x.shape[-2], x.shape[-1]).shape[0]
-        x = x.detach().reshape(-1, x.shape[-1]).float()
+        """One batch: inputs x and outputs y, [windows, tokens, features], windows in calibration order."""
+        x = x.detach().reshape(-1, x.shape[-2], x.shape[-1]).float()
+        if self.in_norm_w is not None:
+            w = torch.arange(self.windows + 1, self.windows + 1 + x.shape[0], device=x.device, dtype=torch.float32)
+            x_norm = x.norm(dim=1)  # [windows, in]: each window's norm over its tokens
+            y_norm = y.detach().float().reshape(x.shape[0], -1, y.shape[-1]).norm(dim=1)
+            self.in_norm_w += (w[:, None] * x_norm).sum(0)
+            self.in_norm_sqrt_w += (w.sqrt()[:, None] * x_norm).sum(0)
+            self.out_norm_w += (w[:, None] * y_norm.to(w.device)).sum(0)
+        self.windows += x.shape[0]
+        x = x.reshape(-1, x.shape[-1])
         self.sq += x.pow(2).sum(0)
         if self.xx is not None:
             self.xx += x.t() @ x

@@ -9,6 +9,7 @@ and `sparsity_report.json` (achieved sparsity per linear layer and in total).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -39,13 +40,15 @@ def check_pattern(model: nn.Module, pattern: Pattern) -> None:
 
 def prune_weights(model: nn.Module, windows: torch.Tensor | None, method: str, pattern: Pattern, batch_size: int = 1,
                   block: int = 128, damp: float = 0.01, store=None, progress: bool = True, update: str = "none",
-                  chunk_tokens: int | None = None, d2: tuple = (1.0, 0.0, 1500.0)) -> dict:  # fmt: skip
+                  chunk_tokens: int | None = None, d2: tuple = (1.0, 0.0, 1500.0),
+                  entropy_form: str = "sum") -> dict:  # fmt: skip
     """Zero the weights `method` removes in every decoder layer's linears (SparseGPT, or `update` "sparsegpt"
     after another method's mask, also updates the rest; `d2`: D²Prune's r1, r2, s); the removed positions per
     linear, by name
     `layers.<i>.<name>`."""
     masks: dict[str, torch.Tensor] = {}
-    entropy = entropy_weight_scores(model, windows, batch_size, chunk_tokens, progress) if method == "entropy" else {}
+    entropy = (entropy_weight_scores(model, windows, batch_size, chunk_tokens, progress, entropy_form)
+               if method == "entropy" else {})  # fmt: skip
     reconstruct = method in ("sparsegpt", "d2prune") or update == "sparsegpt"
     value = value_projection(model) if method == "d2prune" else None
 
@@ -54,8 +57,9 @@ def prune_weights(model: nn.Module, windows: torch.Tensor | None, method: str, p
             key = f"layers.{index}.{name}"
             w = lin.weight.data
             mask = None
-            dual = dual_taylor(stats[name], *d2) if method == "d2prune" else None
-            if method == "d2prune" and name == value:  # pruned without an update
+            updated = not (method == "d2prune" and name == value)  # D²Prune prunes the value projection as is
+            dual = dual_taylor(stats[name], *d2, updated) if method == "d2prune" else None
+            if not updated:
                 sq_mean = stats[name].sq / max(stats[name].windows, 1)
                 mask = mask_from_scores(d2_value_scores(w, sq_mean, dual), pattern, "row")
                 w.masked_fill_(mask, 0)
@@ -68,8 +72,9 @@ def prune_weights(model: nn.Module, windows: torch.Tensor | None, method: str, p
             elif method == "entropy":
                 mask = mask_from_scores(entropy.pop(key), pattern, "row")
             if reconstruct:
-                updated, mask = sparsegpt(w, stats[name].hessian(), pattern, block, damp, mask, dual)
-                w.copy_(updated.to(w.dtype))
+                hessian = stats[name].hessian("window" if method == "d2prune" else "token")
+                new_w, mask = sparsegpt(w, hessian, pattern, block, damp, mask, dual)
+                w.copy_(new_w.to(w.dtype))
             w.masked_fill_(mask, 0)
             masks[key] = mask.cpu()
 
@@ -88,10 +93,13 @@ def value_projection(model: nn.Module) -> str | None:
     return f"{layout.attention}.{layout.value}"
 
 
-def dual_taylor(stats, r1: float, r2: float, s: float) -> DualTaylor:
-    """y and dx from a linear's statistics: mean norms per calibration window, divided by s."""
-    windows = max(stats.windows, 1)
-    return DualTaylor(stats.out_norm / windows / s, stats.in_norm / windows / s, r1, r2)
+def dual_taylor(stats, r1: float, r2: float, s: float, updated: bool) -> DualTaylor:
+    """D²Prune's y and dx as its released code computes them for K windows: y = sum_w (w/K) ||y||_w / s; dx =
+    sum_w (w/K) sqrt(2/w) ||x||_w / s in the layers it updates (it takes the norm of the input it scaled for
+    the Hessian), sum_w (w/K) ||x||_w / s in the one it prunes without an update."""
+    k = max(stats.windows, 1)
+    dx = stats.in_norm_sqrt_w * math.sqrt(2) if updated else stats.in_norm_w
+    return DualTaylor(stats.out_norm_w / k / s, dx / k / s, r1, r2)
 
 
 def packed_masks(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -152,7 +160,7 @@ def sparsify(cfg, run: Run, out: Path) -> None:
     store = "cpu" if cfg.offload_inputs else None
     masks = prune_weights(model, windows, cfg.sparsity_method, pattern, cfg.batch_size, cfg.sparsegpt_block,
                           cfg.sparsegpt_damp, store, cfg.progress, cfg.sparsity_update, cfg.loss_chunk_tokens or None,
-                          (cfg.d2_r1, cfg.d2_r2, cfg.d2_s))  # fmt: skip
+                          (cfg.d2_r1, cfg.d2_r2, cfg.d2_s), cfg.entropy_form)  # fmt: skip
     report["pruning_seconds"] = time.perf_counter() - pruning_start
     report["sparsity"] = sparsity_of(model, masks)
     report["total_seconds"] = run.seconds()  # the perplexity after is not counted

@@ -16,11 +16,20 @@ from module.entropy import LogitHead, default_chunk_tokens, loss_backward
 from module.model.mlp import decoder_layers
 from module.sparse.layerwise import linears_of
 
+FORMS = ("sum", "abs", "fisher")
+
 
 def entropy_weight_scores(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, chunk_tokens: int | None = None,
-                          progress: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
-    """|W ⊙ Σ_windows ∂H_window/∂W| for every decoder linear, by name `layers.<i>.<name>` (fp32, each window's
-    entropy the mean over its tokens, as the neuron scores)."""
+                          progress: bool = True, form: str = "sum") -> dict[str, torch.Tensor]:  # fmt: skip
+    """The entropy-Taylor score of every decoder linear's weights, by name `layers.<i>.<name>` (fp32; each
+    window's entropy the mean over its tokens, as the neuron scores), g_w = dH_window/dW:
+
+    - sum: |W (.) sum_w g_w| (the gradients summed before the absolute value; cancellations included);
+    - abs: sum_w |W (.) g_w| (the paper's per-unit absolute value, taken per window);
+    - fisher: sum_w (W (.) g_w)^2 (the empirical-Fisher form of the second-order term).
+    The per-window forms backpropagate one window at a time (`batch_size` only batches `sum`)."""
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}; valid: {', '.join(FORMS)}")
     named = {f"layers.{i}.{n}": lin for i, layer in enumerate(decoder_layers(model))
              for n, lin in linears_of(layer).items()}  # fmt: skip
     requires = {p: p.requires_grad for p in model.parameters()}
@@ -31,7 +40,12 @@ def entropy_weight_scores(model: nn.Module, windows: torch.Tensor, batch_size: i
         lin.weight.requires_grad_(True)
 
         def add(param, key=key):
-            acc[key] += param.grad.float()
+            g = param.grad.float()
+            if form == "abs":
+                g = (param.detach().float() * g).abs_()
+            elif form == "fisher":
+                g = (param.detach().float() * g).square_()
+            acc[key] += g
             param.grad = None
 
         handles.append(lin.weight.register_post_accumulate_grad_hook(add))
@@ -40,10 +54,11 @@ def entropy_weight_scores(model: nn.Module, windows: torch.Tensor, batch_size: i
     head = LogitHead.from_model(model)
     chunk = chunk_tokens or default_chunk_tokens(head.weight.shape[0], head.weight.device)
     device = model.get_input_embeddings().weight.device
-    bar = tqdm(total=len(windows), desc="entropy weight scores", unit="window", disable=not progress)
+    step = batch_size if form == "sum" else 1
+    bar = tqdm(total=len(windows), desc=f"entropy weight scores ({form})", unit="window", disable=not progress)
     try:
-        for s in range(0, len(windows), batch_size):
-            ids = windows[s : s + batch_size].to(device)
+        for s in range(0, len(windows), step):
+            ids = windows[s : s + step].to(device)
             loss_backward(model, head, ids, "entropy", chunk)
             bar.update(len(ids))
     finally:
@@ -53,4 +68,6 @@ def entropy_weight_scores(model: nn.Module, windows: torch.Tensor, batch_size: i
         for p, r in requires.items():
             p.requires_grad_(r)
         model.train(was_training)
+    if form != "sum":
+        return acc
     return {k: (named[k].weight.detach().float() * g).abs_() for k, g in acc.items()}

@@ -1,0 +1,315 @@
+"""Compensation after removal on SmolLM2-135M: none / bias / ls for every structure -> docs/RECONSTRUCTION.md.
+
+    python bench/studies/reconstruction.py --resume          # the whole study (hours on 2 CPU cores; resumable)
+    python bench/studies/reconstruction.py --ratios 0.2 --seeds 0 --limit 0 --out /tmp/rec/RECONSTRUCTION.md
+
+Every row is one prune.py run (module.pipeline.prune_model) reloaded with plain `from_pretrained`: MLP neurons at
+each ratio with entropy, entropy_wanda and wanda_sp; each other structure alone at its docs/STRUCTURES.md size
+(3 of 9 key/value-grouped heads, 4 of 30 layers, 522 of 576 hidden channels; entropy, block_influence for the
+layers); the mix searched at each ratio (entropy; with a reconstruction its best candidates re-ranked after it);
+each with --reconstruct none, bias and ls, for two calibration seeds. Scoring keeps the docs' protocol (32 C4
+windows x 256 tokens); the refit uses --reconstruct_samples windows of the same draw. Scored like the other
+studies (bench/common.py: WikiText-2 on 8 x 1024 tokens, the offline zero-shot tasks on their first --limit
+items) plus held-out C4: windows from C4 documents that no seed's calibration draw used. An ablation at 20%
+(entropy, seed 0) measures the refit's target (dense vs own) and ridge. Rows persist; --resume continues.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import EvaluatedStudyConfig, Evaluation, Rows, model_or_default, prune  # noqa: E402
+from dataset.calibration import draw_windows, heldout_windows, load_documents  # noqa: E402
+from module.model.mlp import count_parameters  # noqa: E402
+from utils.cli import load_causal_lm, load_tokenizer, parse_config  # noqa: E402
+from utils.errors import UserError, run_cli  # noqa: E402
+from utils.perplexity import perplexity  # noqa: E402
+from utils.report import setup_logging, versions  # noqa: E402
+
+STRUCTURES = ("heads", "layers", "hidden")
+TARGETS = {0.2: {"mlp": 55.0, "mix": 50.0}, 0.3: {"mlp": 110.0, "mix": 110.0}}  # the issue's, WikiText-2 ppl
+
+
+@dataclass
+class ReconstructionStudyConfig(EvaluatedStudyConfig):
+    out: str = field(default="docs/RECONSTRUCTION.md", metadata={"help": "The report; a .json of rows beside."})
+    work_dir: str = field(default="out/reconstruction_study", metadata={"help": "Rows so far, pruned models."})
+    limit: int = field(default=200, metadata={"help": "Items per zero-shot task (0 = perplexity only)."})
+    ratios: str = field(default="0.2,0.3", metadata={"help": "Shares of all parameters (MLP rows and the mix)."})
+    seeds: str = field(default="0,1", metadata={"help": "Calibration seeds."})
+    criteria: str = field(default="entropy,entropy_wanda,wanda_sp", metadata={"help": "Criteria of the MLP rows."})
+    modes: str = field(default="none,bias,ls", metadata={"help": "--reconstruct settings."})
+    structures: str = field(default="heads,layers,hidden", metadata={"help": "Structures alone ('' = none)."})
+    heads_keep: int = field(default=3, metadata={"help": "Key/value groups kept of the heads row (STRUCTURES.md)."})
+    layers_remove: int = field(default=4, metadata={"help": "Layers removed in the layers row (STRUCTURES.md)."})
+    hidden_keep: int = field(default=522, metadata={"help": "Hidden channels kept in its row (STRUCTURES.md)."})
+    mix: bool = field(default=True, metadata={"help": "Also the searched mix at each ratio."})
+    calib_file: str = field(default="c4/c4_validation_2k.jsonl", metadata={"help": "Calibration text in DATA."})
+    calib_samples: int = field(default=32, metadata={"help": "Windows the importance pass scores on."})
+    seq_len: int = field(default=256, metadata={"help": "Tokens per calibration window."})
+    reconstruct_samples: int = field(default=128, metadata={"help": "Windows of the refit (same draw)."})
+    target: str = field(default="dense", metadata={"help": "--reconstruct_target of the rows."})
+    damp: float = field(default=0.1, metadata={"help": "--reconstruct_damp of the rows."})
+    ablation: bool = field(default=True, metadata={"help": "The target and ridge ablation at 20%, seed 0."})
+    c4_windows: int = field(default=32, metadata={"help": "Held-out C4 windows."})
+    c4_seq_len: int = field(default=512, metadata={"help": "Tokens per held-out C4 window."})
+    zero_shot: str = field(
+        default="main",
+        metadata={"help": "Rows scored zero-shot: all, or main (the first seed's none and ls rows of entropy MLP "
+                          "neurons, the mix and each structure alone; the others: perplexity only)."},
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        self.ratio_list = [float(r) for r in self.ratios.split(",") if r.strip()]
+        self.seed_list = [int(s) for s in self.seeds.split(",") if s.strip()]
+        self.criterion_list = [c.strip() for c in self.criteria.split(",") if c.strip()]
+        self.mode_list = [m.strip() for m in self.modes.split(",") if m.strip()]
+        self.structure_list = [s.strip() for s in self.structures.split(",") if s.strip()]
+        if set(self.structure_list) - set(STRUCTURES):
+            raise ValueError(f"--structures: valid are {', '.join(STRUCTURES)}")
+        if self.zero_shot not in ("all", "main"):
+            raise ValueError(f"--zero_shot {self.zero_shot!r} is not all or main")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One pruned model of the study: what it prunes, how, and the prune.py flags that make it."""
+
+    part: str  # mlp, heads, layers, hidden, mix
+    criterion: str
+    ratio: float | None
+    mode: str
+    seed: int
+    target: str = "dense"
+    damp: float = 0.1
+
+    def zero_shot(self, cfg: ReconstructionStudyConfig) -> bool:
+        """Whether the row gets the zero-shot evaluation (--zero_shot main: the rows the issue's table compares)."""
+        main = (self.seed == cfg.seed_list[0] and self.mode in ("none", "ls") and self.criterion != "entropy_wanda"
+                and self.criterion != "wanda_sp" and (self.target, self.damp) == (cfg.target, cfg.damp))  # fmt: skip
+        return cfg.zero_shot == "all" or main
+
+    @property
+    def name(self) -> str:
+        size = f"-{self.ratio:g}" if self.ratio is not None else ""
+        extra = "" if (self.target, self.damp) == ("dense", 0.1) or self.mode == "none" else \
+            f"-{self.target}-d{self.damp:g}"  # fmt: skip
+        return f"{self.part}-{self.criterion}{size}-{self.mode}{extra}-s{self.seed}"
+
+    def argv(self, cfg: ReconstructionStudyConfig, out: Path) -> list[str]:
+        if self.part == "mlp":
+            parts = ["--pruning_ratio", str(self.ratio)]
+        elif self.part == "mix":
+            parts = ["--prune_parts", "auto", "--pruning_ratio", str(self.ratio)]
+        else:
+            size = {"heads": ("--heads_keep", cfg.heads_keep), "layers": ("--layers_remove", cfg.layers_remove),
+                    "hidden": ("--hidden_keep", cfg.hidden_keep)}[self.part]  # fmt: skip
+            parts = ["--prune_parts", self.part, size[0], str(size[1])]
+        recon = [] if self.mode == "none" else ["--reconstruct", self.mode, "--reconstruct_target", self.target,
+                                                "--reconstruct_damp", str(self.damp), "--reconstruct_samples",
+                                                str(cfg.reconstruct_samples)]  # fmt: skip
+        return ["--origin_path", cfg.model, "--criterion", self.criterion, *parts, *recon, "--calib_dataset",
+                str(Path(cfg.data_dir) / cfg.calib_file), "--calib_samples", str(cfg.calib_samples), "--seq_len",
+                str(cfg.seq_len), "--seed", str(self.seed), "--batch_size", "4", "--importance_cache",
+                str(Path(cfg.work_dir) / "cache"), "--output_dir", str(out), "--overwrite",
+                "--no_progress"]  # fmt: skip
+
+
+def study_rows(cfg: ReconstructionStudyConfig) -> list[Row]:
+    rows = []
+    for seed in cfg.seed_list:
+        for ratio in cfg.ratio_list:
+            for criterion in cfg.criterion_list:
+                rows += [Row("mlp", criterion, ratio, mode, seed, cfg.target, cfg.damp) for mode in cfg.mode_list]
+            if cfg.mix:
+                rows += [Row("mix", "entropy", ratio, mode, seed, cfg.target, cfg.damp) for mode in cfg.mode_list]
+        for part in cfg.structure_list:
+            criterion = "block_influence" if part == "layers" else "entropy"
+            rows += [Row(part, criterion, None, mode, seed, cfg.target, cfg.damp) for mode in cfg.mode_list]
+    if cfg.ablation and 0.2 in cfg.ratio_list and cfg.seed_list:
+        seed = cfg.seed_list[0]
+        rows += [Row("mlp", "entropy", 0.2, "ls", seed, target, damp)
+                 for target, damp in (("dense", 0.01), ("own", 0.1), ("own", 0.01))]  # fmt: skip
+    return rows
+
+
+class HeldoutC4:
+    """Perplexity on C4 windows from documents that no seed's calibration draw (of --reconstruct_samples) used."""
+
+    def __init__(self, cfg: ReconstructionStudyConfig, tokenizer):
+        docs = load_documents(str(Path(cfg.data_dir) / cfg.calib_file))
+        n = max(cfg.calib_samples, cfg.reconstruct_samples)
+        used = set().union(*(draw_windows(docs, tokenizer, n, cfg.seq_len, s)[1] for s in cfg.seed_list))
+        self.windows = heldout_windows(docs, tokenizer, used, cfg.c4_windows, cfg.c4_seq_len, 0, "--c4_windows")
+
+    def __call__(self, model) -> float:
+        return perplexity(model, self.windows, 4, False)["perplexity"]
+
+
+def measure(cfg: ReconstructionStudyConfig) -> tuple[list[dict], dict]:
+    cfg.model = model_or_default(cfg.model)
+    if not (Path(cfg.data_dir) / cfg.calib_file).is_file():
+        raise UserError(f"--calib_file {Path(cfg.data_dir) / cfg.calib_file} does not exist")
+    rows = Rows(cfg, committed=Path(cfg.out).with_suffix(".json"))
+    tokenizer = load_tokenizer(cfg.model, "--model")
+    evaluation = Evaluation(cfg, tokenizer, "cpu")
+    perplexity_only = Evaluation(replace(cfg, limit=0), tokenizer, "cpu")
+    c4 = HeldoutC4(cfg, tokenizer)
+    if rows.get("dense") is None:
+        model = load_causal_lm(cfg.model, "dense", torch.float32).eval()
+        rows.add({"name": "dense", "params": count_parameters(model), "c4_ppl": c4(model), **evaluation(model)})
+    for row in study_rows(cfg):
+        if rows.get(row.name) is not None:
+            continue
+        out = rows.dir / "model"
+        start = time.perf_counter()
+        prune(row.argv(cfg, out))
+        seconds = time.perf_counter() - start
+        report = json.loads((out / "prune_report.json").read_text())
+        recon = report.get("reconstruction") or {}
+        model = load_causal_lm(str(out), row.name, torch.float32).eval()
+        rows.add({"name": row.name, "part": row.part, "criterion": row.criterion, "ratio": row.ratio,
+                  "mode": row.mode, "seed": row.seed, "target": row.target, "damp": row.damp,
+                  "achieved_ratio": report.get("achieved_ratio"), "mix": report.get("mix"),
+                  "params": count_parameters(model), "prune_seconds": seconds,
+                  "refit_seconds": recon.get("seconds"), "refit_peak_bytes": recon.get("peak_memory_bytes"),
+                  "c4_ppl": c4(model), **(evaluation if row.zero_shot(cfg) else perplexity_only)(model)})  # fmt: skip
+        del model
+    return rows.every(), {"versions": versions(), "model": cfg.model, "settings": cfg.settings()}
+
+
+def cell(rows: list[dict], metric: str, digits: int = 1) -> str:
+    values = [r[metric] for r in rows if r.get(metric) is not None]
+    return " / ".join(f"{v:.{digits}f}" for v in values) if values else "–"
+
+
+def log_gap_closed(dense: float, none: float, ls: float) -> float:
+    """The share of the log-perplexity gap (pruned vs dense) that the reconstruction closes."""
+    return (math.log(none) - math.log(ls)) / (math.log(none) - math.log(dense))
+
+
+def render(rows: list[dict], context: dict, cfg: ReconstructionStudyConfig) -> str:
+    dense = next(r for r in rows if r["name"] == "dense")
+
+    def by(**kw) -> list[dict]:
+        return sorted((r for r in rows if all(r.get(k) == v for k, v in kw.items())), key=lambda r: r["seed"])
+
+    main = {"target": cfg.target, "damp": cfg.damp}
+    lines = [
+        "# Reconstruction after removal: none / bias / ls",
+        "",
+        f"Written by `python bench/studies/reconstruction.py` from its rows (`RECONSTRUCTION.json`); nothing edited "
+        f"by hand. Model {Path(context['model']).name}; scoring on {cfg.calib_samples} C4 windows x {cfg.seq_len} "
+        f"tokens, the refit on {cfg.reconstruct_samples} windows of the same draw (--reconstruct_target "
+        f"{cfg.target}, --reconstruct_damp {cfg.damp:g}); cells: seed {' / '.join(cfg.seeds.split(','))}. "
+        f"WikiText-2: the first {cfg.ppl_windows} windows of {cfg.ppl_seq_len} tokens; C4: {cfg.c4_windows} held-out "
+        f"windows of {cfg.c4_seq_len} tokens from documents no calibration draw used; zero-shot: the average over "
+        f"{len(dense['tasks'])} offline tasks, their first {cfg.limit} items. Dense: WikiText-2 "
+        f"**{dense['ppl']:.2f}**, C4 {dense['c4_ppl']:.2f}, zero-shot {cell([dense], 'avg', 2)}.",
+        "",
+        "| ratio | rows | mode | WikiText-2 ppl | C4 ppl | zero-shot avg | gap closed (log ppl) | refit s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for ratio in cfg.ratio_list:
+        for part, criterion in [("mlp", c) for c in cfg.criterion_list] + ([("mix", "entropy")] if cfg.mix else []):
+            none = by(part=part, criterion=criterion, ratio=ratio, mode="none")
+            for mode in cfg.mode_list:
+                got = by(part=part, criterion=criterion, ratio=ratio, mode=mode,
+                         **({} if mode == "none" else main))  # fmt: skip
+                if not got:
+                    continue
+                closed = "–" if mode == "none" or not none else " / ".join(
+                    f"{log_gap_closed(dense['ppl'], n['ppl'], g['ppl']):.0%}" for n, g in zip(none, got))  # fmt: skip
+                label = f"{part} ({criterion})" + (f": {got[0].get('mix')}" if part == "mix" else "")
+                lines.append(f"| {ratio:g} | {label} | {mode} | {cell(got, 'ppl')} | {cell(got, 'c4_ppl')} | "
+                             f"{cell(got, 'avg', 2)} | {closed} | {cell(got, 'refit_seconds', 0)} |")  # fmt: skip
+    for part in cfg.structure_list:
+        none = by(part=part, mode="none")
+        for mode in cfg.mode_list:
+            got = by(part=part, mode=mode, **({} if mode == "none" else main))
+            if got:
+                closed = "–" if mode == "none" or not none else " / ".join(
+                    f"{log_gap_closed(dense['ppl'], n['ppl'], g['ppl']):.0%}" for n, g in zip(none, got))  # fmt: skip
+                share = got[0].get("achieved_ratio") or 0
+                lines.append(f"| {share:.3f} | {part} alone ({got[0]['criterion']}) | {mode} | {cell(got, 'ppl')} | "
+                             f"{cell(got, 'c4_ppl')} | {cell(got, 'avg', 2)} | {closed} | "
+                             f"{cell(got, 'refit_seconds', 0)} |")  # fmt: skip
+    lines += ["", *verdict(rows, cfg), "", *ablation_lines(rows, cfg), "",
+              *reference_lines(Path(cfg.out).with_name("reconstruction_replaceme.json"))]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def reference_lines(path: Path) -> list[str]:
+    """ReplaceMe's published code beside ours on the same removed layers (bench/studies/replaceme_reference.py)."""
+    if not path.is_file():
+        return []
+    result = json.loads(path.read_text())
+    rows = result["rows"]
+    out = ["## Removed layers: ReplaceMe's published code on the same layers and windows", "", result["about"], "",
+           "| run | removed layers | WikiText-2 ppl | zero-shot avg | fit s |", "|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        out.append(f"| {r['name']} | {', '.join(map(str, r['removed']))} | {r['ppl']:.2f} | {cell([r], 'avg', 2)} | "
+                   f"{cell([r], 'refit_seconds', 0)} |")  # fmt: skip
+    published = next((r for r in rows if r["name"].startswith("published/")), None)
+    ours = [r for r in rows if r["name"].startswith("ours/ls")]
+    if published and ours:
+        best = min(ours, key=lambda r: r["ppl"])
+        out += ["", f"Best of ours ({best['name']}): {best['ppl']:.2f} against the published {published['ppl']:.2f} "
+                    f"({best['ppl'] / published['ppl'] - 1:+.1%})."]  # fmt: skip
+    return out
+
+
+def verdict(rows: list[dict], cfg: ReconstructionStudyConfig) -> list[str]:
+    """The issue's targets, met or missed, with the values."""
+    out = ["## Targets (WikiText-2 perplexity, entropy, every seed)", ""]
+    for ratio, targets in TARGETS.items():
+        for part, target in targets.items():
+            got = [r for r in rows if r.get("part") == part and r.get("ratio") == ratio and r.get("mode") == "ls"
+                   and r.get("criterion") == "entropy" and (r.get("target"), r.get("damp")) == (cfg.target, cfg.damp)]
+            if not got:
+                continue
+            worst = max(r["ppl"] for r in got)
+            state = "met" if worst <= target else f"missed by {worst - target:.1f}"
+            out.append(f"- {ratio:g}, {part}, ls: {cell(got, 'ppl')} against <= {target:g}: **{state}**.")
+    return out
+
+
+def ablation_lines(rows: list[dict], cfg: ReconstructionStudyConfig) -> list[str]:
+    got = [r for r in rows if r.get("part") == "mlp" and r.get("criterion") == "entropy" and r.get("ratio") == 0.2
+           and r.get("mode") == "ls" and r.get("seed") == cfg.seed_list[0]]  # fmt: skip
+    if len(got) < 2:
+        return []
+    out = ["## The refit's target and ridge (MLP, entropy, 20%, seed 0)", "",
+           "| --reconstruct_target | --reconstruct_damp | WikiText-2 ppl | C4 ppl | refit s |", "|---|---|---|---|---|"]
+    for r in sorted(got, key=lambda r: (r["target"], r["damp"])):
+        out.append(f"| {r['target']} | {r['damp']:g} | {r['ppl']:.2f} | {r['c4_ppl']:.2f} | {r['refit_seconds']:.0f} |")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+
+    def go() -> None:
+        cfg = parse_config(ReconstructionStudyConfig, sys.argv[1:] if argv is None else argv)
+        rows, context = measure(cfg)
+        out = Path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps({"context": context, "rows": rows}, indent=1) + "\n")
+        out.write_text(render(rows, context, cfg))
+        print(f"wrote {out}")
+
+    return run_cli(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

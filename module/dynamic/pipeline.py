@@ -1,0 +1,124 @@
+"""`prune.py --dynamic probe`: calibrate Probe Pruning's history on the dense model, attach the per-batch pruning and
+write its folder (module/dynamic/folder.py), with the perplexity before and after and, with --measure_speed, prefill
+and decoding speed against the dense model. No weight is removed: the folder points at the origin model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from dataset.calibration import load_documents, sample_windows
+from module.dynamic.folder import write_folder
+from module.dynamic.history import calibrate
+from module.dynamic.probe import layer_ratio
+from module.dynamic.wrap import ProbeSettings, attach
+from module.model.layout import layout_of
+from module.model.mlp import decoder_layers, find_mlps
+from module.prune.scores import run_scores
+from module.run import Run, begin_run
+from module.speed import ratios, speed_of
+from utils.atomic import AppearedError, atomic_dir
+from utils.cli import check_context
+from utils.errors import UserError
+from utils.outputs import OutputError
+from utils.perplexity import perplexity
+from utils.pruned_folder import perplexity_before, perplexity_text
+from utils.report import write_json
+
+log = logging.getLogger("hfprune")
+REPORT = "dynamic_report.json"
+PART_NAMES = {"mlp": "MLP neurons", "heads": "query heads"}
+
+
+def settings_of(cfg) -> ProbeSettings:
+    return ProbeSettings.of(cfg.dynamic_variant, ratio=cfg.pruning_ratios[0], parts=tuple(cfg.parts),
+                            metric=cfg.dynamic_metric, prior=cfg.dynamic_prior != "none")  # fmt: skip
+
+
+def needs_history(settings: ProbeSettings) -> bool:
+    return settings.history or settings.probe == "none" or settings.prior
+
+
+def run_dynamic(cfg) -> list[Path]:
+    """The dynamic run of a PruneConfig with --dynamic probe: the written folder."""
+    name = Path(cfg.origin_path.rstrip("/")).name
+    parts = "-".join(cfg.parts)
+    out = Path(cfg.output_dir or f"out/{name}-probe-{cfg.dynamic_variant}-{parts}-r{cfg.pruning_ratios[0]:g}"
+               f"-s{cfg.seed}")  # fmt: skip
+    one_process = "--dynamic calibrates in one process; use --device_map auto for a model larger than one GPU"
+    with begin_run(cfg, [out], single_process=one_process) as run:
+        build(cfg, run, out)
+    return [out]
+
+
+def build(cfg, run: Run, out: Path) -> None:
+    """Check on the weightless copy, draw the windows, load, calibrate, attach, evaluate, write."""
+    settings = settings_of(cfg)
+    shapes = run.shapes()
+    layout_of(shapes, "dynamic", "--dynamic probe")  # a family without a mapping stops here, before any loading
+    if settings.skip_layers >= len(decoder_layers(shapes)):
+        raise UserError(f"--dynamic probe never prunes the first {settings.skip_layers} layers; this model has "
+                          f"{len(decoder_layers(shapes))}")  # fmt: skip
+    history_needed = needs_history(settings)
+    if history_needed:
+        check_context(shapes, cfg.seq_len, "--seq_len", cfg.allow_long_context)
+    if cfg.eval_text:
+        check_context(shapes, cfg.eval_seq_len, "--eval_seq_len", cfg.allow_long_context)
+    tokenizer = run.tokenizer()
+    windows = None
+    if history_needed:
+        docs = load_documents(cfg.calib_dataset, cfg.calib_text_field)
+        windows = sample_windows(docs, tokenizer, cfg.calib_samples, cfg.seq_len, cfg.seed)
+        log.info("calibration: %d windows x %d tokens from %s", *windows.shape, cfg.calib_dataset)
+    eval_docs = run.eval_documents()
+    model = run.load_model()
+    report = {**run.report(model), "dynamic": "probe", "probe_settings": asdict(settings),
+              "layer_ratio": layer_ratio(len(decoder_layers(model)), settings.ratio, settings.skip_layers)}  # fmt: skip
+    ppl_windows, ppl_before = perplexity_before(cfg, model, tokenizer, eval_docs)
+    dense_speed = speed_of(model) if cfg.measure_speed else None
+    start = time.perf_counter()
+    history = None
+    if windows is not None:
+        history = calibrate(model, layout_of(model, "dynamic"), windows, cfg.batch_size, cfg.progress)
+    report["calibration_seconds"] = time.perf_counter() - start
+    prior = None
+    if settings.prior:
+        scores, _, imp = run_scores(prior_config(cfg), model, find_mlps(model), windows, run.dtype, run.device,
+                                    run.state)  # fmt: skip
+        prior, report["prior_importance"] = scores, imp
+    attach(model, settings, history, prior)
+    if ppl_windows is not None:
+        report["perplexity_before"] = ppl_before
+        report["perplexity_after"] = perplexity(model, ppl_windows, cfg.batch_size, cfg.progress)
+    if dense_speed is not None:
+        measured = speed_of(model)
+        report["dense_speed"], report["speed"] = dense_speed, {"pruned": measured, **ratios(dense_speed, measured)}
+    report["total_seconds"] = run.seconds()
+    calibration = {"dataset": cfg.calib_dataset, "windows": 0 if windows is None else len(windows),
+                   "seq_len": cfg.seq_len, "seed": cfg.seed}  # fmt: skip
+    try:
+        with atomic_dir(out, replace=cfg.overwrite) as tmp:
+            write_folder(tmp, settings, history, cfg.origin_path, model, calibration, prior)
+            write_json(tmp / REPORT, report)
+    except AppearedError:
+        raise OutputError(f"{out} appeared while this run was writing it; it was left as it is and this run's "
+                          "result was not saved") from None  # fmt: skip
+    print(f"{out}: Probe Pruning ({settings_text(settings)}) of {cfg.origin_path}" + perplexity_text(report),
+          flush=True)
+
+
+def prior_config(cfg):
+    """The settings of the prior's importance pass: the entropy criterion on the MLP neurons."""
+    prior = copy.copy(cfg)
+    prior.criterion, prior.parts = "entropy", ["mlp"]
+    return prior
+
+
+def settings_text(settings: ProbeSettings) -> str:
+    what = {"rank": "probe", "full": "whole batch", "none": "history only"}[settings.probe]
+    return (f"{settings.ratio:g} of {' and '.join(PART_NAMES[p] for p in settings.parts)} per batch, {what}, "
+            f"{'history' if settings.history else 'no history'}, {settings.metric}")

@@ -1,0 +1,308 @@
+"""`--reconstruct bias|ls`: compensate what the removed structures contributed inside the weights that remain,
+training-free, layer by layer (the math: module/prune/refit.py; which consumers each layer refits:
+module/prune/consumers.py).
+
+The calibration windows run through the dense model and the pruned copy side by side, one decoder layer at a
+time. In each kept layer, every consumer that lost inputs (down_proj for MLP neurons, o_proj for heads; with
+hidden channels removed also q/k/v, gate/up, the writers o_proj/down_proj and an untied LM head) is refit in
+forward order, so each refit sees the inputs of the already refit consumers before it: its pruned input comes
+from the pruned, already refit layers below (layer-sequential, as our SparseGPT). The target is the unpruned
+consumer's output on the dense model's own inputs (`--reconstruct_target dense`: corrects upstream error too) or
+on the pruned stream (`own`: each layer only repairs itself; needs the full hidden width). A run of removed
+layers after kept layer i becomes one linear map on layer i's MLP output, folded into its down_proj (a leading run
+has no layer before it and is left without one). `bias` adds FLAP's mean compensation to biases instead (the
+family must have a bias there or a config key that adds one, e.g. Llama's mlp_bias/attention_bias).
+Every saved model still loads with plain `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from module.model.layout import Layout, layout_of, submodule, supports
+from module.model.mlp import decoder_layers
+from module.model.slicing import add_biases
+from module.prune.consumers import (
+    Consumer,
+    bias_paths,
+    mlp_output_path,
+    removed_runs,
+    set_weight_out_in,
+    stages_of,
+    weight_out_in,
+)
+from module.prune.refit import MapStats, PairStats, layer_map, mean_shift, refit
+from module.sparse.layerwise import layer_inputs
+from utils.errors import UserError
+from utils.report import peak_memory_bytes, reset_peak_memory
+
+log = logging.getLogger("hfprune")
+MODES = ("none", "bias", "ls")
+TARGETS = ("dense", "own")
+REFIT_BATCH = 8  # windows per forward of the refit at least: no gradients, and per-call overhead dominates on CPU
+
+
+class _Stop(Exception):
+    """Raised once every input a stage needs is captured: the rest of the layer need not run."""
+
+
+def _capture(modules: list[nn.Module], slots: list, stop_after: nn.Module | None):
+    """Forward pre-hooks that keep each module's input in `slots` (and stop the layer after `stop_after`)."""
+
+    def hook_for(index: int, module: nn.Module):
+        def hook(mod, args):
+            slots[index] = args[0]
+            if mod is stop_after:
+                raise _Stop
+
+        return module.register_forward_pre_hook(hook)
+
+    return [hook_for(i, m) for i, m in enumerate(modules)]
+
+
+def _run(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
+    """The layer's output hidden states (None when a capture stopped it)."""
+    device = next(layer.parameters()).device
+    try:
+        out = layer(x.to(device), **kwargs)
+    except _Stop:
+        return None
+    return out[0] if isinstance(out, tuple) else out
+
+
+class Reconstructor:
+    """Streams the windows through the dense model and the pruned copy, layer by layer, refitting as it goes."""
+
+    def __init__(self, dense: nn.Module, pruned: nn.Module, mlp_keep, kept: dict, layout: Layout | None,
+                 mode: str, target: str, damp: float, windows: torch.Tensor, batch_size: int = 1,
+                 store: str | None = None, progress: bool = True):  # fmt: skip
+        if target == "own" and "hidden" in kept:
+            raise UserError("--reconstruct_target own needs the full hidden width (the unpruned layer runs on the "
+                            "pruned stream); with hidden channels removed use --reconstruct_target dense")  # fmt: skip
+        self.dense, self.pruned, self.mlp_keep, self.kept, self.layout = dense, pruned, mlp_keep, kept, layout
+        self.mode, self.target, self.damp, self.progress = mode, target, damp, progress
+        self.n_dense = len(decoder_layers(dense))
+        self.kept_layers = kept["layers"].tolist() if "layers" in kept else list(range(self.n_dense))
+        self.mlp_path = mlp_output_path(dense, layout)
+        self.acc = torch.float64 if dense.get_input_embeddings().weight.dtype == torch.float64 else torch.float32
+        self.writers = ({f"{layout.attention}.{layout.output}", layout.mlp_output} if layout is not None
+                        else set())  # fmt: skip
+        device = dense.get_input_embeddings().weight.device
+        store = store or device
+        self.x_d, self.kw_d = layer_inputs(dense, windows, batch_size, store)
+        self.x_p, self.kw_p = layer_inputs(pruned, windows, batch_size, store)
+        self.store = store
+        self.report = {"consumers_refit": 0, "layer_maps": 0, "leading_removed_layers": 0}
+
+
+
+    # -- one stage: targets and pruned inputs, then the refit -------------------------------------------------
+    def _after_write(self, path: str) -> str | None:
+        """Where the residual stream right after a writer's addition can be read: the input of the norm that
+        follows (o_proj: post_attention_layernorm), or the layer's output (None: the last writer)."""
+        if self.layout is not None and path == f"{self.layout.attention}.{self.layout.output}":
+            return self.layout.norms[1]
+        return None
+
+    def _stage(self, i: int, j: int, consumers: list[Consumer]) -> None:
+        """Refit the consumers of one stage (they share their input). Target of a consumer: the unpruned
+        consumer on the reference input (the dense model's, or the dense layer's on the pruned stream); for a
+        writer of the residual stream with dense targets, its current output plus the stream's error right after
+        it, so the refit also repairs what the layers below left (the layout says where the stream is)."""
+        dense_layer, pruned_layer = decoder_layers(self.dense)[i], decoder_layers(self.pruned)[j]
+        d_mods = [submodule(dense_layer, c.path) for c in consumers]
+        p_mods = [submodule(pruned_layer, c.path) for c in consumers]
+        writer = self.target == "dense" and self.layout is not None and consumers[0].path in self.writers
+        after = self._after_write(consumers[0].path) if writer else None
+        stop_d = None if writer and after is None else submodule(dense_layer, after) if writer else d_mods[0]
+        stop_p = None if writer and after is None else submodule(pruned_layer, after) if writer else p_mods[0]
+        d_slot, p_slot, da_slot, pa_slot = [None], [None], [None], [None]
+        handles = _capture(p_mods[:1], p_slot, stop_p if stop_p is p_mods[0] else None)
+        if writer and after is not None:
+            handles += _capture([submodule(dense_layer, after)], da_slot, stop_d)
+            handles += _capture([submodule(pruned_layer, after)], pa_slot, stop_p)
+        elif not writer:
+            handles += _capture(d_mods[:1], d_slot, stop_d)
+        sliced = [self._sliced(dm, c) for c, dm in zip(consumers, d_mods)]
+        stats = [PairStats.zeros(w.shape[0], w.shape[1], w.device, gram=self.mode == "ls", dtype=self.acc)
+                 for w in sliced]  # fmt: skip
+        ref_stream = self.x_d if self.target == "dense" else self.x_p
+        hidden = self.kept.get("hidden")
+        try:
+            for xr, xp in zip(ref_stream, self.x_p):
+                out_d = _run(dense_layer, xr, self.kw_d[len(xr)][i])  # on the dense stream, or on the pruned one
+                out_p = _run(pruned_layer, xp, self.kw_p[len(xp)][j])
+                x_p = p_slot[0]
+                for c, dm, w_s, st in zip(consumers, d_mods, sliced, stats):
+                    if writer:
+                        after_d = da_slot[0] if after is not None else out_d
+                        after_p = pa_slot[0] if after is not None else out_p
+                        after_d = after_d if hidden is None else after_d[..., hidden.to(after_d.device)]
+                        y = x_p.to(w_s.dtype) @ w_s.t() + (after_d - after_p).to(w_s.dtype)
+                    else:
+                        w = weight_out_in(dm).detach()
+                        w = w if c.rows is None else w[c.rows.to(w.device)]
+                        y = d_slot[0].to(w.dtype) @ w.t()
+                    st.add(y, x_p)
+        finally:
+            for h in handles:
+                h.remove()
+        for c, pm, w_s, st in zip(consumers, p_mods, sliced, stats):
+            if self.mode == "ls":
+                set_weight_out_in(pm, refit(w_s, st, self.damp, f"layer {i} {c.path}"))
+            else:
+                pm.bias.data += mean_shift(w_s, st).to(pm.bias.dtype)
+            self.report["consumers_refit"] += 1
+
+    def _sliced(self, dense_module: nn.Module, c: Consumer) -> torch.Tensor:
+        """The plain slice W[rows][:, cols] of a consumer's dense weight, [out', in'] in the model's dtype."""
+        w = weight_out_in(dense_module).detach()
+        w = w if c.rows is None else w[c.rows.to(w.device)]
+        return w if c.cols is None else w[:, c.cols.to(w.device)]
+
+    # -- removed layers: one map folded into the layer before --------------------------------------------
+    def _layer_map(self, i: int, j: int, run: list[int]) -> None:
+        pruned_layer = decoder_layers(self.pruned)[j]
+        dense_layers = decoder_layers(self.dense)
+        down = submodule(pruned_layer, self.mlp_path)
+        d = weight_out_in(down).shape[0]
+        stats = MapStats.zeros(d, down.weight.device, self.acc)
+        out_slot = [None]
+        handle = down.register_forward_hook(lambda m, a, out: out_slot.__setitem__(0, out))
+        hidden = self.kept.get("hidden")
+        try:
+            for b, xp in enumerate(self.x_p):
+                h = _run(pruned_layer, xp, self.kw_p[len(xp)][j])
+                m = out_slot[0]
+                if self.target == "own":
+                    y = h
+                    for r in run:
+                        y = _run(dense_layers[r], y, self.kw_d[len(y)][r])
+                else:
+                    y = self.x_d[b]  # the dense stream after layer i ...
+                    for r in [i, *run]:  # ... and after the removed run
+                        y = _run(dense_layers[r], y, self.kw_d[len(y)][r])
+                    if hidden is not None:
+                        y = y[..., hidden.to(y.device)]
+                stats.add(m, y.to(h.device) - (h - m))
+        finally:
+            handle.remove()
+        stats.layers = run
+        if self.mode == "ls":
+            t = layer_map(stats, self.damp, f"layers {run[0]}..{run[-1]} after layer {i}").to(down.weight.device)
+            set_weight_out_in(down, t.t() @ weight_out_in(down).detach().double())
+            if getattr(down, "bias", None) is not None:
+                down.bias.data = (t.t() @ down.bias.detach().double()).to(down.bias.dtype)
+        else:
+            down.bias.data += (stats.shift_sum / max(stats.tokens, 1)).to(down.bias.dtype)
+        self.report["layer_maps"] += 1
+
+    # -- the walk ---------------------------------------------------------------------------------------
+    def _advance(self, i: int, j: int, run: list[int]) -> None:
+        """Both streams through their layer (the dense one also through the removed run after it)."""
+        dense_layers, pruned_layer = decoder_layers(self.dense), decoder_layers(self.pruned)[j]
+        for b, xp in enumerate(self.x_p):
+            self.x_p[b] = _run(pruned_layer, xp, self.kw_p[len(xp)][j]).to(self.store)
+        if self.target == "dense":
+            for b, xd in enumerate(self.x_d):
+                for r in [i, *run]:
+                    xd = _run(dense_layers[r], xd, self.kw_d[len(xd)][r])
+                self.x_d[b] = xd.to(self.store)
+
+    @torch.no_grad()
+    def run(self) -> dict:
+        runs = removed_runs(self.n_dense, self.kept_layers)
+        if -1 in runs:
+            self.report["leading_removed_layers"] = len(runs[-1])
+            log.warning("reconstruct: layers %s are removed before any kept layer; no map replaces them", runs[-1])
+            if self.target == "dense":  # the dense stream starts after them
+                for b, xd in enumerate(self.x_d):
+                    for r in runs[-1]:
+                        xd = _run(decoder_layers(self.dense)[r], xd, self.kw_d[len(xd)][r])
+                    self.x_d[b] = xd.to(self.store)
+        dense_config = self.dense.config
+        bar = tqdm(total=len(self.kept_layers), desc=f"reconstruct ({self.mode})", unit="layer",
+                   disable=not self.progress)  # fmt: skip
+        try:
+            for j, i in enumerate(self.kept_layers):
+                for consumers in stages_of(i, self.mlp_keep, self.kept, self.layout, self.mlp_path, dense_config,
+                                           self.mode == "bias"):  # fmt: skip
+                    self._stage(i, j, consumers)
+                run = runs.get(i, [])
+                if run:
+                    self._layer_map(i, j, run)
+                self._advance(i, j, run)
+                bar.update(1)
+        finally:
+            bar.close()
+        return self.report
+
+
+def reconstruct(dense: nn.Module, pruned: nn.Module, mlp_keep, kept: dict, layout: Layout | None, mode: str,
+                target: str, damp: float, windows: torch.Tensor, batch_size: int = 1, store: str | None = None,
+                progress: bool = True) -> dict:  # fmt: skip
+    """Refit `pruned` (a sliced copy of `dense` with kept sets `mlp_keep`/`kept`, dense numbering) in place; the
+    report: seconds, peak memory, how many consumers and layer maps were refit."""
+    device = dense.get_input_embeddings().weight.device
+    reset_peak_memory(device)
+    start = time.perf_counter()
+    was = (dense.training, pruned.training)
+    dense.eval()
+    pruned.eval()
+    try:
+        report = Reconstructor(dense, pruned, mlp_keep, kept, layout, mode, target, damp, windows, batch_size, store,
+                               progress).run()  # fmt: skip
+    finally:
+        dense.train(was[0])
+        pruned.train(was[1])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return {**report, "mode": mode, "target": target, "damp": damp, "windows": list(windows.shape),
+            "seconds": time.perf_counter() - start, "peak_memory_bytes": peak_memory_bytes(device)}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a run reconstructs (from its PruneConfig) and on which windows."""
+
+    mode: str
+    target: str
+    damp: float
+    windows: torch.Tensor | None
+    batch_size: int = 1
+    store: str | None = None
+    progress: bool = True
+    trust_remote_code: bool = False
+
+    @classmethod
+    def of(cls, cfg, windows: torch.Tensor | None) -> Settings:
+        return cls(cfg.reconstruct, cfg.reconstruct_target, cfg.reconstruct_damp, windows,
+                   max(cfg.batch_size, REFIT_BATCH),
+                   "cpu" if cfg.offload_inputs else None, cfg.progress, cfg.trust_remote_code)  # fmt: skip
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "none"
+
+
+def reconstructed(dense: nn.Module, pruned: nn.Module, mlp_keep, kept: dict, settings: Settings) -> dict | None:
+    """Reconstruct `pruned` in place as `settings` ask (None when they ask for nothing): the layout of the family
+    when it has one (heads, layers, hidden channels), else the MLP adapter alone; biases added for `bias`."""
+    if not settings.active:
+        return None
+    layout = layout_of(dense, "heads") if supports(dense, "heads") else None
+    keys = []
+    if settings.mode == "bias":
+        keys = add_biases(pruned, bias_paths(mlp_keep, kept, layout, mlp_output_path(dense, layout)),
+                             settings.trust_remote_code)  # fmt: skip
+    report = reconstruct(dense, pruned, mlp_keep, kept, layout, settings.mode, settings.target, settings.damp,
+                         settings.windows, settings.batch_size, settings.store, settings.progress)  # fmt: skip
+    log.info("reconstruct (%s, %s targets): %d consumers refit, %d layer maps in %.1f s", settings.mode,
+             settings.target, report["consumers_refit"], report["layer_maps"], report["seconds"])  # fmt: skip
+    return {**report, "bias_keys_set": keys}

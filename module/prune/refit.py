@@ -1,0 +1,133 @@
+"""The math of compensation after removal: one least-squares refit for every consumer, one for removed layers.
+
+A consumer is a linear map that the pruned model keeps with fewer inputs and/or outputs (o_proj for heads,
+down_proj for MLP neurons, every reader and writer of the residual stream for hidden channels). Over the
+calibration tokens t it sees x'_t (its input in the pruned model) and should give y_t (what the unpruned model
+gives there; module/prune/reconstruct.py says which). With G = sum x' x'^T, C = sum y x'^T and W_s the plain
+sliced weight W[rows][:, cols], the refit minimises
+
+    sum_t |y_t - W' x'_t|^2 + lam |W' - W_s|^2      ->      W' = (C + lam W_s) (G + lam I)^-1,
+
+ridge towards the plain slice (a consumer that lost nothing and sees what it saw keeps its weights exactly),
+lam = damp x the mean diagonal of G. For y = W x and an unchanged stream (x' = x[K]) this is the OBS/GRAIL
+update W G[:, K] (G[K, K] + lam I)^-1 but for the ridge's target. A removed run of layers after kept layer i is
+replaced by one linear map T on layer i's MLP output M (ReplaceMe): M T ~ y - a, with a = the residual stream
+without M and y the stream after the run; T is folded into layer i's down_proj (W_down <- T^T W_down), so no
+parameter is added. FLAP's bias compensation is the mean residual of the same fit, added to the bias.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger("hfprune")
+
+
+@dataclass
+class PairStats:
+    """Sums over calibration tokens of a consumer's target y [n] and pruned input x' [m]."""
+
+    gram: torch.Tensor  # sum x' x'^T  [m, m]
+    cross: torch.Tensor  # sum y x'^T   [n, m]
+    target_sum: torch.Tensor  # sum y    [n]
+    pruned_sum: torch.Tensor  # sum x'   [m]
+    tokens: int = 0
+
+    @classmethod
+    def zeros(cls, n: int, m: int, device, gram: bool = True, dtype=torch.float32) -> PairStats:
+        """`gram`: False when only the means are needed (bias); `dtype`: fp32, or fp64 for an fp64 model."""
+        z = lambda *s: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
+        return cls(z(m, m) if gram else z(0, 0), z(n, m) if gram else z(0, 0), z(n), z(m))
+
+    def add(self, target: torch.Tensor, pruned: torch.Tensor) -> None:
+        """One batch: targets [..., n] and pruned inputs [..., m] of the same tokens in the same order."""
+        y = target.detach().reshape(-1, target.shape[-1]).to(self.target_sum.dtype)
+        xp = pruned.detach().reshape(-1, pruned.shape[-1]).to(y.dtype).to(y.device)
+        if self.gram.numel():
+            self.gram += xp.t() @ xp
+            self.cross += y.t() @ xp
+        self.target_sum += y.sum(0)
+        self.pruned_sum += xp.sum(0)
+        self.tokens += y.shape[0]
+
+
+def ridge(gram: torch.Tensor, damp: float) -> float:
+    """The ridge lam = damp x the mean diagonal of the Gram matrix."""
+    return float(damp * torch.diagonal(gram).mean()) if gram.numel() else 0.0
+
+
+def solve_spd(a: torch.Tensor, b: torch.Tensor, what: str) -> torch.Tensor | None:
+    """x with a x = b for a symmetric positive (semi)definite a, in fp64: Cholesky, else a least-squares
+    solution (a singular a: dead inputs, too few tokens); None when even that is not finite."""
+    a, b = a.double(), b.double()
+    factor, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        x = torch.cholesky_solve(b, factor)
+    else:
+        log.warning("%s: the Gram matrix is singular (no ridge, dead inputs or too few tokens); using the "
+                    "minimum-norm least-squares solution", what)  # fmt: skip
+        x = torch.linalg.lstsq(a.cpu(), b.cpu(), driver="gelsd").solution.to(a.device)
+    return x if bool(torch.isfinite(x).all()) else None
+
+
+def refit(sliced: torch.Tensor, stats: PairStats, damp: float, what: str = "consumer") -> torch.Tensor:
+    """W' = (C + lam W_s)(G + lam I)^-1 in fp64, `sliced` = W_s [out, in'] the plain sliced weight; W_s itself
+    (with a warning) when the solve is not finite: never NaN."""
+    w_s = sliced.detach().double()
+    lam = ridge(stats.gram, damp)
+    rhs = stats.cross.double().to(w_s.device) + lam * w_s
+    a = stats.gram.double().to(w_s.device) + lam * torch.eye(stats.gram.shape[0], dtype=torch.float64,
+                                                              device=w_s.device)  # fmt: skip
+    solution = solve_spd(a, rhs.t(), what)
+    if solution is None:
+        log.warning("%s: the refit is not finite; keeping the plain slice", what)
+        return w_s
+    return solution.t()
+
+
+def mean_shift(sliced: torch.Tensor, stats: PairStats) -> torch.Tensor:
+    """FLAP's compensation, for any target: the mean over tokens of y - W_s x' (for y = W x on an unchanged
+    stream and removed inputs R: W[:, R] mean(x_R)); to be added to the consumer's bias."""
+    n = max(stats.tokens, 1)
+    w_s = sliced.detach().double()
+    return stats.target_sum.double().to(w_s.device) / n - w_s @ (stats.pruned_sum.double().to(w_s.device) / n)
+
+
+@dataclass
+class MapStats:
+    """Sums for one removed run of layers: M [d] layer i's MLP output, y - a [d] what it should become."""
+
+    gram: torch.Tensor  # sum M^T M
+    cross: torch.Tensor  # sum M^T (y - a)
+    shift_sum: torch.Tensor  # sum (y - a - M), for the bias variant
+    tokens: int = 0
+    layers: list[int] = field(default_factory=list)
+
+    @classmethod
+    def zeros(cls, d: int, device, dtype=torch.float32) -> MapStats:
+        z = lambda *s: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
+        return cls(z(d, d), z(d, d), z(d))
+
+    def add(self, mlp_out: torch.Tensor, target: torch.Tensor) -> None:
+        """`mlp_out` M and `target` y - a (what M should become), [..., d] each."""
+        m = mlp_out.detach().reshape(-1, mlp_out.shape[-1]).to(self.gram.dtype)
+        y = target.detach().reshape(-1, target.shape[-1]).to(self.gram.dtype).to(m.device)
+        self.gram += m.t() @ m
+        self.cross += m.t() @ y
+        self.shift_sum += (y - m).sum(0)
+        self.tokens += m.shape[0]
+
+
+def layer_map(stats: MapStats, damp: float, what: str = "removed layers") -> torch.Tensor:
+    """T = (M^T M + lam I)^-1 (M^T (y - a) + lam I): ridge towards the identity (no change); fp64 [d, d]."""
+    d = stats.gram.shape[0]
+    lam = ridge(stats.gram, damp)
+    eye = torch.eye(d, dtype=torch.float64, device=stats.gram.device)
+    solution = solve_spd(stats.gram.double() + lam * eye, stats.cross.double() + lam * eye, what)
+    if solution is None:
+        log.warning("%s: the map is not finite; the layers are dropped without one", what)
+        return eye
+    return solution

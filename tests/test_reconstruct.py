@@ -1,0 +1,335 @@
+"""--reconstruct: the refit equals an independent dense least-squares solve (explicit inverse, fp64) for down_proj
+and o_proj, layer after layer; nothing removed gives the original weights back; the folded layer map equals the
+explicit h + M T path; the saved models reload with plain from_pretrained and give the same logits; a singular
+Gram matrix gives no NaN; bad flags are one line."""
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_config, tiny_model
+from transformers import AutoModelForCausalLM
+
+from module.model.layout import layout_of
+from module.model.mlp import decoder_layers, find_mlps
+from module.prune.mix import Mix, mix_kept, sliced_copy
+from module.prune.plan import StructureSizes
+from module.prune.reconstruct import reconstruct
+from module.prune.refit import PairStats, refit
+
+WINDOWS = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(3))
+
+
+def scores_for(model, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda n: torch.rand(n, generator=gen, dtype=torch.float64)  # noqa: E731
+    n = model.config.num_hidden_layers
+    neurons = [rand(find_mlps(model).neurons) for _ in range(n)]
+    structure = {f"heads.layer.{i}": rand(model.config.num_attention_heads) for i in range(n)}
+    structure |= {f"groups.layer.{i}": rand(model.config.num_key_value_heads) for i in range(n)}
+    return neurons, structure | {"layers": rand(n), "hidden": rand(model.config.hidden_size)}
+
+
+def pruned_pair(mix: Mix, layers: int = 2):
+    """A float64 tiny Llama, and its copy sliced to `mix` with random kept sets."""
+    config = tiny_config("llama")
+    config.num_hidden_layers = layers
+    torch.manual_seed(0)
+    dense = AutoModelForCausalLM.from_config(config, attn_implementation="eager").double().eval()
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.normal_(0, 0.2)
+    mlp_keep, kept = mix_kept(dense, mix, *scores_for(dense))
+    return dense, sliced_copy(dense, mix, mlp_keep, kept), mlp_keep, kept
+
+
+def inputs_of(model, path: str, layer: int, windows=WINDOWS) -> torch.Tensor:
+    """The input of the module at `path` in decoder layer `layer` over the windows, [tokens, in]."""
+    seen = []
+    module = dict(decoder_layers(model)[layer].named_modules())[path]
+    handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        model(windows, use_cache=False)
+    handle.remove()
+    return torch.cat([s.reshape(-1, s.shape[-1]) for s in seen])
+
+
+def explicit_refit(sliced, y, x_p, damp):
+    """(Y^T X' + lam W_s)(X'^T X' + lam I)^-1 with an explicit inverse, fp64."""
+    g = x_p.t() @ x_p
+    lam = damp * torch.diagonal(g).mean()
+    return (y.t() @ x_p + lam * sliced) @ torch.linalg.inv(g + lam * torch.eye(len(g), dtype=g.dtype))
+
+
+def stream(model, layer: int, where: str) -> torch.Tensor:
+    """The residual stream of decoder layer `layer`: its input ("in"), after attention ("mid": the input of
+    post_attention_layernorm) or its output ("out"), [tokens, hidden]."""
+    seen = []
+    block = decoder_layers(model)[layer]
+    if where == "mid":
+        handle = block.post_attention_layernorm.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    elif where == "in":
+        handle = block.register_forward_pre_hook(lambda m, a, kw: seen.append(a[0] if a else kw["hidden_states"]),
+                                                 with_kwargs=True)  # fmt: skip
+    else:
+        handle = block.register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        model(WINDOWS, use_cache=False)
+    handle.remove()
+    return torch.cat([x.reshape(-1, x.shape[-1]) for x in seen])
+
+
+@pytest.mark.parametrize("target", ["dense", "own"])
+def test_refit_equals_an_independent_least_squares_solve_layer_after_layer(target):
+    """Own targets: the unpruned consumer on the pruned stream. Dense targets: a residual writer's output that
+    puts the pruned stream back on the dense one right after it (o_proj: after attention; down_proj: the
+    layer's output), from the pruned stream as it was when the writer was refit."""
+    mix = Mix(30, StructureSizes(heads_keep=2))
+    dense, pruned, mlp_keep, kept = pruned_pair(mix)
+    plain = copy.deepcopy(pruned)
+    layout = layout_of(dense, "heads")
+    reconstruct(dense, pruned, mlp_keep, kept, layout, "ls", target, 0.01, WINDOWS, batch_size=2, progress=False)
+    hd = dense.config.hidden_size // dense.config.num_attention_heads
+    for layer in range(2):
+        heads = (kept[f"heads.layer.{layer}"].unsqueeze(1) * hd + torch.arange(hd)).reshape(-1)
+        for path, cols in (("self_attn.o_proj", heads), ("mlp.down_proj", mlp_keep[layer])):
+            x_p = inputs_of(pruned, path, layer)  # its input in the final model = its input when it was refit
+            w = dict(decoder_layers(dense)[layer].named_modules())[path].weight.detach()
+            module = dict(decoder_layers(pruned)[layer].named_modules())[path]
+            bias = module.bias.detach() if module.bias is not None else 0  # the tiny Llama has mlp_bias
+            if target == "own":
+                y = own_inputs(dense, pruned, layer, path) @ w.t()
+            elif path == "self_attn.o_proj":
+                y = stream(dense, layer, "mid") - stream(pruned, layer, "in") - bias
+            else:
+                y = stream(dense, layer, "out") - stream(pruned, layer, "mid") - bias
+            got = module.weight.detach()
+            torch.testing.assert_close(got, explicit_refit(w[:, cols], y, x_p, 0.01), rtol=1e-9, atol=1e-11,
+                                       msg=f"layer {layer} {path}")  # fmt: skip
+            before = dict(decoder_layers(plain)[layer].named_modules())[path].weight.detach()
+            assert (got - before).abs().max() > 1e-6  # the refit moved the weights
+
+
+def own_inputs(dense, pruned, layer, path):
+    """The dense layer's `path` input when the dense layer runs on the pruned model's input to that layer."""
+    seen_in, out = [], []
+    handle = decoder_layers(pruned)[layer].register_forward_pre_hook(
+        lambda m, args, kwargs: seen_in.append((args[0] if args else kwargs["hidden_states"], kwargs)),
+        with_kwargs=True)  # fmt: skip
+    with torch.no_grad():
+        pruned(WINDOWS, use_cache=False)
+    handle.remove()
+    module = dict(decoder_layers(dense)[layer].named_modules())[path]
+    h = module.register_forward_pre_hook(lambda m, args: out.append(args[0].detach()))
+    with torch.no_grad():
+        for x, kwargs in seen_in:
+            decoder_layers(dense)[layer](x, **{k: v for k, v in kwargs.items() if k != "hidden_states"})
+    h.remove()
+    return torch.cat([o.reshape(-1, o.shape[-1]) for o in out])
+
+
+def test_nothing_removed_gives_the_original_weights():
+    dense, _, _, _ = pruned_pair(Mix(30))
+    n = find_mlps(dense).neurons
+    pruned = copy.deepcopy(dense)
+    everything = [torch.arange(n) for _ in range(2)]
+    reconstruct(dense, pruned, everything, {}, layout_of(dense, "heads"), "ls", "dense", 0.05, WINDOWS,
+                progress=False)  # fmt: skip
+    for (name, a), (_, b) in zip(dense.named_parameters(), pruned.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_the_folded_layer_map_equals_the_explicit_h_plus_mt_path():
+    """Layer 1 of 3 removed: the map T (fit here by an explicit solve on layer 0's MLP output M and the target
+    y - a) folded into layer 0's down_proj gives the logits of the unfolded model with M replaced by M T."""
+    dense, _, _, _ = pruned_pair(Mix(30), layers=3)
+    kept = {"layers": torch.tensor([0, 2])}
+    pruned = sliced_copy(dense, Mix(None, StructureSizes(layers_remove=1)), None, kept)
+    unfolded = copy.deepcopy(pruned)
+    reconstruct(dense, pruned, None, kept, layout_of(dense, "heads"), "ls", "dense", 0.0, WINDOWS, progress=False)
+    # the explicit path on the unfolded copy: M and a from its layer 0, y from the dense model after layer 1
+    m_out, h_out = [], []
+    mlp = decoder_layers(unfolded)[0].mlp
+    handles = [mlp.down_proj.register_forward_hook(lambda mod, a, out: m_out.append(out)),
+               decoder_layers(unfolded)[0].register_forward_hook(lambda mod, a, out: h_out.append(out))]  # fmt: skip
+    with torch.no_grad():
+        unfolded(WINDOWS)
+        y = dense(WINDOWS, output_hidden_states=True).hidden_states[2]  # after dense layers 0 and 1
+    for h in handles:
+        h.remove()
+    m = m_out[0].reshape(-1, m_out[0].shape[-1])
+    h0 = (h_out[0][0] if isinstance(h_out[0], tuple) else h_out[0]).reshape(-1, m.shape[-1])
+    target = y.reshape(-1, m.shape[-1]) - (h0 - m)
+    t = torch.linalg.inv(m.t() @ m) @ (m.t() @ target)
+    handle = mlp.down_proj.register_forward_hook(lambda mod, a, out: out @ t)
+    with torch.no_grad():
+        expected = unfolded(WINDOWS).logits
+        got = pruned(WINDOWS).logits
+    handle.remove()
+    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9)
+
+
+def test_a_singular_gram_gives_a_finite_refit():
+    """Dead inputs (a column never active) and no ridge: the minimum-norm least-squares solution, no NaN."""
+    x = torch.randn(50, 6, dtype=torch.float64)
+    x[:, 2] = 0  # a dead neuron
+    keep = torch.tensor([0, 2, 3, 5])
+    w = torch.randn(3, 6, dtype=torch.float64)
+    stats = PairStats.zeros(3, 4, "cpu", dtype=torch.float64)
+    stats.add(x @ w.t(), x[:, keep])
+    out = refit(w[:, keep], stats, damp=0.0)
+    assert torch.isfinite(out).all()
+    residual = lambda v: (v @ x[:, keep].t() - w @ x.t()).norm()  # noqa: E731
+    best = torch.linalg.lstsq(x[:, keep], x @ w.t()).solution.t()  # the least-squares optimum itself
+    assert residual(out) <= residual(best) + 1e-9 and residual(out) < residual(w[:, keep])
+
+
+def test_tiny_model_family_without_structures_refits_its_mlp():
+    """MLP neurons of a family with only an MLP adapter (GPT-2's Conv1D): the refit lowers the output error."""
+    dense = tiny_model("gpt2").double()
+    mlps = find_mlps(dense)
+    keep = [torch.arange(0, mlps.neurons, 2) for _ in mlps.layers]
+    pruned = sliced_copy(dense, Mix(len(keep[0])), keep, {})
+    plain = copy.deepcopy(pruned)
+    reconstruct(dense, pruned, keep, {}, None, "ls", "dense", 0.01, WINDOWS, progress=False)
+    with torch.no_grad():
+        ref = dense(WINDOWS).logits
+        assert (pruned(WINDOWS).logits - ref).norm() < (plain(WINDOWS).logits - ref).norm()
+
+
+def run_prune(tmp_path, origin, out, *args):
+    import prune
+
+    return prune.main(["--origin_path", str(origin), "--output_dir", str(tmp_path / out), "--importance_cache",
+                       str(tmp_path / "cache"), "--calib_dataset", "builtin", "--calib_samples", "6", "--seq_len", "24",
+                       "--batch_size", "3", "--no_progress", "--eval_text", "builtin:heldout", "--eval_seq_len", "64",
+                       "--eval_windows", "4", *args])  # fmt: skip
+
+
+@pytest.mark.parametrize(("mode", "parts"), [("ls", ["--prune_parts", "mlp,heads,layers", "--pruning_ratio", "0.1",
+                                                     "--heads_keep", "2", "--layers_remove", "1"]),
+                                             ("ls", ["--prune_parts", "hidden", "--hidden_keep", "28"]),
+                                             ("bias", ["--prune_parts", "mlp,heads,layers", "--pruning_ratio", "0.1",
+                                                       "--heads_keep", "2", "--layers_remove", "1"]),
+                                             ("ls", ["--pruning_ratio", "0.1,0.2"])])  # fmt: skip
+def test_prune_py_reconstructs_and_the_saved_model_reloads_as_it_was_scored(tmp_path, tiny_llama_dir, mode, parts):
+    """The perplexity after (measured in the run on the reconstructed model) equals the reloaded folder's: the
+    folder holds what was reconstructed, with plain from_pretrained (a bias mode sets the config key)."""
+    import json
+
+    from utils.perplexity import perplexity, text_windows
+
+    assert run_prune(tmp_path, tiny_llama_dir, "out", *parts, "--reconstruct", mode) == 0
+    folders = [tmp_path / "out"] if (tmp_path / "out" / "prune_report.json").is_file() else sorted(
+        (tmp_path / "out").iterdir())  # fmt: skip
+    from dataset.calibration import load_documents
+    from utils.cli import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_llama_dir), "model")
+    windows = text_windows(tok, load_documents("builtin:heldout"), 64)[:4]
+    for folder in folders:
+        report = json.loads((folder / "prune_report.json").read_text())
+        assert report["reconstruction"]["mode"] == mode and report["reconstruction"]["consumers_refit"] > 0
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        assert perplexity(model, windows, 4, False)["perplexity"] == pytest.approx(
+            report["perplexity_after"]["perplexity"], rel=1e-5)  # fmt: skip
+        if mode == "bias":
+            assert model.config.mlp_bias and model.config.attention_bias
+            assert model.model.layers[0].mlp.down_proj.bias.abs().sum() > 0
+        assert folder.name.endswith(f"-{mode}-s42") or folder == tmp_path / "out"
+
+
+@pytest.mark.parametrize(("sizes", "target"), [(StructureSizes(heads_keep=2), "dense"),
+                                               (StructureSizes(heads_keep=2), "own"),
+                                               (StructureSizes(hidden_keep=24), "dense"),
+                                               (StructureSizes(layers_remove=1), "dense"),
+                                               (StructureSizes(layers_remove=1), "own")])  # fmt: skip
+def test_reconstruction_brings_the_outputs_back_towards_the_dense_model(sizes, target):
+    """On the calibration windows, every structure's refit lowers the logits' distance to the dense model (the
+    middle one of 3 layers is the one removed: a leading run has no layer before it to fold a map into)."""
+    dense, pruned, mlp_keep, kept = pruned_pair(Mix(36, sizes), layers=3)
+    if sizes.layers_remove:
+        kept = {"layers": torch.tensor([0, 2])}
+        pruned = sliced_copy(dense, Mix(36, sizes), mlp_keep, kept)
+    plain = copy.deepcopy(pruned)
+    reconstruct(dense, pruned, mlp_keep, kept, layout_of(dense, "heads"), "ls", target, 0.01, WINDOWS, progress=False)
+    with torch.no_grad():
+        ref = dense(WINDOWS).logits
+        assert (pruned(WINDOWS).logits - ref).norm() < 0.9 * (plain(WINDOWS).logits - ref).norm()
+
+
+def test_search_rescores_its_best_candidates_after_reconstruction(tmp_path, tiny_llama_dir):
+    import json
+
+    assert run_prune(tmp_path, tiny_llama_dir, "mix", "--prune_parts", "auto", "--pruning_ratio", "0.2",
+                     "--search_windows", "2", "--search_candidates", "8", "--reconstruct", "ls",
+                     "--reconstruct_rescore", "3") == 0  # fmt: skip
+    board = json.loads((tmp_path / "mix" / "prune_report.json").read_text())["search"]["leaderboard"]
+    rescored = [r["kl_reconstructed"] for r in board[:3]]
+    assert all(k is not None for k in rescored) and rescored == sorted(rescored)
+    assert all(r["kl_reconstructed"] is None for r in board[3:])
+
+
+@pytest.mark.parametrize(("family", "args", "message"), [
+    ("qwen2", ["--pruning_ratio", "0.1", "--reconstruct", "bias"], "no config key that adds one"),
+    ("llama", ["--prune_parts", "hidden", "--hidden_keep", "28", "--reconstruct", "ls", "--reconstruct_target",
+               "own"], "needs the full hidden width"),
+    ("llama", ["--pruning_ratio", "0.1", "--reconstruct", "refit"], "is not one of none, bias, ls"),
+    ("llama", ["--pruning_ratio", "0.1", "--reconstruct_damp", "0.05"], "does not combine with --reconstruct_damp"),
+])  # fmt: skip
+def test_bad_reconstruction_input_is_one_line(tmp_path, tiny_tokenizer, capsys, family, args, message):
+    origin = tmp_path / family
+    tiny_model(family).save_pretrained(origin)
+    tiny_tokenizer.save_pretrained(origin)
+    assert run_prune(tmp_path, origin, "out", *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line for line in err if line.startswith("error")] == err[-1:] and message in err[-1], err[-1:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_refit_windows_beyond_the_scoring_ones_keep_the_scores_and_their_cache_entry(tmp_path, tiny_llama_dir):
+    """--reconstruct_samples 12 draws 12 windows; the first 6 (the draw of --calib_samples 6) score: the cache
+    entry of a plain run is reused and the kept neurons are the same."""
+    import json
+
+    from safetensors.torch import load_file
+
+    assert run_prune(tmp_path, tiny_llama_dir, "plain", "--pruning_ratio", "0.1") == 0
+    assert run_prune(tmp_path, tiny_llama_dir, "refit", "--pruning_ratio", "0.1", "--reconstruct", "ls",
+                     "--reconstruct_samples", "12") == 0  # fmt: skip
+    report = json.loads((tmp_path / "refit" / "prune_report.json").read_text())
+    assert report["cache_hit"] and report["reconstruction"]["windows"][0] == 12
+    plain, refit = (load_file(tmp_path / d / "kept_neurons.safetensors") for d in ("plain", "refit"))
+    assert all(torch.equal(plain[k], refit[k]) for k in plain)
+
+
+def test_reconstruction_study_runs_on_a_tiny_model_and_resumes(tmp_path, tiny_long_llama_dir, capsys):
+    import json
+
+    from conftest import DATA
+
+    from bench.studies import reconstruction as study
+
+    out = tmp_path / "docs" / "RECONSTRUCTION.md"
+    argv = ["--model", str(tiny_long_llama_dir), "--data_dir", str(DATA), "--out", str(out), "--work_dir",
+            str(tmp_path / "work"), "--ratios", "0.2", "--seeds", "0,1", "--criteria", "entropy", "--modes",
+            "none,ls", "--structures", "heads,layers", "--heads_keep", "2", "--layers_remove", "1", "--calib_samples",
+            "3", "--reconstruct_samples", "5", "--seq_len", "32", "--tasks", "arc_easy_local", "--limit", "2",
+            "--ppl_windows", "2", "--ppl_seq_len", "32", "--c4_windows", "2", "--c4_seq_len", "32",
+            "--ablation", "false"]  # fmt: skip
+    assert study.main(argv) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    names = {r["name"] for r in rows}
+    assert {"dense", "mlp-entropy-0.2-ls-s1", "mix-entropy-0.2-none-s0", "heads-entropy-ls-s0",
+            "layers-block_influence-ls-s1"} <= names and len(rows) == 1 + 2 * 2 * 4  # fmt: skip
+    dense = next(r for r in rows if r["name"] == "dense")
+    assert all(r["params"] < dense["params"] and math.isfinite(r["c4_ppl"]) for r in rows if r is not dense)
+    assert all(r["refit_seconds"] > 0 for r in rows if r.get("mode") == "ls")
+    zero_shot = {r["name"] for r in rows if r["avg"] is not None}  # --zero_shot main: the first seed's rows
+    assert "mlp-entropy-0.2-ls-s0" in zero_shot and "mlp-entropy-0.2-ls-s1" not in zero_shot
+    text = out.read_text()
+    assert "| 0.2 | mlp (entropy) | ls |" in text and "## Targets" in text and "layers alone" in text
+    capsys.readouterr()
+    assert study.main([*argv, "--resume"]) == 0  # nothing measured again
+    assert "ppl" not in capsys.readouterr().out
