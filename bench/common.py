@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import mean, stdev
+from typing import ClassVar
 
 from utils.io import digest
 from utils.perplexity import local_rows, perplexity, text_windows
@@ -51,9 +52,11 @@ class EvaluatedStudyConfig(ModelStudyConfig):
     limit: int = field(default=25, metadata={"help": "Items per zero-shot task (the first N of each)."})
     eval_batch_size: int = field(default=16, metadata={"help": "lm_eval batch size."})
 
+    RUN_ONLY: ClassVar[tuple[str, ...]] = ("out", "work_dir", "resume")  # fields that change no measured row
+
     def settings(self) -> dict:
         """Everything that changes a measured row (the key of --resume)."""
-        keep = {k: v for k, v in asdict(self).items() if k not in ("out", "work_dir", "resume")}
+        keep = {k: v for k, v in asdict(self).items() if k not in self.RUN_ONLY}
         return {**keep, "data_dir": str(Path(self.data_dir).resolve())}
 
 

@@ -1,5 +1,6 @@
 """Fine-tuning building blocks: prompts and masking, packing, packed attention, AnyPrecisionAdamW."""
 
+import copy
 import math
 
 import pytest
@@ -142,3 +143,96 @@ def test_bf16_states_halve_memory_and_kahan_tracks_fp32():
     _, plain, _ = regression_run(lambda p: AnyPrecisionAdamW(p, **bf16), torch.bfloat16, 300)
     assert abs(kahan - reference) < 0.1 * reference  # pure-bf16 weights with Kahan stay near fp32 training
     assert plain - reference > 2 * abs(kahan - reference)  # without it, small updates are lost to rounding
+
+
+def paired_steps(dtype, steps=10, **settings):
+    """The same 10 steps through the foreach reference and the per-tensor fused step (eager), lr changing."""
+    nets = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)).to(dtype)
+        opt = AnyPrecisionAdamW(net.parameters(), fused=fused, compile=False, **settings)
+        x, y = torch.randn(64, 16, generator=torch.Generator().manual_seed(1)), torch.randn(64, 1)
+        for i in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = settings["lr"] * (1 - i / steps)  # a schedule
+            opt.zero_grad()
+            ((net(x.to(dtype)).float() - y) ** 2).mean().backward()
+            opt.step()
+        nets.append((net, opt))
+    return nets
+
+
+def effective(net, opt):
+    """Each weight as fp32 plus its Kahan carry (what the bf16 weight stands for)."""
+    out = []
+    for p in net.parameters():
+        comp = opt.state[p].get("compensation")
+        out.append(p.float() + (comp.float() if comp is not None else 0))
+    return out
+
+
+def test_fused_step_equals_the_foreach_reference_over_10_steps():
+    (ref, ref_opt), (fused, fused_opt) = paired_steps(torch.float32, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05)
+    for a, b in zip(ref.parameters(), fused.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    bf16 = dict(lr=1e-3, momentum_dtype="bfloat16", variance_dtype="bfloat16", use_kahan_summation=True)
+    (ref, ref_opt), (fused, fused_opt) = paired_steps(torch.bfloat16, **bf16)
+    for a, b in zip(effective(ref, ref_opt), effective(fused, fused_opt)):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-5)
+    for p_ref, p_fused in zip(ref.parameters(), fused.parameters()):
+        assert fused_opt.state[p_fused]["exp_avg"].dtype == torch.bfloat16
+        assert not torch.equal(p_ref, torch.zeros_like(p_ref))
+
+
+def test_fused_state_resumes_in_either_implementation():
+    (_, _), (net, opt) = paired_steps(torch.float32, steps=4, lr=1e-2)
+    saved = copy.deepcopy(opt.state_dict())
+    again = copy.deepcopy(net)
+    resumed = AnyPrecisionAdamW(again.parameters(), lr=1e-2, fused=False)
+    resumed.load_state_dict(saved)
+    x, y = torch.randn(64, 16), torch.randn(64, 1)
+    for model, o in ((net, opt), (again, resumed)):
+        o.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        o.step()
+    for a, b in zip(net.parameters(), again.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_step_equals_the_eager_one_without_recompiling_for_the_schedule():
+    from torch._dynamo.utils import counters
+
+    settings = dict(lr=1e-3, momentum_dtype="bfloat16", variance_dtype="bfloat16", use_kahan_summation=True)
+    nets = []
+    for compile_it in (False, True):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(16, 8).to(torch.bfloat16)
+        opt = AnyPrecisionAdamW(net.parameters(), fused=True, compile=compile_it, **settings)
+        for i in range(3):
+            opt.param_groups[0]["lr"] = 1e-3 * (i + 1)
+            opt.zero_grad()
+            net(torch.ones(4, 16, dtype=torch.bfloat16)).float().pow(2).mean().backward()
+            if compile_it and i == 1:
+                frames = counters["stats"]["unique_graphs"]
+            opt.step()
+        nets.append((net, opt))
+    assert counters["stats"]["unique_graphs"] == frames  # the third lr compiled nothing new
+    for a, b in zip(effective(*nets[0]), effective(*nets[1])):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_mfu_counts_6n_for_trained_weights_and_4n_for_frozen_ones(monkeypatch):
+    from types import SimpleNamespace
+
+    import module.train.trainer as trainer_module
+    from utils.report import train_flops_per_token
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))  # 15 + 8 parameters
+    model[1].requires_grad_(False)
+    assert train_flops_per_token(model) == 4 * 23 + 2 * 15
+    monkeypatch.setattr(trainer_module, "peak_flops", lambda device: 1e6)
+    fake = SimpleNamespace(args=SimpleNamespace(device="cuda", world_size=2), model=model, _flops_per_token=None)
+    assert trainer_module.PackedSFTTrainer.mfu(fake, 1000.0) == pytest.approx(1000 * 122 / 2e6)
+    monkeypatch.setattr(trainer_module, "peak_flops", lambda device: None)
+    assert trainer_module.PackedSFTTrainer.mfu(fake, 1000.0) is None

@@ -218,3 +218,18 @@ def plot_leaderboard(path: Path, board: list[dict], title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def peak_flops(device) -> float | None:
+    """Dense bf16 peak of the card, for MFU (H100 and H200 SXM: 989 TFLOP/s, A100: 312); None where unknown."""
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return 989e12 if ("H100" in name or "H200" in name) else 312e12 if "A100" in name else None
+
+
+def train_flops_per_token(model) -> float:
+    """Matmul FLOPs per trained token: 2N forward, 2N for the input gradients, 2N_trainable for the weight gradients
+    (6N in full fine-tuning, as nanoGPT counts; about 4N with LoRA); attention scores are not counted."""
+    params = list(model.parameters())
+    return 4 * sum(p.numel() for p in params) + 2 * sum(p.numel() for p in params if p.requires_grad)

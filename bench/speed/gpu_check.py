@@ -55,6 +55,7 @@ from module.prune.importance import collect_statistics
 from module.speed import measure_speed, ratios
 from module.train.optim import AnyPrecisionAdamW
 from module.train.sft import row_multiple
+from utils.report import peak_flops
 from utils.tiny import random_llama, train_tokenizer
 
 GiB = 2**30
@@ -304,26 +305,35 @@ def training_section(ctx: Context, rep: Report) -> None:
         if "packed_peak_bytes" in r:
             rep.figure(f"{attn}: peak GiB padded / packed",
                        f"{r['padded_peak_bytes'] / GiB:.2f} / {r['packed_peak_bytes'] / GiB:.2f}")  # fmt: skip
-        peak = throughput.peak_flops(ctx.device)
+        peak = peak_flops(ctx.device)
         if peak:
             rep.figure(f"{attn}: MFU packed (6N FLOPs/token)", round(r["packed_tokens_per_s"] * 6 * n_params / peak, 4))
         rep.check(f"{attn}: training steps ran, finite throughput", math.isfinite(r["packed_tokens_per_s"]),
                   f"{r['packed_tokens_per_s']:.0f} tokens/s")  # fmt: skip
         rep.target(f"{attn}: packed / padded tokens/s", round(r["packed_over_padded"], 3), 1.5)
+    packed, _ = pack_examples(rows, max_len, "bfd")
+    profiled = AnyPrecisionAdamW(model.parameters(), lr=1e-5, momentum_dtype="bfloat16", variance_dtype="bfloat16",
+                                 use_kahan_summation=True)  # fmt: skip
+    table = throughput.step_profile(model, Collator(pad)(packed[:packed_batch]), ctx.device, profiled)
+    print(f"one packed training step ({attns[-1]}), top 10:\n{table}", flush=True)
+    rep.figure("profile: top op of one packed step", table.splitlines()[3].split()[0] if table else "-")
+    del profiled
     fused = ctx.device.type == "cuda"
-    steps = throughput.optimizer_steps(list(model.parameters()), ctx.device, {
-        "torch AdamW (fused)" if fused else "torch AdamW (foreach)":
-            lambda ps: torch.optim.AdamW(ps, lr=1e-5, fused=fused, foreach=not fused),
-        "AnyPrecisionAdamW (bf16 states)":
-            lambda ps: AnyPrecisionAdamW(ps, lr=1e-5, momentum_dtype="bfloat16", variance_dtype="bfloat16"),
-    })  # fmt: skip
-    (ref_label, ref), (ours_label, ours) = steps.items()
+    bf16 = {"lr": 1e-5, "momentum_dtype": "bfloat16", "variance_dtype": "bfloat16", "use_kahan_summation": True}
+    makers = {"torch AdamW (fused)" if fused else "torch AdamW (foreach)":
+              lambda ps: torch.optim.AdamW(ps, lr=1e-5, fused=fused, foreach=not fused)}  # fmt: skip
+    if fused:  # the per-tensor compiled step is the CUDA default; the foreach one the reference it replaces
+        makers["AnyPrecisionAdamW foreach (bf16 states, Kahan)"] = lambda ps: AnyPrecisionAdamW(ps, fused=False, **bf16)
+    makers["AnyPrecisionAdamW (bf16 states, Kahan)"] = lambda ps: AnyPrecisionAdamW(ps, **bf16)
+    steps = throughput.optimizer_steps(list(model.parameters()), ctx.device, makers)
+    ref_label, ref = next(iter(steps.items()))
+    ours = list(steps.values())[-1]
     for label, v in steps.items():
         rep.figure(f"{label}: ms/step, state MiB", f"{v['s_per_step'] * 1e3:.2f}, {v['state_bytes'] / 2**20:.1f}")
     rep.figure("parameters", n_params)
     rep.check(
-        "AnyPrecisionAdamW bf16 states take half the fp32 states' memory or less",
-        ours["state_bytes"] <= 0.5 * n_params * 8 + 1,
+        "AnyPrecisionAdamW bf16 states (+ bf16 Kahan carry) take 3/4 of the fp32 states' memory or less",
+        ours["state_bytes"] <= 0.75 * n_params * 8 + 1,
         f"{ours['state_bytes']} bytes for {n_params} parameters",
     )
     rep.target(f"AnyPrecisionAdamW step / {ref_label} step", round(ours["s_per_step"] / ref["s_per_step"], 3), 1.2,

@@ -32,6 +32,7 @@ from dataset.packing.packed_dataset import Collator, pack_examples
 from module.speed import sync
 from module.train.distill import Distiller
 from module.train.optim import AnyPrecisionAdamW, state_bytes
+from utils.report import peak_flops
 
 SHAPES = {
     "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
@@ -54,6 +55,27 @@ def train_tokens_per_second(model, batches, device, real_tokens: int, opt) -> fl
         opt.zero_grad(set_to_none=True)
     sync(device)
     return real_tokens / (time.perf_counter() - start)
+
+
+def step_profile(model, batch: dict, device, opt, rows: int = 10) -> str:
+    """torch.profiler's top `rows` ops of one training step (forward, backward, optimizer), by device time on CUDA
+    (CPU time elsewhere), after a warm-up step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def step() -> None:
+        model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    model.train()
+    step()
+    sync(device)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+        sync(device)
+    return prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=rows)
 
 
 def padded_vs_packed(model, rows: list[dict], pad_id: int, device, padded_batch: int, packed_batch: int,
@@ -196,14 +218,6 @@ def optimizer_steps(params: list[torch.Tensor], device, makers: dict, steps: int
     return out
 
 
-def peak_flops(device) -> float | None:
-    """Dense bf16 peak of the card, for MFU (H100 and H200 SXM: 989 TFLOP/s); None where unknown."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return 989e12 if ("H100" in name or "H200" in name) else None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -254,6 +268,8 @@ def main() -> None:
         "torch AdamW (fp32 states, foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-5, foreach=True),
         "AnyPrecisionAdamW (bf16 states)": lambda ps: AnyPrecisionAdamW(ps, lr=1e-5, momentum_dtype="bfloat16",
                                                                         variance_dtype="bfloat16"),
+        "AnyPrecisionAdamW (bf16 states, per-tensor fused)": lambda ps: AnyPrecisionAdamW(
+            ps, lr=1e-5, momentum_dtype="bfloat16", variance_dtype="bfloat16", fused=True),
     })  # fmt: skip
     for label, v in results.items():
         print(f"{label}: {v['s_per_step'] * 1e3:.1f} ms/step, state {v['state_bytes'] / 2**20:.1f} MiB")

@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -61,6 +62,9 @@ class ReconstructionStudyConfig(EvaluatedStudyConfig):
     target: str = field(default="dense", metadata={"help": "--reconstruct_target of the rows."})
     damp: float = field(default=0.1, metadata={"help": "--reconstruct_damp of the rows."})
     ablation: bool = field(default=True, metadata={"help": "The target and ridge ablation at 20%, seed 0."})
+    render_only: bool = field(default=False, metadata={"help": "With --resume: write the report from the rows "
+                                                               "measured so far, measuring nothing new."})  # fmt: skip
+    RUN_ONLY: ClassVar[tuple[str, ...]] = (*EvaluatedStudyConfig.RUN_ONLY, "render_only")
     c4_windows: int = field(default=32, metadata={"help": "Held-out C4 windows."})
     c4_seq_len: int = field(default=512, metadata={"help": "Tokens per held-out C4 window."})
     zero_shot: str = field(
@@ -165,11 +169,11 @@ def measure(cfg: ReconstructionStudyConfig) -> tuple[list[dict], dict]:
     evaluation = Evaluation(cfg, tokenizer, "cpu")
     perplexity_only = Evaluation(replace(cfg, limit=0), tokenizer, "cpu")
     c4 = HeldoutC4(cfg, tokenizer)
-    if rows.get("dense") is None:
+    if rows.get("dense") is None and not cfg.render_only:
         model = load_causal_lm(cfg.model, "dense", torch.float32).eval()
         rows.add({"name": "dense", "params": count_parameters(model), "c4_ppl": c4(model), **evaluation(model)})
     for row in study_rows(cfg):
-        if rows.get(row.name) is not None:
+        if rows.get(row.name) is not None or cfg.render_only:
             continue
         out = rows.dir / "model"
         start = time.perf_counter()

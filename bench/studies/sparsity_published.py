@@ -6,11 +6,15 @@ the same code and settings as prune.py's, and each pruned model is scored here l
 (WikiText-2 perplexity on the same windows). bench/studies/sparsity.py then sets our rows beside these.
 
     python -m venv --system-site-packages /tmp/refenv
-    /tmp/refenv/bin/pip install transformers==4.36.2 datasets==2.16.1
+    /tmp/refenv/bin/pip install transformers==4.36.2 datasets==2.16.1 loguru
     git clone https://github.com/locuslab/wanda /tmp/peer/wanda
     git clone https://github.com/IST-DASLab/sparsegpt /tmp/peer/sparsegpt
+    git clone https://github.com/20250516aaa/D2Prune /tmp/peer/D2Prune && git -C /tmp/peer/D2Prune checkout b22c860
     python bench/studies/sparsity_published.py --python /tmp/refenv/bin/python --wanda_repo /tmp/peer/wanda \\
         --sparsegpt_repo /tmp/peer/sparsegpt --resume      # -> docs/sparsity_published.json (~1 h on 2 CPU cores)
+    python bench/studies/sparsity_published.py --python /tmp/refenv/bin/python --d2prune_repo /tmp/peer/D2Prune \\
+        --methods d2prune --patterns unstructured --seeds 0 --variants eager --calib_samples 32 --seq_len 2048 \\
+        --out docs/d2prune_published_2048.json --resume   # D2Prune at 2048-token windows (and 128 x 512)
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 from bench.common import Evaluation, Rows, model_or_default
 from bench.studies.sparsity import VARIANT, SparsityStudyConfig
 from dataset.calibration import load_documents, sample_windows
-from module.model.mlp import count_parameters
+from module.model.mlp import count_parameters, decoder_layers
+from module.sparse.layerwise import linears_of
 from module.sparse.masks import Pattern
 from module.sparse.pipeline import prune_weights, sparsity_of
 from utils.cli import load_causal_lm, load_tokenizer, parse_config
@@ -130,6 +135,19 @@ def prune_variant(model_path: str, windows: torch.Tensor, method: str, pattern: 
     return model, seconds
 
 
+def layer0_masks(model) -> dict[str, torch.Tensor]:
+    """The zeroed weights of every linear of decoder layer 0, by name."""
+    layer = decoder_layers(model)[0]
+    return {name: lin.weight.detach() == 0 for name, lin in linears_of(layer).items()}
+
+
+def mask_differences(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Per linear of layer 0: the share of positions whose removed/kept state differs, and how many more weights
+    the published code keeps (its block threshold keeps ties, `tmp <= thresh`)."""
+    return {name: {"differ": float((ours[name] != theirs[name]).float().mean()),
+                   "published_keeps_more": int(ours[name].sum() - theirs[name].sum())} for name in ours}  # fmt: skip
+
+
 def measure(cfg: PublishedConfig) -> dict:
     cfg.model = model_or_default(cfg.model)
     rows = Rows(cfg)
@@ -142,6 +160,7 @@ def measure(cfg: PublishedConfig) -> dict:
                 **evaluation(model)}  # fmt: skip
 
     docs = load_documents(str(Path(cfg.data_dir) / cfg.calib_file))
+    published_masks: dict[str, dict[str, torch.Tensor]] = {}  # layer 0's removed weights of each published model
     for seed in cfg.seed_list:
         windows_path = rows.dir / f"windows-s{seed}.pt"
         windows = sample_windows(docs, tokenizer, cfg.calib_samples, cfg.seq_len, seed)
@@ -161,6 +180,7 @@ def measure(cfg: PublishedConfig) -> dict:
                     raise RuntimeError(f"{' '.join(args)} failed:\n{res.stderr[-3000:]}")
                 run = json.loads((out / "published_run.json").read_text())
                 model = load_causal_lm(str(out), name, torch.float32)
+                published_masks[name] = layer0_masks(model)
                 rows.add({"name": name, "pattern": pattern, "method": method, "seed": seed,  # timed before scoring
                           "prune_seconds": run["prune_seconds"], "run_seconds": time.perf_counter() - start,
                           **scored(model)})  # fmt: skip
@@ -170,17 +190,21 @@ def measure(cfg: PublishedConfig) -> dict:
                 name = f"{pattern}/{method}/s{seed}{VARIANT}{variant}"
                 if rows.get(name) is None:
                     model, seconds = prune_variant(cfg.model, windows, method, pattern, cfg.sparsity, variant)
+                    theirs = published_masks.get(f"{pattern}/{method}/s{seed}")
+                    differ = mask_differences(layer0_masks(model), theirs) if theirs is not None else None
                     rows.add({"name": name, "pattern": pattern, "method": method, "seed": seed,
-                              "prune_seconds": seconds, **scored(model)})  # fmt: skip
+                              "prune_seconds": seconds, "layer0_mask_differs": differ, **scored(model)})  # fmt: skip
     reference = reference_versions(cfg.python)
     wanda = git_commit(cfg.wanda_repo)[:7] if cfg.wanda_repo else "-"
     how = (f"bench/studies/sparsity_published.py: locuslab/wanda {wanda} "
            f"(lib/prune.py prune_wanda), IST-DASLab/sparsegpt "
            f"{git_commit(cfg.sparsegpt_repo)[:7] if cfg.sparsegpt_repo else '-'} (llama.py llama_sequential, its "
-           f"defaults: not true-sequential, blocksize 128, percdamp 0.01), run unchanged under torch "
-           f"{reference['torch']} + transformers {reference['transformers']} by bench/studies/published_driver.py, "
-           f"which "
-           f"hands them this study's calibration windows in place of their hub C4 loaders, loads the model in fp32 "
+           f"defaults: not true-sequential, blocksize 128, percdamp 0.01), 20250516aaa/D2Prune "
+           f"{git_commit(cfg.d2prune_repo)[:7] if cfg.d2prune_repo else '-'} (D2Prune_LLAMA with its Llama scripts' "
+           f"settings: s 1500, r1 1, r2 0, D2-SparseGPT and D2-Wanda, self_attn.v_proj without an update), run "
+           f"unchanged under torch {reference['torch']} + transformers {reference['transformers']} by "
+           f"bench/studies/published_driver.py, which hands them this study's calibration windows in place of their "
+           f"hub C4 loaders, loads the model in fp32 "
            f"(their scripts: fp16 / the checkpoint's dtype; fp16 is impractical on CPU) with eager attention and "
            f"RoPE's theta copied from transformers 5's rope_parameters to the rope_theta 4.x reads, and saves it; "
            f"scored here on the WikiText-2 windows of docs/SPARSITY.md. Rows ending /ours-VARIANT: our pruning "

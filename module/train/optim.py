@@ -3,8 +3,11 @@
 With fp32 states and no Kahan summation it is torch.optim.AdamW (decoupled weight decay, bias
 correction). bf16 moments halve the optimizer state. Kahan summation keeps the low bits that a bf16
 weight loses when a small update is added to it, so pure-bf16 weights track fp32 training.
-Every step runs as a few `torch._foreach_*` kernels per (device, dtype) group, over slices of at most
-`foreach_numel` elements so the temporaries stay bounded on large models.
+Two implementations of the same update: `fused=False` runs a few `torch._foreach_*` kernels per (device, dtype)
+group, over slices of at most `foreach_numel` elements so the temporaries stay bounded (the CPU default);
+`fused=True` runs `adamw_tensor_step` once per tensor, compiled by torch.compile into one kernel that reads the
+weight, gradient and buffers once and writes them once (the torchao pattern; the CUDA default). The hyperparameters
+enter the compiled step as 0-d tensors, so a learning-rate schedule does not recompile it.
 """
 
 from __future__ import annotations
@@ -27,12 +30,49 @@ def state_bytes(optimizer: Optimizer) -> int:
     return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
 
 
+def adamw_tensor_step(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, comp: torch.Tensor | None,
+                      lr: torch.Tensor, beta1: torch.Tensor, beta2: torch.Tensor, eps: torch.Tensor,
+                      wd: torch.Tensor, step: torch.Tensor) -> None:  # fmt: skip
+    """One AdamW update of one tensor in place, all arithmetic in fp32, each buffer kept in its own dtype; with
+    `comp` (Kahan) the part of the update the weight's rounding drops is carried to the next step."""
+    g32 = g.float()
+    m32 = torch.lerp(m.float(), g32, 1 - beta1)
+    v32 = v.float() * beta2 + (1 - beta2) * g32 * g32
+    bias2_sqrt = torch.sqrt(1 - beta2**step)
+    update = m32 / (torch.sqrt(v32) + eps * bias2_sqrt) * (-lr * bias2_sqrt / (1 - beta1**step))
+    p32 = p.float() * (1 - lr * wd)  # decoupled weight decay, as torch AdamW
+    if comp is not None:
+        update = update + comp.float()
+        new = (p32 + update).to(p.dtype)
+        comp.copy_(update - (new.float() - p32))
+    else:
+        new = (p32 + update).to(p.dtype)
+    p.copy_(new)
+    m.copy_(m32)
+    v.copy_(v32)
+
+
+_compiled_step = None
+
+
+def compiled_step():
+    """adamw_tensor_step compiled once per process (shapes recompile as torch.compile decides)."""
+    global _compiled_step
+    if _compiled_step is None:
+        # inductor otherwise drops the bf16 round trip `(p32 + update).to(bf16).float()`, and with it Kahan's carry
+        _compiled_step = torch.compile(adamw_tensor_step, fullgraph=True, options={"emulate_precision_casts": True})
+    return _compiled_step
+
+
 class AnyPrecisionAdamW(Optimizer):
     def __init__(
         self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
         weight_decay: float = 0.0, use_kahan_summation: bool = False, momentum_dtype=torch.float32,
         variance_dtype=torch.float32, compensation_buffer_dtype=torch.bfloat16, foreach_numel: int = 1 << 27,
+        fused: bool | None = None, compile: bool = True,
     ):  # fmt: skip
+        """`fused`: the per-tensor step (None: on CUDA parameters); `compile`: compile it (False: run it eagerly,
+        e.g. to test it)."""
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"invalid AnyPrecisionAdamW settings lr={lr} betas={betas} eps={eps} wd={weight_decay}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
@@ -40,7 +80,7 @@ class AnyPrecisionAdamW(Optimizer):
                         variance_dtype=_dtype(variance_dtype),
                         compensation_buffer_dtype=_dtype(compensation_buffer_dtype))  # fmt: skip
         super().__init__(params, defaults)
-        self.foreach_numel = foreach_numel
+        self.foreach_numel, self.fused, self.compile = foreach_numel, fused, compile
 
     def _state_of(self, p: torch.Tensor, group: dict) -> dict:
         state = self.state[p]
@@ -79,10 +119,23 @@ class AnyPrecisionAdamW(Optimizer):
                 state = self._state_of(p, group)
                 state["step"] += 1
                 buckets[(p.device, p.dtype, state["step"])].append(p)
-            for (_, _, step), params in buckets.items():
+            for (device, _, step), params in buckets.items():
+                fused = self.fused if self.fused is not None else device.type == "cuda"
+                if fused:
+                    self._fused_update(params, group, step, device)
+                    continue
                 for chunk in self._slices(params):
                     self._update(chunk, group, step)
         return loss
+
+    def _fused_update(self, params: list[torch.Tensor], group: dict, step: int, device: torch.device) -> None:
+        fn = compiled_step() if self.compile else adamw_tensor_step
+        beta1, beta2 = group["betas"]
+        scalars = torch.tensor([group["lr"], beta1, beta2, group["eps"], group["weight_decay"], step],
+                               dtype=torch.float32, device=device).unbind()  # one transfer per step and group
+        for p in params:
+            s = self.state[p]
+            fn(p, p.grad, s["exp_avg"], s["exp_avg_sq"], s.get("compensation"), *scalars)
 
     def _slices(self, params: list[torch.Tensor]):
         chunk, size = [], 0

@@ -269,6 +269,11 @@ def run_sft(sft, lora, args, callbacks=()) -> Path:
     return out
 
 
+def last_logged(history: list[dict], key: str):
+    """The last value of `key` in the Trainer's log history (None if never logged)."""
+    return next((entry[key] for entry in reversed(history) if key in entry), None)
+
+
 def save_run(trainer, tokenizer, sft, lora, args, data: dict, result, out: Path) -> None:
     """The model (or adapter), tokenizer, merged model, loss curve and report; the report last, as the mark of a
     complete run."""
@@ -284,7 +289,8 @@ def save_run(trainer, tokenizer, sft, lora, args, data: dict, result, out: Path)
     write_json(out / "train_report.json", {
         "sft": asdict(sft), "lora": asdict(lora) if lora else None, "training": args.to_dict(), "data": data,
         "metrics": result.metrics, "log_history": trainer.state.log_history, "versions": versions(),
-        "world_size": args.world_size,
+        "world_size": args.world_size, "mfu": last_logged(trainer.state.log_history, "mfu"),
+        "tokens_per_second": last_logged(trainer.state.log_history, "tokens_per_second"),
     })  # fmt: skip
     apply_umask(out)  # the Trainer writes its weights 0600; written last, the report marks a complete run
 

@@ -1,4 +1,5 @@
-"""PackedSFTTrainer: the Trainer with throughput logging for packed supervised fine-tuning.
+"""PackedSFTTrainer: the Trainer with throughput logging (tokens/s, peak memory, MFU on known GPUs) for packed
+supervised fine-tuning.
 
 Plain fine-tuning needs no loss code here: transformers' Trainer already divides the summed token loss by the
 number of label tokens of the whole effective batch (`num_items_in_batch`, counted over every
@@ -14,7 +15,7 @@ import time
 
 from transformers import Trainer
 
-from utils.report import peak_memory_bytes
+from utils.report import peak_flops, peak_memory_bytes, train_flops_per_token
 
 
 class PackedSFTTrainer(Trainer):
@@ -26,6 +27,7 @@ class PackedSFTTrainer(Trainer):
         self._tokens = 0
         self._label_tokens = 0
         self._start: float | None = None
+        self._flops_per_token: float | None = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self._start is None:
@@ -45,6 +47,16 @@ class PackedSFTTrainer(Trainer):
             loss = loss * self.accelerator.num_processes  # as the Trainer does for its own token-normalized loss
         return (loss, outputs) if return_outputs else loss
 
+    def mfu(self, tokens_per_second: float) -> float | None:
+        """Model FLOPs utilisation of all processes (utils/report.py's FLOPs per token over the cards' bf16 peak);
+        None where the card's peak is unknown (e.g. CPU)."""
+        peak = peak_flops(self.args.device)
+        if peak is None:
+            return None
+        if self._flops_per_token is None:
+            self._flops_per_token = train_flops_per_token(self.model)
+        return tokens_per_second * self._flops_per_token / (peak * self.args.world_size)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.distiller is not None and "loss" in logs:
             logs.update(self.distiller.log_terms())
@@ -53,4 +65,7 @@ class PackedSFTTrainer(Trainer):
             logs["tokens_per_second"] = round(self._tokens * self.args.world_size / seconds, 1)
             logs["label_tokens_per_second"] = round(self._label_tokens * self.args.world_size / seconds, 1)
             logs["peak_memory_gb"] = round(peak_memory_bytes(self.args.device) / 2**30, 2)
+            mfu = self.mfu(logs["tokens_per_second"])
+            if mfu is not None:
+                logs["mfu"] = round(mfu, 4)
         super().log(logs, start_time)
