@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: importance pass (release vs ours, 7B/8B shapes), packing correctness per attention
 # implementation, fine-tuning throughput and the optimizer step, the pipeline end to end (prune -> LoRA ->
-# merge -> lm_eval -> perplexity) and a pruned model's inference speed-up, written to OUT/gpu_check.json and
-# OUT/gpu_check.md. A failed check exits 1 and names its section; targets are reported met or missed.
+# merge -> lm_eval -> perplexity), a pruned model's inference speed-up and Probe Pruning's prefill (Llama-2-7B
+# shape), written to OUT/gpu_check.json and OUT/gpu_check.md. A failed check exits 1 and names its section; targets are reported met or missed.
 # About 250 s on one H200 (measured 2026-11-30), plus the machine's start.
 #
 # usage: script/gpu_check.sh [--prepare] [--tiny] [--out DIR] [bench/speed/gpu_check.py flags...]
@@ -10,7 +10,7 @@
 #   bash script/gpu_check.sh --prepare                        # on a machine with PyPI: fill .gpu_carry/ (~25 MB)
 #   bash script/gpu_check.sh --out "$OUT" --work_dir /tmp/w   # on the GPU machine, .gpu_carry carried along
 #   bash script/gpu_check.sh --sections packing,inference     # a subset (importance, packing, training,
-#                                                             # pipeline, inference, sparse)
+#                                                             # pipeline, inference, dynamic, sparse)
 #
 # What to carry to a GPU machine that reaches no network (torch 2.11, transformers 5.17, peft 0.21,
 # accelerate 1.15; no datasets, lm_eval or flash_attn): `--prepare` writes, in the ignored folder

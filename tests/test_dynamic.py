@@ -300,6 +300,7 @@ def test_a_moved_or_changed_origin_is_refused_in_one_line(tiny_deep_dir, tmp_pat
         (["--dynamic_variant", "oracle", "--dynamic_prior", "entropy"], "--dynamic_prior"),
         (["--sparsity", "0.5"], "--dynamic and --sparsity"),
         (["--reconstruct", "ls"], "--reconstruct"),
+        (["--pruning_ratio", "0.7"], "removes every unit"),  # 5 layers: 0.7 x 5 / 2 >= 1
     ],
 )
 def test_bad_dynamic_flags_are_one_line(tiny_deep_dir, tmp_path, capsys, extra, message):

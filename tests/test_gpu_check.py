@@ -16,7 +16,8 @@ def test_tiny_check_fills_every_section_of_both_files(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert list(result["sections"]) == list(gpu_check.SECTIONS)
-    assert list(gpu_check.SECTIONS) == ["importance", "packing", "training", "pipeline", "inference", "sparse"]
+    assert list(gpu_check.SECTIONS) == ["importance", "packing", "training", "pipeline", "inference", "dynamic",
+                                        "sparse"]  # fmt: skip
     for name, sec in result["sections"].items():
         assert sec["ok"] and sec["figures"] and (sec["checks"] or name == "sparse"), name  # sparse: CUDA only
         assert all(c["ok"] for c in sec["checks"]), name

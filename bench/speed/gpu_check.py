@@ -27,9 +27,11 @@ compared with.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import math
+import statistics
 import subprocess
 import sys
 import time
@@ -52,7 +54,7 @@ from dataset.calibration import builtin_documents
 from dataset.packing.packed_dataset import Collator, pack_examples
 from module.model.mlp import find_mlps
 from module.prune.importance import collect_statistics
-from module.speed import measure_speed, ratios
+from module.speed import measure_speed, ratios, sync
 from module.train.optim import AnyPrecisionAdamW
 from module.train.sft import row_multiple
 from utils.report import peak_flops
@@ -492,6 +494,67 @@ def inference_section(ctx: Context, rep: Report) -> None:
     rep.check("the pruned copy has 80% of the parameters", abs(r["params"] - 0.8) < 0.01, f"{r['params']:.4f}")
     rep.check("every speed is finite and positive", all(math.isfinite(x) and x > 0 for x in
               (r["prefill_speedup"], *r["decode_speedup"].values())), "ok")  # fmt: skip
+
+
+@section("dynamic", "Probe Pruning: prefill of a batch, dense vs per-batch pruning vs the static pruned model")
+def dynamic_section(ctx: Context, rep: Report) -> None:
+    from module.dynamic.history import calibrate
+    from module.dynamic.probe import MULTIPLE, SKIP_LAYERS, kept_count, layer_ratio
+    from module.dynamic.wrap import ProbeSettings, attach
+    from module.model.layout import layout_of
+
+    if ctx.tiny:
+        shape, batch, seq = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=8, num_attention_heads=4,
+                                 num_key_value_heads=4, vocab_size=1000), 4, 64  # fmt: skip
+    else:  # Llama-2-7B's shape with random weights, the paper's batch of 20 windows x 1024 tokens
+        shape = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32000)  # fmt: skip
+        batch, seq = 20, 1024
+    dense = random_llama(shape, ctx.device, ctx.dtype)
+    dense.set_attn_implementation("sdpa")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, shape["vocab_size"], (batch, seq), generator=gen).to(ctx.device)
+    history = calibrate(dense, layout_of(dense, "dynamic"), ids[:2], 1, False)  # speed only: any history
+
+    @torch.no_grad()
+    def prefill_ms(model) -> float:
+        model(ids[:, :8], use_cache=False)  # warm-up
+        times = []
+        for _ in range(3):
+            sync(ctx.device)
+            start = time.perf_counter()
+            model(ids, use_cache=False)
+            sync(ctx.device)
+            times.append(time.perf_counter() - start)
+        return 1e3 * statistics.median(times)
+
+    base = prefill_ms(dense)
+    rep.figure("shape, batch x tokens", f"{shape['num_hidden_layers']} layers x {shape['hidden_size']}, "
+                                        f"{batch} x {seq}, {ctx.dtype}")  # fmt: skip
+    rep.figure("dense: prefill ms", round(base, 2))
+    times = [base]
+    for ratio in (0.2, 0.4):
+        keep = kept_count(shape["intermediate_size"], layer_ratio(shape["num_hidden_layers"], ratio), MULTIPLE)
+        for parts in (("mlp",), ("mlp", "heads")):
+            pp = copy.deepcopy(dense)
+            attach(pp, ProbeSettings(ratio=ratio, parts=parts), history)
+            ms = prefill_ms(pp)
+            times.append(ms)
+            rep.figure(f"{ratio:g}, PP {'+'.join(parts)}: prefill ms (probe + gathers), speed-up", f"{ms:.2f}, "
+                       f"{base / ms:.3f}x")  # fmt: skip
+            del pp
+            free(ctx.device)
+        static = copy.deepcopy(dense)  # the same widths, sliced once: layers from SKIP_LAYERS on keep `keep` neurons
+        for i, layer in enumerate(find_mlps(static).layers):
+            if i >= SKIP_LAYERS:
+                layer.select(torch.arange(keep, device=ctx.device))
+        ms = prefill_ms(static)
+        times.append(ms)
+        rep.figure(f"{ratio:g}, static MLP ({keep} neurons from layer {SKIP_LAYERS}): prefill ms, speed-up",
+                   f"{ms:.2f}, {base / ms:.3f}x")  # fmt: skip
+        del static
+        free(ctx.device)
+    rep.check("every prefill time is finite and positive", all(math.isfinite(t) and t > 0 for t in times), "ok")
 
 
 @section("sparse", "2:4 weights: torch's semi-structured sparse matmul against the dense one (CUDA only)")

@@ -17,7 +17,6 @@ batch size; the probe's FLOPs share is counted from the shapes. Rows persist in 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import sys
 import time
@@ -30,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import EvaluatedStudyConfig, Rows, model_or_default  # noqa: E402
+from bench.common import EvaluatedStudyConfig, Rows, model_or_default, study_main  # noqa: E402
 from cfg.prune_config import PruneConfig  # noqa: E402
 from dataset.calibration import load_documents, sample_windows  # noqa: E402
 from module.dynamic.history import calibrate  # noqa: E402
@@ -39,10 +38,9 @@ from module.dynamic.wrap import ProbeSettings, attach  # noqa: E402
 from module.model.layout import head_counts, layout_of  # noqa: E402
 from module.model.mlp import count_parameters, find_mlps  # noqa: E402
 from module.prune.scores import run_scores  # noqa: E402
-from utils.cli import load_causal_lm, load_tokenizer, parse_config, process_state  # noqa: E402
-from utils.errors import run_cli  # noqa: E402
+from utils.cli import load_causal_lm, load_tokenizer, process_state  # noqa: E402
 from utils.perplexity import local_rows, perplexity, text_windows  # noqa: E402
-from utils.report import setup_logging, versions  # noqa: E402
+from utils.report import versions  # noqa: E402
 
 
 @dataclass
@@ -227,18 +225,7 @@ def render(rows: list[dict], ctx: dict, cfg: ProbeStudyConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-
-    def go() -> None:
-        cfg = parse_config(ProbeStudyConfig, sys.argv[1:] if argv is None else argv)
-        rows, ctx = measure(cfg)
-        out = Path(cfg.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps({"context": ctx, "rows": rows}, indent=1) + "\n")
-        out.write_text(render(rows, ctx, cfg))
-        print(f"wrote {out}")
-
-    return run_cli(go)
+    return study_main(ProbeStudyConfig, measure, render, argv)
 
 
 if __name__ == "__main__":

@@ -29,13 +29,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import EvaluatedStudyConfig, Evaluation, Rows, model_or_default, prune  # noqa: E402
+from bench.common import EvaluatedStudyConfig, Evaluation, Rows, model_or_default, prune, study_main  # noqa: E402
 from dataset.calibration import draw_windows, heldout_windows, load_documents  # noqa: E402
 from module.model.mlp import count_parameters  # noqa: E402
-from utils.cli import load_causal_lm, load_tokenizer, parse_config  # noqa: E402
-from utils.errors import UserError, run_cli  # noqa: E402
+from utils.cli import load_causal_lm, load_tokenizer  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 from utils.perplexity import perplexity  # noqa: E402
-from utils.report import setup_logging, versions  # noqa: E402
+from utils.report import versions  # noqa: E402
 
 STRUCTURES = ("heads", "layers", "hidden")
 TARGETS = {0.2: {"mlp": 55.0, "mix": 50.0}, 0.3: {"mlp": 110.0, "mix": 110.0}}  # the issue's, WikiText-2 ppl
@@ -301,18 +301,7 @@ def ablation_lines(rows: list[dict], cfg: ReconstructionStudyConfig) -> list[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-
-    def go() -> None:
-        cfg = parse_config(ReconstructionStudyConfig, sys.argv[1:] if argv is None else argv)
-        rows, context = measure(cfg)
-        out = Path(cfg.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps({"context": context, "rows": rows}, indent=1) + "\n")
-        out.write_text(render(rows, context, cfg))
-        print(f"wrote {out}")
-
-    return run_cli(go)
+    return study_main(ReconstructionStudyConfig, measure, render, argv)
 
 
 if __name__ == "__main__":

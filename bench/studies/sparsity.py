@@ -22,11 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import EvaluatedStudyConfig, Evaluation, Rows, model_or_default, prune
+from bench.common import EvaluatedStudyConfig, Evaluation, Rows, model_or_default, prune, study_main
 from module.model.mlp import count_parameters
-from utils.cli import load_causal_lm, load_tokenizer, parse_config
-from utils.errors import run_cli
-from utils.report import setup_logging, versions
+from utils.cli import load_causal_lm, load_tokenizer
+from utils.report import versions
 
 
 @dataclass
@@ -166,18 +165,7 @@ def published_lines(rows: list[dict], published: dict, tolerance: float = 0.03) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-
-    def go() -> None:
-        cfg = parse_config(SparsityStudyConfig, sys.argv[1:] if argv is None else argv)
-        rows, context = measure(cfg)
-        out = Path(cfg.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps({"context": context, "rows": rows}, indent=1) + "\n")
-        out.write_text(render(rows, context, cfg))
-        print(f"wrote {out}")
-
-    return run_cli(go)
+    return study_main(SparsityStudyConfig, measure, render, argv)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ the same code and settings as prune.py's, and each pruned model is scored here l
 (WikiText-2 perplexity on the same windows). bench/studies/sparsity.py then sets our rows beside these.
 
     python -m venv --system-site-packages /tmp/refenv
-    /tmp/refenv/bin/pip install transformers==4.36.2 datasets==2.16.1 loguru
+    /tmp/refenv/bin/pip install transformers==4.36.2 datasets==2.16.1 loguru toml
     git clone https://github.com/locuslab/wanda /tmp/peer/wanda
     git clone https://github.com/IST-DASLab/sparsegpt /tmp/peer/sparsegpt
     git clone https://github.com/20250516aaa/D2Prune /tmp/peer/D2Prune && git -C /tmp/peer/D2Prune checkout b22c860

@@ -63,6 +63,11 @@ def build(cfg, run: Run, out: Path) -> None:
     if settings.skip_layers >= len(decoder_layers(shapes)):
         raise UserError(f"--dynamic probe never prunes the first {settings.skip_layers} layers; this model has "
                           f"{len(decoder_layers(shapes))}")  # fmt: skip
+    n_layers = len(decoder_layers(shapes))
+    if layer_ratio(n_layers, settings.ratio, settings.skip_layers) >= 1:
+        raise UserError(f"--pruning_ratio {settings.ratio:g} of all {n_layers} layers, taken from the "
+                        f"{n_layers - settings.skip_layers} it prunes, removes every unit of them; give a smaller "
+                        "ratio")  # fmt: skip
     history_needed = needs_history(settings)
     if history_needed:
         check_context(shapes, cfg.seq_len, "--seq_len", cfg.allow_long_context)
