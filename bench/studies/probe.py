@@ -39,8 +39,39 @@ from module.model.layout import head_counts, layout_of  # noqa: E402
 from module.model.mlp import count_parameters, find_mlps  # noqa: E402
 from module.prune.scores import run_scores  # noqa: E402
 from utils.cli import load_causal_lm, load_tokenizer, process_state  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 from utils.perplexity import local_rows, perplexity, text_windows  # noqa: E402
 from utils.report import versions  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way of choosing the kept units: a ProbeSettings variant, a metric, the prior, the parts."""
+
+    key: str
+    label: str
+    variant: str
+    metric: str = "ppsp"
+    prior: bool = False
+    parts: tuple[str, ...] = ("mlp",)
+    static: bool = False
+
+
+ARMS = [
+    Arm("pp", "PP (probe + history)", "probe"),
+    Arm("oracle", "full-batch probe (oracle)", "oracle"),
+    Arm("probe_only", "probe without history", "probe_only"),
+    Arm("pp_wanda_sp", "PP, wanda_sp metric", "probe", "wanda_sp"),
+    Arm("pp_flap", "PP, FLAP metric", "probe", "flap"),
+    Arm("pp_prior", "PP, entropy prior", "probe", prior=True),
+    Arm("static_ppsp", "static PPsp (history only)", "history", static=True),
+    Arm("static_wanda_sp", "static wanda_sp", "history", "wanda_sp", static=True),
+    Arm("static_flap", "static FLAP", "history", "flap", static=True),
+    Arm("static_entropy", "static entropy", "history", prior=True, static=True),
+    Arm("pp_heads", "PP, MLP + query heads", "probe", parts=("mlp", "heads")),
+    Arm("oracle_heads", "oracle, MLP + query heads", "oracle", parts=("mlp", "heads")),
+]
+BATCH_ARMS = ("pp",)  # also at the other batch sizes
 
 
 @dataclass
@@ -57,8 +88,18 @@ class ProbeStudyConfig(EvaluatedStudyConfig):
     prior_windows: int = field(default=32, metadata={"help": "Windows of the entropy prior's importance pass."})
     prior_seq_len: int = field(default=256, metadata={"help": "Tokens per prior window (the docs' protocol)."})
     seed: int = field(default=0, metadata={"help": "Calibration draw."})
+    arms: str = field(default=",".join(a.key for a in ARMS), metadata={"help": "The arms measured (the report "
+                                                                               "shows every measured row)."})
     render_only: bool = field(default=False, metadata={"help": "With --resume: the report from the rows so far."})
-    RUN_ONLY: ClassVar[tuple[str, ...]] = (*EvaluatedStudyConfig.RUN_ONLY, "render_only")
+    RUN_ONLY: ClassVar[tuple[str, ...]] = (*EvaluatedStudyConfig.RUN_ONLY, "render_only", "arms")
+
+    @property
+    def arm_list(self) -> list[Arm]:
+        keys = [k.strip() for k in self.arms.split(",") if k.strip()]
+        unknown = set(keys) - {a.key for a in ARMS}
+        if unknown:
+            raise UserError(f"--arms: unknown {sorted(unknown)}; known: {', '.join(a.key for a in ARMS)}")
+        return [a for a in ARMS if a.key in keys]
 
     @property
     def ratio_list(self) -> list[float]:
@@ -69,33 +110,6 @@ class ProbeStudyConfig(EvaluatedStudyConfig):
         return [int(b) for b in self.batch_sizes.split(",") if b.strip()]
 
 
-@dataclass(frozen=True)
-class Arm:
-    """One way of choosing the kept units: a ProbeSettings variant, a metric, the prior, the parts."""
-
-    label: str
-    variant: str
-    metric: str = "ppsp"
-    prior: bool = False
-    parts: tuple[str, ...] = ("mlp",)
-    static: bool = False
-
-
-ARMS = [
-    Arm("PP (probe + history)", "probe"),
-    Arm("full-batch probe (oracle)", "oracle"),
-    Arm("probe without history", "probe_only"),
-    Arm("PP, wanda_sp metric", "probe", "wanda_sp"),
-    Arm("PP, FLAP metric", "probe", "flap"),
-    Arm("PP, entropy prior", "probe", prior=True),
-    Arm("static PPsp (history only)", "history", static=True),
-    Arm("static wanda_sp", "history", "wanda_sp", static=True),
-    Arm("static FLAP", "history", "flap", static=True),
-    Arm("static entropy", "history", prior=True, static=True),
-    Arm("PP, MLP + query heads", "probe", parts=("mlp", "heads")),
-    Arm("oracle, MLP + query heads", "oracle", parts=("mlp", "heads")),
-]
-BATCH_ARMS = ("PP (probe + history)",)  # also at the other batch sizes
 
 
 def row_name(arm: Arm, ratio: float, batch: int) -> str:
@@ -129,8 +143,8 @@ def measure(cfg: ProbeStudyConfig) -> tuple[list[dict], dict]:
     dense = load_causal_lm(cfg.model, "dense", torch.float32).eval()
     dense.set_attn_implementation("sdpa")
     windows = text_windows(tokenizer, local_rows("wikitext2", cfg.data_dir), cfg.ppl_seq_len)[: cfg.ppl_windows]
-    wanted = [(arm, r, cfg.batch_list[0]) for r in cfg.ratio_list for arm in ARMS]
-    wanted += [(arm, r, b) for r in cfg.ratio_list for arm in ARMS if arm.label in BATCH_ARMS
+    wanted = [(arm, r, cfg.batch_list[0]) for r in cfg.ratio_list for arm in cfg.arm_list]
+    wanted += [(arm, r, b) for r in cfg.ratio_list for arm in cfg.arm_list if arm.key in BATCH_ARMS
                for b in cfg.batch_list[1:]]  # fmt: skip
     missing = [w for w in wanted if rows.get(row_name(*w)) is None]
     dense_rows = {b: rows.get(f"dense|b{b}") for b in cfg.batch_list}

@@ -64,7 +64,10 @@ class ReconstructionStudyConfig(EvaluatedStudyConfig):
     ablation: bool = field(default=True, metadata={"help": "The target and ridge ablation at 20%, seed 0."})
     render_only: bool = field(default=False, metadata={"help": "With --resume: write the report from the rows "
                                                                "measured so far, measuring nothing new."})  # fmt: skip
-    RUN_ONLY: ClassVar[tuple[str, ...]] = (*EvaluatedStudyConfig.RUN_ONLY, "render_only")
+    only: str = field(default="", metadata={"help": "Measure only the rows whose names start with one of these "
+                                                    "(comma list, e.g. mlp-entropy-0.3,layers); the report shows "
+                                                    "every row measured."})  # fmt: skip
+    RUN_ONLY: ClassVar[tuple[str, ...]] = (*EvaluatedStudyConfig.RUN_ONLY, "render_only", "only")
     c4_windows: int = field(default=32, metadata={"help": "Held-out C4 windows."})
     c4_seq_len: int = field(default=512, metadata={"help": "Tokens per held-out C4 window."})
     zero_shot: str = field(
@@ -83,6 +86,11 @@ class ReconstructionStudyConfig(EvaluatedStudyConfig):
             raise ValueError(f"--structures: valid are {', '.join(STRUCTURES)}")
         if self.zero_shot not in ("all", "main"):
             raise ValueError(f"--zero_shot {self.zero_shot!r} is not all or main")
+
+    def selected(self, name: str) -> bool:
+        """Whether --only lets this row be measured."""
+        prefixes = [p.strip() for p in self.only.split(",") if p.strip()]
+        return not prefixes or any(name.startswith(p) for p in prefixes)
 
 
 @dataclass(frozen=True)
@@ -173,7 +181,7 @@ def measure(cfg: ReconstructionStudyConfig) -> tuple[list[dict], dict]:
         model = load_causal_lm(cfg.model, "dense", torch.float32).eval()
         rows.add({"name": "dense", "params": count_parameters(model), "c4_ppl": c4(model), **evaluation(model)})
     for row in study_rows(cfg):
-        if rows.get(row.name) is not None or cfg.render_only:
+        if rows.get(row.name) is not None or cfg.render_only or not cfg.selected(row.name):
             continue
         out = rows.dir / "model"
         start = time.perf_counter()

@@ -36,7 +36,8 @@ class SparsityStudyConfig(EvaluatedStudyConfig):
     patterns: str = field(default="unstructured,2:4,4:8", metadata={"help": "Comma list of --sparsity_type."})
     methods: str = field(
         default="magnitude,wanda,sparsegpt,d2prune,entropy,entropy+sparsegpt",
-        metadata={"help": "Comma list of --sparsity_method; M+sparsegpt adds --sparsity_update sparsegpt."},
+        metadata={"help": "Comma list of --sparsity_method; M+sparsegpt adds --sparsity_update sparsegpt; "
+                          "entropy:FORM sets --entropy_form (sum, abs, fisher)."},
     )
     seeds: str = field(default="0,1", metadata={"help": "Calibration seeds."})
     sparsity: float = field(default=0.5, metadata={"help": "Share of the decoder linears' weights removed."})
@@ -63,10 +64,13 @@ class SparsityStudyConfig(EvaluatedStudyConfig):
 def run_one(cfg: SparsityStudyConfig, pattern: str, method: str, seed: int, out: Path) -> dict:
     calib = str(Path(cfg.data_dir) / cfg.calib_file)
     method, _, update = method.partition("+")
+    method, _, form = method.partition(":")
     args = ["--origin_path", cfg.model, "--sparsity", str(cfg.sparsity), "--sparsity_type", pattern,
             "--sparsity_method", method, "--sparsity_update", update or "none", "--seed", str(seed),
             "--calib_dataset", calib, "--calib_samples", str(cfg.calib_samples), "--seq_len", str(cfg.seq_len),
             "--output_dir", str(out), "--overwrite", "--no_progress"]  # fmt: skip
+    if form:
+        args += ["--entropy_form", form]
     start = time.perf_counter()
     prune(args)
     report = json.loads((out / "sparsity_report.json").read_text())
