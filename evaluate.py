@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from module.dynamic.folder import is_dynamic, load_dynamic, origin_of, read_config
+from module.dynamic.folder import is_dynamic, load_dynamic, origin_of
 from utils.cli import load_model, load_tokenizer, parse_config, resolve_device_dtype
 from utils.errors import run_cli
 from utils.lm_eval_tasks import check as check_tasks
@@ -60,10 +60,8 @@ def load(cfg: EvaluateConfig):
     """The model (dynamic: the origin with Probe Pruning attached), its tokenizer and the dynamic config (or None)."""
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
     if is_dynamic(cfg.model):
-        config = read_config(cfg.model)
-        tokenizer = load_tokenizer(origin_of(config), f"{cfg.model}: origin model")
         model, state, config = load_dynamic(cfg.model, device, dtype)
-        return model, tokenizer, config, state
+        return model, load_tokenizer(origin_of(config), f"{cfg.model}: origin model"), config, state
     return load_model(cfg.model, device, dtype).eval(), load_tokenizer(cfg.model, "--model"), None, None
 
 

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 from transformers.utils.logging import disable_progress_bar
 
-from dataset.calibration import load_documents
+from dataset.calibration import load_documents, sample_windows
 from utils.cli import (
+    check_context,
     check_weights,
     load_config,
     load_model,
@@ -71,6 +72,23 @@ class Run:
 
     def tokenizer(self):
         return load_tokenizer(self.cfg.origin_path, "model --origin_path", self.cfg.trust_remote_code)
+
+    def calibration(self, shapes: nn.Module, seq_len: int, needed: bool) -> tuple:
+        """Before the model loads, for a run that draws windows without a held-out set (weight sparsity, dynamic):
+        the window lengths checked on the weightless copy, the tokenizer, the seeded calibration windows (None
+        when not `needed`) and the --eval_text documents."""
+        cfg = self.cfg
+        if needed:
+            check_context(shapes, seq_len, "--seq_len", cfg.allow_long_context)
+        if cfg.eval_text:
+            check_context(shapes, cfg.eval_seq_len, "--eval_seq_len", cfg.allow_long_context)
+        tokenizer = self.tokenizer()
+        windows = None
+        if needed:
+            docs = load_documents(cfg.calib_dataset, cfg.calib_text_field)
+            windows = sample_windows(docs, tokenizer, cfg.calib_samples, seq_len, cfg.seed)
+            log.info("calibration: %d windows x %d tokens from %s", *windows.shape, cfg.calib_dataset)
+        return tokenizer, windows, self.eval_documents()
 
     def eval_documents(self) -> list[str] | None:
         """The --eval_text documents (None without --eval_text), read before the model loads."""

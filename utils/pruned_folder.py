@@ -44,18 +44,33 @@ def save_pruned(
 ) -> None:
     """Perplexity after (with --eval_text), then the model folder with `files` (safetensors), the report and
     whatever `extra` writes into the folder, atomically."""
+    perplexity_after(cfg, model, report, ppl_windows, ppl_before)
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name, tensors in files.items():
+            save_file(tensors, str(tmp / name))
+        write_json(tmp / report_name, report)
+        if extra is not None:
+            extra(tmp)
+
+    write_atomically(out, cfg.overwrite, fill)
+
+
+def perplexity_after(cfg, model, report: dict, ppl_windows, ppl_before) -> None:
+    """The perplexity before and after into `report` (nothing without --eval_text)."""
     if ppl_windows is not None:
         report["perplexity_before"] = ppl_before
         report["perplexity_after"] = perplexity(model, ppl_windows, cfg.batch_size, cfg.progress)
+
+
+def write_atomically(out: Path, overwrite: bool, fill: Callable[[Path], None]) -> None:
+    """The output folder as `fill` writes it into a staging folder, renamed into place once complete (an old
+    folder replaced only with `overwrite`); one line if someone else created `out` meanwhile."""
     try:
-        with atomic_dir(out, replace=cfg.overwrite) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            for name, tensors in files.items():
-                save_file(tensors, str(tmp / name))
-            write_json(tmp / report_name, report)
-            if extra is not None:
-                extra(tmp)
+        with atomic_dir(out, replace=overwrite) as tmp:
+            fill(tmp)
     except AppearedError:
         raise OutputError(f"{out} appeared while this run was writing it (not by HFPrune, which holds a claim); "
                           "it was left as it is and this run's result was not saved") from None  # fmt: skip

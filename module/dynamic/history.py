@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -51,9 +51,9 @@ class History:
     def load(cls, path: Path, device: torch.device | str = "cpu") -> History:
         from safetensors import safe_open
 
-        with safe_open(str(path), "pt") as f:
+        with safe_open(str(path), "pt", device=str(device)) as f:
             windows = int(f.metadata()["windows"])
-        tensors = load_file(str(path), device=str(device))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle is not iterable)
         energy = {k.removeprefix("energy."): v for k, v in tensors.items() if k.startswith("energy.")}
         mean = {k.removeprefix("mean."): v for k, v in tensors.items() if k.startswith("mean.")}
         return cls(energy, mean, windows)

@@ -6,12 +6,10 @@ and decoding speed against the dense model. No weight is removed: the folder poi
 from __future__ import annotations
 
 import copy
-import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from dataset.calibration import load_documents, sample_windows
 from module.dynamic.folder import write_folder
 from module.dynamic.history import calibrate
 from module.dynamic.probe import layer_ratio
@@ -20,16 +18,11 @@ from module.model.layout import layout_of
 from module.model.mlp import decoder_layers, find_mlps
 from module.prune.scores import run_scores
 from module.run import Run, begin_run
-from module.speed import ratios, speed_of
-from utils.atomic import AppearedError, atomic_dir
-from utils.cli import check_context
+from module.speed import speed_against, speed_of
 from utils.errors import UserError
-from utils.outputs import OutputError
-from utils.perplexity import perplexity
-from utils.pruned_folder import perplexity_before, perplexity_text
+from utils.pruned_folder import perplexity_after, perplexity_before, perplexity_text, write_atomically
 from utils.report import write_json
 
-log = logging.getLogger("hfprune")
 REPORT = "dynamic_report.json"
 PART_NAMES = {"mlp": "MLP neurons", "heads": "query heads"}
 
@@ -60,29 +53,18 @@ def build(cfg, run: Run, out: Path) -> None:
     settings = settings_of(cfg)
     shapes = run.shapes()
     layout_of(shapes, "dynamic", "--dynamic probe")  # a family without a mapping stops here, before any loading
-    if settings.skip_layers >= len(decoder_layers(shapes)):
-        raise UserError(f"--dynamic probe never prunes the first {settings.skip_layers} layers; this model has "
-                          f"{len(decoder_layers(shapes))}")  # fmt: skip
     n_layers = len(decoder_layers(shapes))
+    if settings.skip_layers >= n_layers:
+        raise UserError(f"--dynamic probe never prunes the first {settings.skip_layers} layers; this model has "
+                        f"{n_layers}")  # fmt: skip
     if layer_ratio(n_layers, settings.ratio, settings.skip_layers) >= 1:
         raise UserError(f"--pruning_ratio {settings.ratio:g} of all {n_layers} layers, taken from the "
                         f"{n_layers - settings.skip_layers} it prunes, removes every unit of them; give a smaller "
                         "ratio")  # fmt: skip
-    history_needed = needs_history(settings)
-    if history_needed:
-        check_context(shapes, cfg.seq_len, "--seq_len", cfg.allow_long_context)
-    if cfg.eval_text:
-        check_context(shapes, cfg.eval_seq_len, "--eval_seq_len", cfg.allow_long_context)
-    tokenizer = run.tokenizer()
-    windows = None
-    if history_needed:
-        docs = load_documents(cfg.calib_dataset, cfg.calib_text_field)
-        windows = sample_windows(docs, tokenizer, cfg.calib_samples, cfg.seq_len, cfg.seed)
-        log.info("calibration: %d windows x %d tokens from %s", *windows.shape, cfg.calib_dataset)
-    eval_docs = run.eval_documents()
+    tokenizer, windows, eval_docs = run.calibration(shapes, cfg.seq_len, needs_history(settings))
     model = run.load_model()
     report = {**run.report(model), "dynamic": "probe", "probe_settings": asdict(settings),
-              "layer_ratio": layer_ratio(len(decoder_layers(model)), settings.ratio, settings.skip_layers)}  # fmt: skip
+              "layer_ratio": layer_ratio(n_layers, settings.ratio, settings.skip_layers)}  # fmt: skip
     ppl_windows, ppl_before = perplexity_before(cfg, model, tokenizer, eval_docs)
     dense_speed = speed_of(model) if cfg.measure_speed else None
     start = time.perf_counter()
@@ -96,22 +78,18 @@ def build(cfg, run: Run, out: Path) -> None:
                                     run.state)  # fmt: skip
         prior, report["prior_importance"] = scores, imp
     attach(model, settings, history, prior)
-    if ppl_windows is not None:
-        report["perplexity_before"] = ppl_before
-        report["perplexity_after"] = perplexity(model, ppl_windows, cfg.batch_size, cfg.progress)
+    perplexity_after(cfg, model, report, ppl_windows, ppl_before)
     if dense_speed is not None:
-        measured = speed_of(model)
-        report["dense_speed"], report["speed"] = dense_speed, {"pruned": measured, **ratios(dense_speed, measured)}
+        report["dense_speed"], report["speed"] = dense_speed, speed_against(dense_speed, model)
     report["total_seconds"] = run.seconds()
     calibration = {"dataset": cfg.calib_dataset, "windows": 0 if windows is None else len(windows),
                    "seq_len": cfg.seq_len, "seed": cfg.seed}  # fmt: skip
-    try:
-        with atomic_dir(out, replace=cfg.overwrite) as tmp:
-            write_folder(tmp, settings, history, cfg.origin_path, model, calibration, prior)
-            write_json(tmp / REPORT, report)
-    except AppearedError:
-        raise OutputError(f"{out} appeared while this run was writing it; it was left as it is and this run's "
-                          "result was not saved") from None  # fmt: skip
+
+    def fill(tmp: Path) -> None:
+        write_folder(tmp, settings, history, cfg.origin_path, model, calibration, prior)
+        write_json(tmp / REPORT, report)
+
+    write_atomically(out, cfg.overwrite, fill)
     print(f"{out}: Probe Pruning ({settings_text(settings)}) of {cfg.origin_path}" + perplexity_text(report),
           flush=True)
 

@@ -100,8 +100,6 @@ class Reconstructor:
         self.store = store
         self.report = {"consumers_refit": 0, "layer_maps": 0, "leading_removed_layers": 0}
 
-
-
     # -- one stage: targets and pruned inputs, then the refit -------------------------------------------------
     def _after_write(self, path: str) -> str | None:
         """Where the residual stream right after a writer's addition can be read: the input of the norm that
@@ -129,7 +127,8 @@ class Reconstructor:
             handles += _capture([submodule(pruned_layer, after)], pa_slot, stop_p)
         elif not writer:
             handles += _capture(d_mods[:1], d_slot, stop_d)
-        sliced = [self._sliced(dm, c) for c, dm in zip(consumers, d_mods)]
+        outputs = [self._kept_rows(dm, c) for c, dm in zip(consumers, d_mods)]  # what each consumer should give
+        sliced = [w if c.cols is None else w[:, c.cols.to(w.device)] for c, w in zip(consumers, outputs)]
         stats = [PairStats.zeros(w.shape[0], w.shape[1], w.device, gram=self.mode == "ls", dtype=self.acc)
                  for w in sliced]  # fmt: skip
         ref_stream = self.x_d if self.target == "dense" else self.x_p
@@ -139,15 +138,13 @@ class Reconstructor:
                 out_d = _run(dense_layer, xr, self.kw_d[len(xr)][i])  # on the dense stream, or on the pruned one
                 out_p = _run(pruned_layer, xp, self.kw_p[len(xp)][j])
                 x_p = p_slot[0]
-                for c, dm, w_s, st in zip(consumers, d_mods, sliced, stats):
+                for w, w_s, st in zip(outputs, sliced, stats):
                     if writer:
                         after_d = da_slot[0] if after is not None else out_d
                         after_p = pa_slot[0] if after is not None else out_p
                         after_d = after_d if hidden is None else after_d[..., hidden.to(after_d.device)]
                         y = x_p.to(w_s.dtype) @ w_s.t() + (after_d - after_p).to(w_s.dtype)
                     else:
-                        w = weight_out_in(dm).detach()
-                        w = w if c.rows is None else w[c.rows.to(w.device)]
                         y = d_slot[0].to(w.dtype) @ w.t()
                     st.add(y, x_p)
         finally:
@@ -160,11 +157,12 @@ class Reconstructor:
                 pm.bias.data += mean_shift(w_s, st).to(pm.bias.dtype)
             self.report["consumers_refit"] += 1
 
-    def _sliced(self, dense_module: nn.Module, c: Consumer) -> torch.Tensor:
-        """The plain slice W[rows][:, cols] of a consumer's dense weight, [out', in'] in the model's dtype."""
+    @staticmethod
+    def _kept_rows(dense_module: nn.Module, c: Consumer) -> torch.Tensor:
+        """A consumer's dense weight at its kept output rows, [out', in] in the model's dtype (its plain slice
+        W_s takes the kept columns of this)."""
         w = weight_out_in(dense_module).detach()
-        w = w if c.rows is None else w[c.rows.to(w.device)]
-        return w if c.cols is None else w[:, c.cols.to(w.device)]
+        return w if c.rows is None else w[c.rows.to(w.device)]
 
     # -- removed layers: one map folded into the layer before --------------------------------------------
     def _layer_map(self, i: int, j: int, run: list[int]) -> None:

@@ -8,7 +8,6 @@ and `sparsity_report.json` (achieved sparsity per linear layer and in total).
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from pathlib import Path
@@ -18,17 +17,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from dataset.calibration import load_documents, sample_windows
 from module.model.layout import StructureError, layout_of
 from module.model.mlp import count_parameters, decoder_layers
 from module.run import Run, begin_run
 from module.sparse.layerwise import linears_of, run_layerwise
 from module.sparse.masks import DualTaylor, Pattern, d2_value_scores, mask_from_scores, sparsegpt, wanda_scores
 from module.sparse.weight_taylor import entropy_weight_scores
-from utils.cli import check_context
 from utils.pruned_folder import perplexity_before, perplexity_text, save_pruned
-
-log = logging.getLogger("hfprune")
 
 
 def check_pattern(model: nn.Module, pattern: Pattern) -> None:
@@ -142,17 +137,7 @@ def sparsify(cfg, run: Run, out: Path) -> None:
     check_pattern(shapes, pattern)
     seq_len = cfg.seq_len or min(getattr(shapes.config, "max_position_embeddings", 2048) or 2048, 2048)
     needs_data = cfg.sparsity_method != "magnitude" or cfg.sparsity_update != "none"
-    if needs_data:
-        check_context(shapes, seq_len, "--seq_len", cfg.allow_long_context)
-    if cfg.eval_text:
-        check_context(shapes, cfg.eval_seq_len, "--eval_seq_len", cfg.allow_long_context)
-    tokenizer = run.tokenizer()
-    windows = None
-    if needs_data:
-        docs = load_documents(cfg.calib_dataset, cfg.calib_text_field)
-        windows = sample_windows(docs, tokenizer, cfg.calib_samples, seq_len, cfg.seed)
-        log.info("calibration: %d windows x %d tokens from %s", *windows.shape, cfg.calib_dataset)
-    eval_docs = run.eval_documents()
+    tokenizer, windows, eval_docs = run.calibration(shapes, seq_len, needs_data)
     model = run.load_model()
     report = {**run.report(model), "seq_len": seq_len, "calib_windows": 0 if windows is None else len(windows)}
     ppl_windows, ppl_before = perplexity_before(cfg, model, tokenizer, eval_docs)
