@@ -245,6 +245,16 @@ def test_recovery_study_runs_and_resumes_on_a_tiny_model(tmp_path, tiny_long_lla
         "dense", "pruned", "full:ce", "lora:distill", "full:ce@1"]  # fmt: skip
     # ... and only those: other settings (another seed) find nothing to reuse
     assert recovery.main([*fresh, "--seed", "1", "--measured_only"]) == 2
+    # the same arm from a reconstructed model: its own rows and files beside its own --out, the same kept widths
+    refit = tmp_path / "RECOVERY_LS.md"
+    argv[argv.index("--out") + 1] = str(refit)
+    assert recovery.main([*argv, "--arms", "full:ce", "--reconstruct", "ls", "--reconstruct_samples", "8"]) == 0
+    refit_rows = {r["name"]: r for r in json.loads(refit.with_name("recovery_ls.json").read_text())["rows"]}
+    assert refit_rows["pruned"]["params"] == rows[1]["params"] and refit_rows["pruned"]["ppl"] != rows[1]["ppl"]
+    assert refit_rows["dense"]["ppl"] == rows[0]["ppl"] and refit.with_name("recovery_ls.png").exists()
+    assert "`--reconstruct ls` on 8 windows" in refit.read_text()
+    untouched = json.loads(out.with_name("recovery.json").read_text())["rows"]
+    assert [r["name"] for r in untouched][:2] == ["dense", "pruned"] and untouched[1]["ppl"] == rows[1]["ppl"]
 
 
 class StepsRun(TrainerCallback):

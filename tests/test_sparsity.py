@@ -317,21 +317,39 @@ def test_sparsity_study_on_a_tiny_model_sets_our_rows_beside_the_published_ones(
                                               {"name": "2:4/magnitude/s0", "ppl": magnitude_ppl / 1.05},
                                               {"name": "2:4/magnitude/s0/ours-batch4", "ppl": magnitude_ppl * 0.94},
                                               {"name": "4:8/wanda/s0", "ppl": 10.0}]}  # fmt: skip
+    # a second file calibrated on other windows (8 x 64): compared with its eager row, whose layer-0 masks differ
+    # from the published ones in 3 positions of q_proj, all weights the published code removes beyond ours, and a
+    # batch4 row: q_proj 1 position the published code keeps beyond ours, k_proj 5 = 1 removed beyond + 2 pairs
+    eager_masks = {"self_attn.q_proj": {"differ": 0.03, "differ_positions": 3, "published_keeps_more": -3},
+                   "self_attn.k_proj": {"differ": 0.0, "differ_positions": 0, "published_keeps_more": 0}}
+    batch_masks = {"self_attn.q_proj": {"differ": 0.01, "differ_positions": 1, "published_keeps_more": 1},
+                   "self_attn.k_proj": {"differ": 0.05, "differ_positions": 5, "published_keeps_more": -1}}
+    longer = {"about": "longer windows", "calibration": {"file": "c4/c4_validation_2k.jsonl", "samples": 8,
+                                                         "seq_len": 64},
+              "rows": [{"name": "2:4/wanda/s0", "method": "wanda", "ppl": 20.0},
+                       {"name": "2:4/wanda/s0/ours-eager", "ppl": 20.2, "layer0_mask_differs": eager_masks},
+                       {"name": "2:4/wanda/s0/ours-batch4", "ppl": 21.0, "layer0_mask_differs": batch_masks}]}
     (tmp_path / "published.json").write_text(json.dumps(published))
+    (tmp_path / "longer.json").write_text(json.dumps(longer))
     out = tmp_path / "SPARSITY.md"
-    argv[-1] = str(tmp_path / "published.json")
+    argv[-1] = f"{tmp_path / 'published.json'},{tmp_path / 'longer.json'}"
     assert sparsity.main([*argv, "--out", str(out), "--resume"]) == 0
     text = out.read_text()
     published_ppl, eager_ppl = wanda_ppl / 1.04, wanda_ppl / 1.04 * 1.01
     assert (
-        f"| 2:4/wanda/s0 | {published_ppl:.2f} | {wanda_ppl:.2f} | +4.0% | eager {eager_ppl:.2f} (+1.0%) | 3.0% |"
-        in text
+        f"| 2:4/wanda/s0 | 4 x 32 | {published_ppl:.2f} | the table's {wanda_ppl:.2f} | +4.0% | "
+        f"eager {eager_ppl:.2f} (+1.0%) | 3.0% |  |" in text
     )
     assert "| +5.0% | batch4 " in text and "(-1.3%) | 6.4% |" in text
-    assert "| 4:8/wanda/s0 | 10.00 | not yet |  | not yet |  |" in text
+    assert "| 4:8/wanda/s0 | 4 x 32 | 10.00 | not yet |  | not yet |  |  |" in text
+    # the longer windows: eager 20.2 vs 20.0 = +1.0%, batch4 21.0 = +5.0%, spread 21.0 / 20.2 - 1 = 4.0%
+    assert ("| 2:4/wanda/s0 (8 x 64) | 8 x 64 | 20.00 | eager 20.20 | +1.0% | batch4 21.00 (+5.0%) | 4.0% | "
+            "eager: 3 differ (published removes 3 more); most in q_proj (3.000%); identical: k_proj; "
+            "batch4: 6 differ (published removes 1 more, keeps 1 more, 2 pairs swapped); most in k_proj (5.000%) |"
+            ) in text  # fmt: skip
     # wanda's 4.0% is beyond its spread of 3.0%, magnitude's 5.0% within its 6.4%
     assert "outside 3%: 2:4/wanda/s0, 2:4/magnitude/s0; of these, 2:4/magnitude/s0 differ from" in text
-    assert "/ours-eager |" not in text
+    assert "/ours-eager |" not in text and "How (wanda): longer windows" in text
 
 
 def test_the_published_comparison_prunes_like_prune_py(tmp_path, tiny_llama_dir):

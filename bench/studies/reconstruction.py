@@ -67,7 +67,10 @@ class ReconstructionStudyConfig(EvaluatedStudyConfig):
     only: str = field(default="", metadata={"help": "Measure only the rows whose names start with one of these "
                                                     "(comma list, e.g. mlp-entropy-0.3,layers); the report shows "
                                                     "every row measured."})  # fmt: skip
-    RUN_ONLY: ClassVar[tuple[str, ...]] = (*EvaluatedStudyConfig.RUN_ONLY, "render_only", "only")
+    # what only selects rows (each row's name says its part, criterion, ratio and mode) changes no measured row;
+    # the seeds do: the held-out C4 windows avoid every seed's calibration draw
+    RUN_ONLY: ClassVar[tuple[str, ...]] = (*EvaluatedStudyConfig.RUN_ONLY, "render_only", "only", "ratios", "criteria",
+                                           "modes", "structures", "mix", "ablation")  # fmt: skip
     c4_windows: int = field(default=32, metadata={"help": "Held-out C4 windows."})
     c4_seq_len: int = field(default=512, metadata={"help": "Tokens per held-out C4 window."})
     zero_shot: str = field(
@@ -151,7 +154,7 @@ def study_rows(cfg: ReconstructionStudyConfig) -> list[Row]:
     if cfg.ablation and 0.2 in cfg.ratio_list and cfg.seed_list:
         seed = cfg.seed_list[0]
         rows += [Row("mlp", "entropy", 0.2, "ls", seed, target, damp)
-                 for target, damp in (("dense", 0.01), ("own", 0.1), ("own", 0.01))]  # fmt: skip
+                 for target, damp in (("dense", 0.01), ("dense", 0.3), ("dense", 1.0), ("own", 0.1), ("own", 0.01))]
     return rows
 
 

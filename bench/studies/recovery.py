@@ -3,6 +3,8 @@ distillation from the dense model (KL), and with both, by LoRA and by full fine-
 
     python bench/studies/recovery.py --resume        # -> docs/RECOVERY.md, recovery.png, recovery.json (hours, CPU)
     python bench/studies/recovery.py --train_tokens 8192 --limit 5 --out /tmp/rec/RECOVERY.md   # a quick look
+    python bench/studies/recovery.py --reconstruct ls --arms lora:ce --out docs/RECOVERY_LS.md --resume
+        # the same arm from a reconstructed model (--reconstruct ls): does its advantage survive recovery?
 
 SmolLM2-135M-Instruct is pruned by prune.py (20% of all parameters from the MLP neurons, entropy, C4
 calibration) once; every arm then trains the pruned model through fintune_{lora,full}.py's code path on
@@ -67,7 +69,7 @@ class Arm:
 
 @dataclass
 class RecoveryConfig(EvaluatedStudyConfig):
-    out: str = field(default="docs/RECOVERY.md", metadata={"help": "The report; recovery.png/.json go beside."})
+    out: str = field(default="docs/RECOVERY.md", metadata={"help": "The report; its lower-case .png/.json beside."})
     work_dir: str = field(default="out/recovery", metadata={"help": "Rows measured so far, pruned/trained models."})
     limit: int = field(default=200, metadata={"help": "Items per zero-shot task (the first N of each)."})
     ratio: float = field(default=0.2, metadata={"help": "Share of all parameters pruned (MLP neurons, entropy)."})
@@ -92,6 +94,10 @@ class RecoveryConfig(EvaluatedStudyConfig):
     temperature: float = field(default=1.0, metadata={"help": "Distillation temperature."})
     save_steps: int = field(default=10, metadata={"help": "Checkpoint interval: an interrupted arm resumes from it."})
     seed: int = field(default=0, metadata={"help": "Calibration and training seed."})
+    reconstruct: str = field(default="none", metadata={"help": "prune.py --reconstruct of the pruned model."})
+    reconstruct_samples: int = field(
+        default=128, metadata={"help": "--reconstruct_samples (refit windows, same draw) when --reconstruct is set."}
+    )
     measured_only: bool = field(
         default=False, metadata={"help": "Write the report from the rows measured so far, measuring nothing more."}
     )
@@ -106,21 +112,29 @@ class RecoveryConfig(EvaluatedStudyConfig):
     @property
     def rows_json(self) -> Path:
         """The report's JSON beside --out: every measured row, committed, and read back by --resume."""
-        return Path(self.out).with_name("recovery.json")
+        return self.beside(".json")
+
+    def beside(self, suffix: str) -> Path:
+        """A file next to --out named by its stem in lower case (docs/RECOVERY.md: docs/recovery.json)."""
+        return Path(self.out).with_name(Path(self.out).stem.lower() + suffix)
 
     def settings(self) -> dict:
         """As the base's, without the arms and the checkpoint interval: adding an arm with --resume keeps the
-        rows measured so far."""
-        return {k: v for k, v in super().settings().items() if k not in ("arms", "save_steps", "measured_only")}
+        rows measured so far (and without the refit's settings when there is none: the rows before it existed)."""
+        dropped = ("arms", "save_steps", "measured_only") + (
+            ("reconstruct", "reconstruct_samples") if self.reconstruct == "none" else ())
+        return {k: v for k, v in super().settings().items() if k not in dropped}
 
 
 def prune_once(cfg: RecoveryConfig, work: Path) -> Path:
     out = work / "pruned"
     if not (out / "prune_report.json").is_file():
+        refit = [] if cfg.reconstruct == "none" else ["--reconstruct", cfg.reconstruct, "--reconstruct_samples",
+                                                      str(cfg.reconstruct_samples)]  # fmt: skip
         prune(["--origin_path", cfg.model, "--pruning_ratio", str(cfg.ratio), "--calib_dataset",
                str(Path(cfg.data_dir) / cfg.calib_file), "--calib_samples", str(cfg.calib_samples), "--seq_len",
                str(cfg.seq_len), "--seed", str(cfg.seed), "--output_dir", str(out), "--overwrite", "--importance_cache",
-               str(work / "cache"), "--no_progress"])  # fmt: skip
+               str(work / "cache"), "--no_progress", *refit])  # fmt: skip
     return out
 
 
@@ -236,7 +250,9 @@ def report(rows: list[dict], context: dict, cfg: RecoveryConfig) -> str:
         "is edited by hand.",
         "",
         f"- Pruned: `prune.py --pruning_ratio {cfg.ratio}` (MLP neurons, entropy, {cfg.calib_samples} x "
-        f"{cfg.seq_len} tokens of `{cfg.calib_file}`, seed {cfg.seed}).",
+        f"{cfg.seq_len} tokens of `{cfg.calib_file}`, seed {cfg.seed}"
+        + (f"; `--reconstruct {cfg.reconstruct}` on {cfg.reconstruct_samples} windows" if cfg.reconstruct != "none"
+           else "") + ").",
         f"- Budget, the same for every arm: {cfg.steps} optimizer steps x {cfg.gradient_accumulation_steps} packed "
         f"LaMini rows x {cfg.pack_length} tokens = {cfg.steps * cfg.gradient_accumulation_steps * cfg.pack_length} "
         f"training tokens; {seeds}; fp32 on CPU; lr {cfg.lr_full:g} (full) / {cfg.lr_lora:g} "
@@ -373,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - start
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        plot(rows.rows, out.with_name("recovery.png"))
+        plot(rows.rows, cfg.beside(".png"))
         cfg.rows_json.write_text(json.dumps({"context": context, "rows": rows.every()}, indent=1))
         out.write_text(report(rows.rows, context, cfg))
         print(f"wrote {out} ({seconds / 60:.1f} min)")

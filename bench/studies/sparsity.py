@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+# docs/ files written by bench/studies/sparsity_published.py
+PUBLISHED = ("sparsity_published.json", "d2prune_published_512.json", "d2prune_published_2048.json")
 sys.path.insert(0, str(ROOT))
 
 from bench.common import EvaluatedStudyConfig, Evaluation, Rows, model_or_default, prune, study_main
@@ -45,8 +47,8 @@ class SparsityStudyConfig(EvaluatedStudyConfig):
     calib_samples: int = field(default=128, metadata={"help": "Calibration windows (Wanda's 128)."})
     seq_len: int = field(default=512, metadata={"help": "Tokens per calibration window (Wanda: 2048; CPU: 512)."})
     published: str = field(
-        default=str(ROOT / "docs" / "sparsity_published.json"),
-        metadata={"help": "The published code's rows (bench/studies/sparsity_published.py; '' = none)."},
+        default=",".join(str(ROOT / "docs" / name) for name in PUBLISHED),
+        metadata={"help": "Comma list of the published code's rows (bench/studies/sparsity_published.py; '' = none)."},
     )
 
     def __post_init__(self) -> None:
@@ -123,40 +125,57 @@ def render(rows: list[dict], context: dict, cfg: SparsityStudyConfig) -> str:
             cells.append(" / ".join(f"{p:.1f}" for p in ppl) or "not yet")
         lines.append(f"| {pattern} | " + " | ".join(cells) + " |")
     lines += ["", "WikiText-2 perplexity, one value per calibration seed (lower is better)."]
-    if cfg.published and Path(cfg.published).is_file():
-        lines += published_lines(rows, json.loads(Path(cfg.published).read_text()))
+    published = [json.loads(Path(f).read_text()) for f in cfg.published.split(",") if f and Path(f).is_file()]
+    if published:
+        lines += published_lines(rows, published, cfg)
     return "\n".join(lines) + "\n"
 
 
 VARIANT = "/ours-"  # a published-comparison row NAME/ours-VARIANT: our pruning again under a rounding-level change
 
 
-def published_lines(rows: list[dict], published: dict, tolerance: float = 0.03) -> list[str]:
-    """Our rows beside the published implementations' on the same windows: the relative difference, and how far
-    our own perplexity moves under rounding-level changes (published rows NAME/ours-VARIANT, same windows)."""
+def published_lines(rows: list[dict], published: list[dict], cfg: SparsityStudyConfig,
+                    tolerance: float = 0.03) -> list[str]:  # fmt: skip
+    """Our rows beside the published implementations' on the same windows: the relative difference, how far our
+    own perplexity moves under rounding-level changes (published rows NAME/ours-VARIANT, same windows), and how
+    layer 0's masks compare. A published file calibrated on other windows than this study's table is compared
+    with its first NAME/ours-VARIANT row instead of the table's."""
     ours = {r["name"]: r for r in rows}
-    theirs = {r["name"]: r for r in published["rows"] if VARIANT not in r["name"]}
-    variants = [r for r in published["rows"] if VARIANT in r["name"]]
     lines = ["", "## Against the published code", "",
-             "| run | published | ours (the table's) | ours / published - 1 | ours, rounding-level changes "
-             "(/ published - 1) | spread of ours (max / min - 1) |", "|---|---|---|---|---|---|"]  # fmt: skip
+             "| run | calibration | published | ours | ours / published - 1 | ours, rounding-level changes "
+             "(/ published - 1) | spread of ours (max / min - 1) | layer 0's masks (ours - published) |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     outside, inside_spread = [], []
-    for name, row in theirs.items():
-        mine = ours.get(name)
-        alike = [(r["name"].rsplit(VARIANT, 1)[1], r["ppl"]) for r in variants if r["name"].startswith(f"{name}/")]
-        changed = ", ".join(f"{v} {ppl:.2f} ({ppl / row['ppl'] - 1:+.1%})" for v, ppl in alike) or "not yet"
-        if mine is None:
-            lines.append(f"| {name} | {row['ppl']:.2f} | not yet |  | {changed} |  |")
-            continue
-        difference = mine["ppl"] / row["ppl"] - 1
-        ppls = [mine["ppl"], *(ppl for _, ppl in alike)]
-        spread = max(ppls) / min(ppls) - 1
-        if abs(difference) > tolerance:
-            outside.append(name)
-            if alike and abs(difference) <= spread:
-                inside_spread.append(name)
-        lines.append(f"| {name} | {row['ppl']:.2f} | {mine['ppl']:.2f} | {difference:+.1%} | {changed} | "
-                     f"{f'{spread:.1%}' if alike else ''} |")  # fmt: skip
+    for source in published:
+        calibration = source.get("calibration") or {"file": cfg.calib_file, "samples": cfg.calib_samples,
+                                                    "seq_len": cfg.seq_len}  # fmt: skip
+        windows = (calibration["file"], calibration["samples"], calibration["seq_len"])
+        same = windows == (cfg.calib_file, cfg.calib_samples, cfg.seq_len)
+        shape = f"{calibration['samples']} x {calibration['seq_len']}"
+        theirs = {r["name"]: r for r in source["rows"] if VARIANT not in r["name"]}
+        variants = [r for r in source["rows"] if VARIANT in r["name"]]
+        for name, row in theirs.items():
+            alike = [(r["name"].rsplit(VARIANT, 1)[1], r) for r in variants if r["name"].startswith(f"{name}/")]
+            label = name if same else f"{name} ({shape})"
+            if same:
+                mine, shown = ours.get(name), "the table's"
+            else:
+                (shown, mine), alike = (alike[0], alike[1:]) if alike else ((None, None), alike)
+            changed = ", ".join(f"{v} {r['ppl']:.2f} ({r['ppl'] / row['ppl'] - 1:+.1%})" for v, r in alike)
+            masks = mask_summary([(shown, mine), *alike] if not same else alike)
+            if mine is None:
+                lines.append(f"| {label} | {shape} | {row['ppl']:.2f} | not yet |  | {changed or 'not yet'} |  | "
+                             f"{masks} |")  # fmt: skip
+                continue
+            difference = mine["ppl"] / row["ppl"] - 1
+            ppls = [mine["ppl"], *(r["ppl"] for _, r in alike)]
+            spread = max(ppls) / min(ppls) - 1
+            if abs(difference) > tolerance:
+                outside.append(label)
+                if alike and abs(difference) <= spread:
+                    inside_spread.append(label)
+            lines.append(f"| {label} | {shape} | {row['ppl']:.2f} | {shown} {mine['ppl']:.2f} | {difference:+.1%} | "
+                         f"{changed or 'not yet'} | {f'{spread:.1%}' if alike else ''} | {masks} |")  # fmt: skip
     if not outside:
         verdict = f"every compared run within {tolerance:.0%}."
     else:
@@ -165,7 +184,34 @@ def published_lines(rows: list[dict], published: dict, tolerance: float = 0.03) 
             verdict += (f"; of these, {', '.join(inside_spread)} differ from the published code by no more than our "
                         "own runs differ from each other under rounding-level changes")  # fmt: skip
         verdict += "."
-    return lines + ["", f"WikiText-2 perplexity on the same windows; {verdict}", "", f"How: {published['about']}"]
+    how = [f"How ({', '.join(sorted({r['method'] for r in s['rows'] if 'method' in r}))}): {s['about']}"
+           for s in published]  # fmt: skip
+    return lines + ["", f"WikiText-2 perplexity on the same windows; {verdict}", "", *how]
+
+
+def mask_summary(runs: list[tuple[str | None, dict | None]]) -> str:
+    """Layer 0's masks of our runs against the published one: how many positions differ, split into the count
+    difference (weights the published code removes or keeps beyond ours) and kept/removed pairs swapped; the
+    linear layer with the largest share, and those that are identical."""
+    cells = []
+    for variant, row in runs:
+        per_linear = (row or {}).get("layer0_mask_differs")
+        if not per_linear or any("differ_positions" not in d for d in per_linear.values()):
+            continue
+        differ = sum(d["differ_positions"] for d in per_linear.values())
+        if differ == 0:
+            cells.append(f"{variant}: identical")
+            continue
+        removes = sum(max(0, -d["published_keeps_more"]) for d in per_linear.values())
+        keeps = sum(max(0, d["published_keeps_more"]) for d in per_linear.values())
+        pairs = (differ - removes - keeps) // 2
+        parts = [f"published removes {removes} more"] * bool(removes) + [f"keeps {keeps} more"] * bool(keeps)
+        parts += [f"{pairs} pairs swapped"] * bool(pairs)
+        worst = max(per_linear, key=lambda k: per_linear[k]["differ"])
+        same = [name.rsplit(".", 1)[-1] for name, d in per_linear.items() if d["differ_positions"] == 0]
+        cells.append(f"{variant}: {differ} differ ({', '.join(parts)}); most in {worst.rsplit('.', 1)[-1]} "
+                     f"({per_linear[worst]['differ']:.3%})" + (f"; identical: {', '.join(same)}" if same else ""))
+    return "; ".join(cells)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -142,9 +142,11 @@ def layer0_masks(model) -> dict[str, torch.Tensor]:
 
 
 def mask_differences(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> dict[str, dict]:
-    """Per linear of layer 0: the share of positions whose removed/kept state differs, and how many more weights
-    the published code keeps (its block threshold keeps ties, `tmp <= thresh`)."""
+    """Per linear of layer 0: how many positions' removed/kept state differs (and their share), and how many more
+    weights the published code keeps than ours (negative: removes; the released D2Prune's block threshold
+    `tmp <= thresh` at sorted index int(n * sparsity) removes one more weight per 128-column block)."""
     return {name: {"differ": float((ours[name] != theirs[name]).float().mean()),
+                   "differ_positions": int((ours[name] != theirs[name]).sum()),
                    "published_keeps_more": int(ours[name].sum() - theirs[name].sum())} for name in ours}  # fmt: skip
 
 
@@ -160,7 +162,11 @@ def measure(cfg: PublishedConfig) -> dict:
                 **evaluation(model)}  # fmt: skip
 
     docs = load_documents(str(Path(cfg.data_dir) / cfg.calib_file))
-    published_masks: dict[str, dict[str, torch.Tensor]] = {}  # layer 0's removed weights of each published model
+
+    def masks_file(name: str) -> Path:
+        """Layer 0's removed weights of a published model, kept beside its row so a resumed run compares too."""
+        return rows.dir / f"layer0-{name.replace('/', '-').replace(':', 'of')}.pt"
+
     for seed in cfg.seed_list:
         windows_path = rows.dir / f"windows-s{seed}.pt"
         windows = sample_windows(docs, tokenizer, cfg.calib_samples, cfg.seq_len, seed)
@@ -180,7 +186,7 @@ def measure(cfg: PublishedConfig) -> dict:
                     raise RuntimeError(f"{' '.join(args)} failed:\n{res.stderr[-3000:]}")
                 run = json.loads((out / "published_run.json").read_text())
                 model = load_causal_lm(str(out), name, torch.float32)
-                published_masks[name] = layer0_masks(model)
+                torch.save(layer0_masks(model), masks_file(name))
                 rows.add({"name": name, "pattern": pattern, "method": method, "seed": seed,  # timed before scoring
                           "prune_seconds": run["prune_seconds"], "run_seconds": time.perf_counter() - start,
                           **scored(model)})  # fmt: skip
@@ -190,8 +196,8 @@ def measure(cfg: PublishedConfig) -> dict:
                 name = f"{pattern}/{method}/s{seed}{VARIANT}{variant}"
                 if rows.get(name) is None:
                     model, seconds = prune_variant(cfg.model, windows, method, pattern, cfg.sparsity, variant)
-                    theirs = published_masks.get(f"{pattern}/{method}/s{seed}")
-                    differ = mask_differences(layer0_masks(model), theirs) if theirs is not None else None
+                    theirs = masks_file(f"{pattern}/{method}/s{seed}")
+                    differ = mask_differences(layer0_masks(model), torch.load(theirs)) if theirs.exists() else None
                     rows.add({"name": name, "pattern": pattern, "method": method, "seed": seed,
                               "prune_seconds": seconds, "layer0_mask_differs": differ, **scored(model)})  # fmt: skip
     reference = reference_versions(cfg.python)
@@ -212,7 +218,9 @@ def measure(cfg: PublishedConfig) -> dict:
            f"loaded with the eager attention the published code runs, batchN = calibration batches of N windows, "
            f"jitterS = the embeddings times 1 + 1e-6 N(0, 1) (seed S) while pruning, restored before scoring; "
            f"scored with SDPA like every row.")  # fmt: skip
-    return {"about": how, "reference": reference, "versions": versions(), "rows": rows.rows}
+    calibration = {"file": cfg.calib_file, "samples": cfg.calib_samples, "seq_len": cfg.seq_len}
+    return {"about": how, "calibration": calibration, "reference": reference, "versions": versions(),
+            "rows": rows.rows}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
