@@ -201,13 +201,13 @@ def measure(cfg: PublishedConfig) -> dict:
                     rows.add({"name": name, "pattern": pattern, "method": method, "seed": seed,
                               "prune_seconds": seconds, "layer0_mask_differs": differ, **scored(model)})  # fmt: skip
     reference = reference_versions(cfg.python)
-    wanda = git_commit(cfg.wanda_repo)[:7] if cfg.wanda_repo else "-"
-    how = (f"bench/studies/sparsity_published.py: locuslab/wanda {wanda} "
-           f"(lib/prune.py prune_wanda), IST-DASLab/sparsegpt "
-           f"{git_commit(cfg.sparsegpt_repo)[:7] if cfg.sparsegpt_repo else '-'} (llama.py llama_sequential, its "
-           f"defaults: not true-sequential, blocksize 128, percdamp 0.01), 20250516aaa/D2Prune "
-           f"{git_commit(cfg.d2prune_repo)[:7] if cfg.d2prune_repo else '-'} (D2Prune_LLAMA with its Llama scripts' "
-           f"settings: s 1500, r1 1, r2 0, D2-SparseGPT and D2-Wanda, self_attn.v_proj without an update), run "
+    which = {"wanda": "locuslab/wanda {} (lib/prune.py prune_wanda)",
+             "sparsegpt": "IST-DASLab/sparsegpt {} (llama.py llama_sequential, its defaults: not true-sequential, "
+                          "blocksize 128, percdamp 0.01)",
+             "d2prune": "20250516aaa/D2Prune {} (D2Prune_LLAMA with its Llama scripts' settings: s 1500, r1 1, r2 0, "
+                        "D2-SparseGPT and D2-Wanda, self_attn.v_proj without an update)"}  # fmt: skip
+    runs = ", ".join(which[m].format(git_commit(cfg.repo(m))[:7] if cfg.repo(m) else "-") for m in cfg.method_list)
+    how = (f"bench/studies/sparsity_published.py: {runs}, run "
            f"unchanged under torch {reference['torch']} + transformers {reference['transformers']} by "
            f"bench/studies/published_driver.py, which hands them this study's calibration windows in place of their "
            f"hub C4 loaders, loads the model in fp32 "
@@ -217,7 +217,8 @@ def measure(cfg: PublishedConfig) -> dict:
            f"(prune.py's prune_weights) again on the same windows with rounding-level changes: eager = the model "
            f"loaded with the eager attention the published code runs, batchN = calibration batches of N windows, "
            f"jitterS = the embeddings times 1 + 1e-6 N(0, 1) (seed S) while pruning, restored before scoring; "
-           f"scored with SDPA like every row.")  # fmt: skip
+           f"scored with SDPA like every row; their layer0_mask_differs: per linear of decoder layer 0, the positions "
+           f"whose removed/kept state differs from the published model's.")  # fmt: skip
     calibration = {"file": cfg.calib_file, "samples": cfg.calib_samples, "seq_len": cfg.seq_len}
     return {"about": how, "calibration": calibration, "reference": reference, "versions": versions(),
             "rows": rows.rows}  # fmt: skip
