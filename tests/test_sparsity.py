@@ -350,6 +350,12 @@ def test_sparsity_study_on_a_tiny_model_sets_our_rows_beside_the_published_ones(
     # wanda's 4.0% is beyond its spread of 3.0%, magnitude's 5.0% within its 6.4%
     assert "outside 3%: 2:4/wanda/s0, 2:4/magnitude/s0; of these, 2:4/magnitude/s0 differ from" in text
     assert "/ours-eager |" not in text and "How (wanda): longer windows" in text
+    # --render_only: a method never measured is a "not yet" cell, and nothing is measured
+    methods = argv.index("--methods") + 1
+    argv[methods] = "magnitude,wanda,sparsegpt"
+    assert sparsity.main([*argv, "--out", str(out), "--resume", "--render_only"]) == 0
+    assert f"| 2:4 | {magnitude_ppl:.1f} | {wanda_ppl:.1f} | not yet |" in out.read_text()
+    assert "sparsegpt" not in next((tmp_path / "work").glob("*/rows.jsonl")).read_text()
 
 
 def test_the_published_comparison_prunes_like_prune_py(tmp_path, tiny_llama_dir):

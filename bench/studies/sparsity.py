@@ -51,6 +51,9 @@ class SparsityStudyConfig(EvaluatedStudyConfig):
         metadata={"help": "Comma list of the published code's rows (bench/studies/sparsity_published.py; '' = none)."},
     )
 
+    render_only: bool = field(default=False, metadata={"help": "With --resume: write the report from the rows "
+                                                               "measured so far, measuring nothing new."})  # fmt: skip
+
     def __post_init__(self) -> None:
         self.pattern_list = [p.strip() for p in self.patterns.split(",") if p.strip()]
         self.method_list = [m.strip() for m in self.methods.split(",") if m.strip()]
@@ -59,7 +62,7 @@ class SparsityStudyConfig(EvaluatedStudyConfig):
     def settings(self) -> dict:
         """As the base's, without what only selects rows (each row is named by its pattern, method and seed)
         and the published rows (read when the report is written): --resume with more rows keeps those measured."""
-        selection = ("patterns", "methods", "seeds", "published")
+        selection = ("patterns", "methods", "seeds", "published", "render_only")
         return {k: v for k, v in super().settings().items() if k not in selection}
 
 
@@ -90,7 +93,7 @@ def measure(cfg: SparsityStudyConfig) -> tuple[list[dict], dict]:
         for method in cfg.method_list:
             for seed in cfg.seed_list[:1] if method == "magnitude" else cfg.seed_list:
                 name = f"{pattern}/{method}/s{seed}"
-                if rows.get(name) is not None:
+                if rows.get(name) is not None or cfg.render_only:
                     continue
                 info = run_one(cfg, pattern, method, seed, rows.dir / "model")
                 model = load_causal_lm(str(rows.dir / "model"), name, torch.float32)
