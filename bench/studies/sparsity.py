@@ -178,7 +178,8 @@ def published_lines(rows: list[dict], published: list[dict], cfg: SparsityStudyC
                 if alike and abs(difference) <= spread:
                     inside_spread.append(label)
             lines.append(f"| {label} | {shape} | {row['ppl']:.2f} | {shown} {mine['ppl']:.2f} | {difference:+.1%} | "
-                         f"{changed or 'not yet'} | {f'{spread:.1%}' if alike else ''} | {masks} |")  # fmt: skip
+                         f"{changed or ('not yet' if same else '–')} | {f'{spread:.1%}' if alike else ''} | "
+                         f"{masks} |")  # fmt: skip
     if not outside:
         verdict = f"every compared run within {tolerance:.0%}."
     else:
@@ -187,8 +188,9 @@ def published_lines(rows: list[dict], published: list[dict], cfg: SparsityStudyC
             verdict += (f"; of these, {', '.join(inside_spread)} differ from the published code by no more than our "
                         "own runs differ from each other under rounding-level changes")  # fmt: skip
         verdict += "."
-    how = [f"How ({', '.join(sorted({r['method'] for r in s['rows'] if 'method' in r}))}): {s['about']}"
-           for s in published]  # fmt: skip
+    # a dict: one line per distinct text, in order (the D2Prune files share theirs)
+    how = {f"How ({', '.join(sorted({r['method'] for r in s['rows'] if 'method' in r}))}): {s['about']}": None
+           for s in published}  # fmt: skip
     return lines + ["", f"WikiText-2 perplexity on the same windows; {verdict}", "", *how]
 
 
