@@ -145,9 +145,12 @@ def mask_differences(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tens
     """Per linear of layer 0: how many positions' removed/kept state differs (and their share), and how many more
     weights the published code keeps than ours (negative: removes; the released D2Prune's block threshold
     `tmp <= thresh` at sorted index int(n * sparsity) removes one more weight per 128-column block)."""
-    return {name: {"differ": float((ours[name] != theirs[name]).float().mean()),
-                   "differ_positions": int((ours[name] != theirs[name]).sum()),
-                   "published_keeps_more": int(ours[name].sum() - theirs[name].sum())} for name in ours}  # fmt: skip
+    out = {}
+    for name, mine in ours.items():
+        differ = mine != theirs[name]
+        out[name] = {"differ": float(differ.float().mean()), "differ_positions": int(differ.sum()),
+                     "published_keeps_more": int(mine.sum() - theirs[name].sum())}  # fmt: skip
+    return out
 
 
 def measure(cfg: PublishedConfig) -> dict:
