@@ -213,6 +213,28 @@ def metrics_of(dense: dict) -> list[str]:
     return ["ppl"] + (["avg"] if tasks else []) + (["avg_ex_boolq"] if "boolq" in tasks and len(tasks) > 1 else [])
 
 
+def reference_main(config_cls, measure, argv: list[str] | None) -> int:
+    """A published-code reference's main: parse its settings, measure, write the JSON `measure` returns to --out
+    (a study's report renders it); bad input is one `error:` line."""
+    import sys
+
+    from utils.cli import parse_config
+    from utils.errors import run_cli
+    from utils.report import setup_logging
+
+    setup_logging()
+
+    def go() -> None:
+        cfg = parse_config(config_cls, sys.argv[1:] if argv is None else argv)
+        result = measure(cfg)
+        out = Path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {out}")
+
+    return run_cli(go)
+
+
 def study_main(config_cls, measure, render, argv: list[str] | None) -> int:
     """A study's main: parse its settings, measure (resumable rows), then write the report and, beside it, the
     JSON of its rows and context; bad input is one `error:` line."""

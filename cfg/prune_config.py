@@ -286,9 +286,10 @@ class PruneConfig:
                           "calibration windows, rescaled per batch by the probe's energy (none: PPsp alone)."},
     )  # fmt: skip
     entropy_form: str = field(
-        default="sum",
-        metadata={"help": "With --sparsity_method entropy: sum (|W * sum of window gradients|), abs (sum over "
-                          "windows of |W * window gradient|) or fisher (sum over windows of (W * gradient)^2)."},
+        default="abs",
+        metadata={"help": "With --sparsity_method entropy: abs (sum over windows of |W * window gradient|; the "
+                          "best measured, docs/SPARSITY_ENTROPY.md), fisher (sum over windows of (W * gradient)^2) "
+                          "or sum (|W * sum of window gradients|, the neuron score's form)."},
     )  # fmt: skip
     offload_inputs: bool = field(
         default=False,

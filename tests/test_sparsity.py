@@ -165,7 +165,7 @@ def test_entropy_weight_scores_equal_autograd_of_the_summed_window_entropies():
 
     model = tiny_model("qwen3")
     windows = torch.randint(0, VOCAB, (3, 10), generator=GEN)
-    scores = entropy_weight_scores(model, windows, batch_size=2, chunk_tokens=7, progress=False)
+    scores = entropy_weight_scores(model, windows, batch_size=2, chunk_tokens=7, progress=False, form="sum")
     assert len(scores) == 2 * 7 and all(not p.requires_grad or p.grad is None for p in model.parameters())
     reference = tiny_model("qwen3")
     reference.double()

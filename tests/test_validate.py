@@ -34,7 +34,7 @@ EXAMPLES = {  # a valid value away from the default, for every flag with a rule 
     "sparsity_update": "sparsegpt", "offload_inputs": "true", "activation_checkpointing": "true",
     "importance_cache": "other-cache", "recompute": "true", "train_on_inputs": "true", "momentum_dtype": "float32",
     "variance_dtype": "float32", "use_kahan_summation": "true", "teacher_device": "cpu", "reconstruct": "ls",
-    "reconstruct_target": "own", "entropy_form": "abs",
+    "reconstruct_target": "own", "entropy_form": "fisher",
 }  # fmt: skip
 SETTINGS = [PruneConfig, SFTArguments, LoraArguments, FullTrainingArguments]
 

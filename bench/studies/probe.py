@@ -17,6 +17,7 @@ batch size; the probe's FLOPs share is counted from the shapes. Rows persist in 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 import time
@@ -91,7 +92,12 @@ class ProbeStudyConfig(EvaluatedStudyConfig):
     arms: str = field(default=",".join(a.key for a in ARMS), metadata={"help": "The arms measured (the report "
                                                                                "shows every measured row)."})
     render_only: bool = field(default=False, metadata={"help": "With --resume: the report from the rows so far."})
-    RUN_ONLY: ClassVar[tuple[str, ...]] = (*EvaluatedStudyConfig.RUN_ONLY, "render_only", "arms")
+    published: str = field(
+        default=str(ROOT / "docs" / "probe_published.json"),
+        metadata={"help": "The released code's rows (bench/studies/probe_reference.py; '' = none)."},
+    )
+    RUN_ONLY: ClassVar[tuple[str, ...]] = (  # rows are named by arm, ratio and batch: these only select them
+        *EvaluatedStudyConfig.RUN_ONLY, "render_only", "arms", "published", "ratios", "batch_sizes")
 
     @property
     def arm_list(self) -> list[Arm]:
@@ -136,13 +142,24 @@ def probe_flops_share(model, settings: ProbeSettings, batch: int, seq: int) -> f
     return (n_layers - SKIP_LAYERS) * probe_tokens * per_probe / dense
 
 
+def evaluation_windows(cfg: ProbeStudyConfig, tokenizer) -> torch.Tensor:
+    """The first --ppl_windows WikiText-2 test windows of --ppl_seq_len tokens."""
+    return text_windows(tokenizer, local_rows("wikitext2", cfg.data_dir), cfg.ppl_seq_len)[: cfg.ppl_windows]
+
+
+def c4_windows(cfg: ProbeStudyConfig, tokenizer, count: int, seq_len: int) -> torch.Tensor:
+    """`count` windows of `seq_len` tokens of --calib_file, drawn with --seed (the history's, the prior's)."""
+    docs = load_documents(str(Path(cfg.data_dir) / cfg.calib_file))
+    return sample_windows(docs, tokenizer, count, seq_len, cfg.seed)
+
+
 def measure(cfg: ProbeStudyConfig) -> tuple[list[dict], dict]:
     cfg.model = model_or_default(cfg.model)
     rows = Rows(cfg, committed=Path(cfg.out).with_suffix(".json"))
     tokenizer = load_tokenizer(cfg.model, "--model")
     dense = load_causal_lm(cfg.model, "dense", torch.float32).eval()
     dense.set_attn_implementation("sdpa")
-    windows = text_windows(tokenizer, local_rows("wikitext2", cfg.data_dir), cfg.ppl_seq_len)[: cfg.ppl_windows]
+    windows = evaluation_windows(cfg, tokenizer)
     wanted = [(arm, r, cfg.batch_list[0]) for r in cfg.ratio_list for arm in cfg.arm_list]
     wanted += [(arm, r, b) for r in cfg.ratio_list for arm in cfg.arm_list if arm.key in BATCH_ARMS
                for b in cfg.batch_list[1:]]  # fmt: skip
@@ -159,8 +176,7 @@ def measure(cfg: ProbeStudyConfig) -> tuple[list[dict], dict]:
             print(f"dense at batch {b}: {ppl:.3f}", flush=True)
     if not missing:
         return rows.every(), context(cfg)
-    docs = load_documents(str(Path(cfg.data_dir) / cfg.calib_file))
-    calib = sample_windows(docs, tokenizer, cfg.calib_windows, cfg.calib_seq_len, cfg.seed)
+    calib = c4_windows(cfg, tokenizer, cfg.calib_windows, cfg.calib_seq_len)
     start = time.perf_counter()
     history = calibrate(dense, layout_of(dense, "dynamic"), calib, 4, False)
     calib_seconds = time.perf_counter() - start
@@ -170,7 +186,7 @@ def measure(cfg: ProbeStudyConfig) -> tuple[list[dict], dict]:
                                 seq_len=cfg.prior_seq_len, seed=cfg.seed, progress=False,
                                 importance_cache=str(Path(cfg.work_dir) / "cache"),
                                 calib_dataset=str(Path(cfg.data_dir) / cfg.calib_file))  # fmt: skip
-        prior_windows = sample_windows(docs, tokenizer, cfg.prior_windows, cfg.prior_seq_len, cfg.seed)
+        prior_windows = c4_windows(cfg, tokenizer, cfg.prior_windows, cfg.prior_seq_len)
         prior = run_scores(prior_cfg, dense, find_mlps(dense), prior_windows, torch.float32, torch.device("cpu"),
                            process_state("cpu"))[0]  # fmt: skip
     for arm, ratio, batch in missing:
@@ -235,7 +251,25 @@ def render(rows: list[dict], ctx: dict, cfg: ProbeStudyConfig) -> str:
                 r = by_name.get(row_name(ARMS[0], ratio, b))
                 cells.append(f"{r['ppl']:.2f}" if r else "–")
             lines.append(f"| {ratio:g} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + against_published(by_name, cfg)) + "\n"
+
+
+def against_published(by_name: dict, cfg: ProbeStudyConfig) -> list[str]:
+    """Our PP rows beside the released code's on the same windows (--published), when it was run."""
+    path = Path(cfg.published) if cfg.published else None
+    if path is None or not path.is_file():
+        return []
+    published = json.loads(path.read_text())
+    ours_arm = {"mlp": ARMS[0], "mlp+heads": next(a for a in ARMS if a.key == "pp_heads")}
+    lines = ["", "## Against the released code (same windows, same history)", "", published["about"], "",
+             "| ratio | pruned | released PP | ours | ours vs released |", "|---|---|---|---|---|"]  # fmt: skip
+    for row in published["rows"]:
+        ours = by_name.get(row_name(ours_arm[row["parts"]], row["ratio"], row["batch"]))
+        if ours is None:
+            continue
+        lines.append(f"| {row['ratio']:g} | {row['parts']} | {row['ppl']:.2f} | {ours['ppl']:.2f} | "
+                     f"{ours['ppl'] / row['ppl'] - 1:+.1%} |")  # fmt: skip
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,8 @@ layers to remove, e.g. 20,21,22,23 (ReplaceMe cannot remove layer 0). Its `lstsq
 - it picks the removed blocks from a distances file: one is written that makes exactly REMOVED its choice
   (single-layer blocks, its merge_consecutive joins adjacent ones into one map each);
 - it allocates its sums with device='cuda': on a machine without CUDA those allocations go to the CPU;
-- its model is read from a copy of MODEL's config with RoPE's theta where transformers 4.x reads it.
+- its model is read from bench/studies/legacy_checkpoint.py's copy of MODEL (config and tokenizer files as 4.x
+  reads them; the same weights and vocabulary).
 Its model is saved in bfloat16 (its choice) to OUT.
 """
 
@@ -26,6 +27,7 @@ import tempfile
 import time
 
 import torch
+from legacy_checkpoint import readable_copy  # bench/studies, beside this script
 from transformers import AutoTokenizer
 
 
@@ -40,22 +42,6 @@ def cpu_if_no_cuda(factory):
     return make
 
 
-def readable_copy(model_path: str, into: str) -> str:
-    """MODEL's files linked into `into`, its config.json with rope_theta added (transformers 5 writes RoPE's theta
-    in rope_parameters; 4.x reads rope_theta and would otherwise use its default)."""
-    for name in os.listdir(model_path):
-        os.symlink(os.path.join(os.path.abspath(model_path), name), os.path.join(into, name))
-    with open(os.path.join(model_path, "config.json")) as f:
-        config = json.load(f)
-    rope = config.get("rope_parameters")
-    if isinstance(rope, dict) and "rope_theta" in rope:
-        config["rope_theta"] = rope["rope_theta"]
-    os.unlink(os.path.join(into, "config.json"))
-    with open(os.path.join(into, "config.json"), "w") as f:
-        json.dump(config, f)
-    return into
-
-
 def main() -> int:
     repo, model_path, windows_path, removed, out = sys.argv[1:6]
     removed_layers = sorted(int(i) for i in removed.split(","))
@@ -66,7 +52,6 @@ def main() -> int:
     from ReplaceMe import lstsq as replaceme  # mts-ai/ReplaceMe
 
     work = tempfile.mkdtemp()
-    os.mkdir(os.path.join(work, "model"))
     model_dir = readable_copy(model_path, os.path.join(work, "model"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     texts = [tokenizer.decode(w) for w in windows]

@@ -21,19 +21,20 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import EvaluatedStudyConfig, Evaluation, Rows, model_or_default, prune
+from bench.common import EvaluatedStudyConfig, Evaluation, Rows, model_or_default, prune, reference_main
 from bench.studies.sparsity_published import git_commit, reference_versions
 from dataset.calibration import draw_windows, load_documents
 from module.model.mlp import count_parameters
-from utils.cli import load_causal_lm, load_tokenizer, parse_config
-from utils.errors import UserError, run_cli
-from utils.report import setup_logging, versions
+from utils.cli import load_causal_lm, load_tokenizer
+from utils.errors import UserError
+from utils.report import versions
 
 DRIVER = ROOT / "bench" / "studies" / "replaceme_driver.py"
 
@@ -50,10 +51,16 @@ class ReplaceMeConfig(EvaluatedStudyConfig):
     calib_samples: int = field(default=128, metadata={"help": "Calibration windows (ReplaceMe's examples: 128)."})
     seq_len: int = field(default=256, metadata={"help": "Tokens per calibration window."})
     seed: int = field(default=0, metadata={"help": "Calibration seed."})
-    damps: str = field(default="0,0.01", metadata={"help": "Our --reconstruct_damp values (ReplaceMe: alpha 0)."})
+    damps: str = field(default="0", metadata={"help": "Our --reconstruct_damp values (ReplaceMe: alpha 0)."})
+    targets: str = field(default="dense,own", metadata={"help": "Our --reconstruct_target values."})
+
+    RUN_ONLY: ClassVar[tuple[str, ...]] = (*EvaluatedStudyConfig.RUN_ONLY, "damps", "targets")  # select rows
 
     def __post_init__(self) -> None:
         self.damp_list = [float(d) for d in self.damps.split(",") if d.strip()]
+        self.target_list = [t for t in self.targets.split(",") if t.strip()]
+        if not set(self.target_list) <= {"dense", "own"}:
+            raise UserError(f"--targets {self.targets!r}: each must be dense or own")
         if not (Path(self.replaceme_repo) / ".git").exists():
             raise UserError(f"--replaceme_repo {self.replaceme_repo!r} is not a git checkout of mts-ai/ReplaceMe")
         if not Path(self.python).is_file():
@@ -73,7 +80,7 @@ def measure(cfg: ReplaceMeConfig) -> dict:
         (f"ours/ls-{target}-damp{d:g}", ["--reconstruct", "ls", "--reconstruct_target", target,
                                           "--reconstruct_damp", str(d)])  # fmt: skip
         for d in cfg.damp_list
-        for target in ("dense", "own")
+        for target in cfg.target_list
     ]
     removed = None
     for name, extra in arms:
@@ -121,17 +128,7 @@ def measure(cfg: ReplaceMeConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-
-    def go() -> None:
-        cfg = parse_config(ReplaceMeConfig, sys.argv[1:] if argv is None else argv)
-        result = measure(cfg)
-        out = Path(cfg.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {out}")
-
-    return run_cli(go)
+    return reference_main(ReplaceMeConfig, measure, argv)
 
 
 if __name__ == "__main__":

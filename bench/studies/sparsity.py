@@ -39,7 +39,8 @@ class SparsityStudyConfig(EvaluatedStudyConfig):
     methods: str = field(
         default="magnitude,wanda,sparsegpt,d2prune,entropy,entropy+sparsegpt",
         metadata={"help": "Comma list of --sparsity_method; M+sparsegpt adds --sparsity_update sparsegpt; "
-                          "entropy:FORM sets --entropy_form (sum, abs, fisher)."},
+                          "entropy:FORM sets --entropy_form (sum, abs, fisher); plain entropy is the summed form "
+                          "(sum), as its rows were measured before the pruner's default became abs."},
     )
     seeds: str = field(default="0,1", metadata={"help": "Calibration seeds."})
     sparsity: float = field(default=0.5, metadata={"help": "Share of the decoder linears' weights removed."})
@@ -74,8 +75,8 @@ def run_one(cfg: SparsityStudyConfig, pattern: str, method: str, seed: int, out:
             "--sparsity_method", method, "--sparsity_update", update or "none", "--seed", str(seed),
             "--calib_dataset", calib, "--calib_samples", str(cfg.calib_samples), "--seq_len", str(cfg.seq_len),
             "--output_dir", str(out), "--overwrite", "--no_progress"]  # fmt: skip
-    if form:
-        args += ["--entropy_form", form]
+    if method == "entropy":
+        args += ["--entropy_form", form or "sum"]
     start = time.perf_counter()
     prune(args)
     report = json.loads((out / "sparsity_report.json").read_text())
@@ -118,7 +119,8 @@ def render(rows: list[dict], context: dict, cfg: SparsityStudyConfig) -> str:
         f"{cfg.ppl_windows} windows of {cfg.ppl_seq_len} tokens. Dense: **{dense['ppl']:.2f}**.",
         "- The saved models are dense tensors with exact zeros: no speed-up without sparse kernels.",
         "",
-        "| pattern | " + " | ".join(cfg.method_list) + " |",
+        "| pattern | " + " | ".join(m.replace("entropy", "entropy:sum") if m.split("+")[0] == "entropy" else m
+                                    for m in cfg.method_list) + " |",
         "|---|" + "---|" * len(cfg.method_list),
     ]
     for pattern in cfg.pattern_list:

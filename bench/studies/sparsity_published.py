@@ -33,16 +33,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import Evaluation, Rows, model_or_default
+from bench.common import Evaluation, Rows, model_or_default, reference_main
 from bench.studies.sparsity import VARIANT, SparsityStudyConfig
 from dataset.calibration import load_documents, sample_windows
 from module.model.mlp import count_parameters, decoder_layers
 from module.sparse.layerwise import linears_of
 from module.sparse.masks import Pattern
 from module.sparse.pipeline import prune_weights, sparsity_of
-from utils.cli import load_causal_lm, load_tokenizer, parse_config
-from utils.errors import UserError, run_cli
-from utils.report import setup_logging, versions
+from utils.cli import load_causal_lm, load_tokenizer
+from utils.errors import UserError
+from utils.report import versions
 
 DRIVER = ROOT / "bench" / "studies" / "published_driver.py"
 
@@ -228,17 +228,7 @@ def measure(cfg: PublishedConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-
-    def go() -> None:
-        cfg = parse_config(PublishedConfig, sys.argv[1:] if argv is None else argv)
-        result = measure(cfg)
-        out = Path(cfg.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {out}")
-
-    return run_cli(go)
+    return reference_main(PublishedConfig, measure, argv)
 
 
 if __name__ == "__main__":

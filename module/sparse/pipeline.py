@@ -36,7 +36,7 @@ def check_pattern(model: nn.Module, pattern: Pattern) -> None:
 def prune_weights(model: nn.Module, windows: torch.Tensor | None, method: str, pattern: Pattern, batch_size: int = 1,
                   block: int = 128, damp: float = 0.01, store=None, progress: bool = True, update: str = "none",
                   chunk_tokens: int | None = None, d2: tuple = (1.0, 0.0, 1500.0),
-                  entropy_form: str = "sum") -> dict:  # fmt: skip
+                  entropy_form: str = "abs") -> dict:  # fmt: skip
     """Zero the weights `method` removes in every decoder layer's linears (SparseGPT, or `update` "sparsegpt"
     after another method's mask, also updates the rest; `d2`: D²Prune's r1, r2, s); the removed positions per
     linear, by name

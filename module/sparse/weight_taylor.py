@@ -16,11 +16,11 @@ from module.entropy import LogitHead, default_chunk_tokens, loss_backward
 from module.model.mlp import decoder_layers
 from module.sparse.layerwise import linears_of
 
-FORMS = ("sum", "abs", "fisher")
+FORMS = ("abs", "fisher", "sum")  # the first is the default (docs/SPARSITY_ENTROPY.md)
 
 
 def entropy_weight_scores(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, chunk_tokens: int | None = None,
-                          progress: bool = True, form: str = "sum") -> dict[str, torch.Tensor]:  # fmt: skip
+                          progress: bool = True, form: str = "abs") -> dict[str, torch.Tensor]:  # fmt: skip
     """The entropy-Taylor score of every decoder linear's weights, by name `layers.<i>.<name>` (fp32; each
     window's entropy the mean over its tokens, as the neuron scores), g_w = dH_window/dW:
 

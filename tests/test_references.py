@@ -1,0 +1,55 @@
+"""What the published-code references rely on: the checkpoint copy transformers 4.x reads, and the probe study's
+comparison with the released Probe Pruning rows."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from bench.studies import probe as study
+from bench.studies.legacy_checkpoint import readable_copy
+
+
+def test_readable_copy_rewrites_what_transformers_4_misreads_and_links_the_rest(tmp_path):
+    source = tmp_path / "model"
+    source.mkdir()
+    config = {"model_type": "llama", "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}}
+    tokenizer_config = {"tokenizer_class": "TokenizersBackend", "eos_token": "</s>"}
+    tokenizer = {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": [["a", "b"]]}}
+    for name, content in (("config.json", config), ("tokenizer_config.json", tokenizer_config),
+                          ("tokenizer.json", tokenizer)):  # fmt: skip
+        (source / name).write_text(json.dumps(content))
+    (source / "model.safetensors").write_bytes(b"weights")
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+
+    into = readable_copy(str(source), str(tmp_path / "copy"))
+
+    copy = tmp_path / "copy"
+    assert into == str(copy)
+    assert json.loads((copy / "config.json").read_text())["rope_theta"] == 100000.0
+    assert json.loads((copy / "tokenizer_config.json").read_text()) == {
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "</s>"}  # fmt: skip
+    assert json.loads((copy / "tokenizer.json").read_text())["model"]["merges"] == ["a b"]
+    assert os.path.islink(copy / "model.safetensors") and (copy / "model.safetensors").read_bytes() == b"weights"
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before  # the input is never touched
+
+
+def test_probe_report_sets_our_pp_beside_the_released_code(tmp_path):
+    published = {"about": "by hand", "rows": [
+        {"parts": "mlp", "ratio": 0.2, "batch": 20, "ppl": 50.0},
+        {"parts": "mlp+heads", "ratio": 0.4, "batch": 20, "ppl": 100.0},
+        {"parts": "mlp", "ratio": 0.4, "batch": 20, "ppl": 80.0},  # no row of ours: not shown
+    ]}  # fmt: skip
+    path = tmp_path / "probe_published.json"
+    path.write_text(json.dumps(published))
+    pp = study.ARMS[0]
+    heads = next(a for a in study.ARMS if a.key == "pp_heads")
+    ours = {study.row_name(pp, 0.2, 20): {"ppl": 51.0}, study.row_name(heads, 0.4, 20): {"ppl": 97.0}}
+    cfg = study.ProbeStudyConfig(published=str(path))
+
+    lines = study.against_published(ours, cfg)
+
+    rows = [line for line in lines if line.startswith("| 0.")]
+    assert rows == ["| 0.2 | mlp | 50.00 | 51.00 | +2.0% |", "| 0.4 | mlp+heads | 100.00 | 97.00 | -3.0% |"]
+    assert "by hand" in lines
+    assert study.against_published(ours, study.ProbeStudyConfig(published="")) == []
