@@ -7,11 +7,13 @@ release pins (4.35). Imports nothing of HFPrune, so it runs there:
 
 REPO: a checkout of Qi-Le1/Probe_Pruning; WINDOWS.pt: {"calibration": int64 [n, T], "evaluation": int64 [m, T]};
 CONTROL: the release's control name (e.g. wikitext-2v1_llama-smollm2_clm_20_256_0.2_ppwandasp_probe-default_sync_
-c4-64_0.5+0.05-0.5+0.05-0.5+0.05-0.5+0.05-0.5+0.05-seqrank+bszrank_down-proj). Its model class (src/model/hf/
-modeling_llama.py), its pruning wrapper (make_prune_model), its calibration and its test loop's order (a warm-up
-batch, then every batch) run unchanged; around them:
+c4-64_0.5+0.05-0.5+0.05-0.5+0.05-0.5+0.05-0.5+0.05-seqrank+bszrank_gate-proj+up-proj+down-proj). Its model
+class (src/model/hf/modeling_llama.py), its pruning wrapper (make_prune_model), its calibration and its test
+loop's order (a warm-up batch, then every batch) run unchanged; around them:
 - its loaders read hub datasets: they get the windows instead, in batches of the control's batch size, every
-  token attended and labelled (the calibration's labels are unused by the history);
+  token attended and labelled (the calibration's labels are unused by the history), the last batch shorter where
+  the count does not divide (its loader drops it; its history is a count-weighted mean, so all windows count as
+  in our calibration);
 - it reads CUDA's and cuDNN's versions, nvidia-smi's GPU name and creates torch.cuda.Event objects for timing: on
   a machine without CUDA those read 0 / "none" and the events do nothing (their timings are not reported);
 - it imports torchvision.utils.save_image where it loads its modules (unused by language models): a stand-in;
