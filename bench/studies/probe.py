@@ -1,10 +1,12 @@
 """Probe Pruning on SmolLM2-135M against static pruning at the same per-layer widths -> docs/PROBE.md.
 
-    python bench/studies/probe.py --resume                       # the study (about an hour on 2 CPU cores)
+    python bench/studies/probe.py --resume                       # the study (about 13 minutes on 2 CPU cores)
+    python bench/studies/probe.py --ppl_seq_len 1024 --calib_seq_len 1024 --resume   # the paper's window length
     python bench/studies/probe.py --ratios 0.2 --ppl_windows 4 --calib_windows 8 --out /tmp/probe/PROBE.md
 
 Every row is the dense model with module/dynamic attached (layers 0-2 dense, the release's per-layer ratio, kept
-MLP neurons a multiple of 64), scored on the first --ppl_windows WikiText-2 windows of 1024 tokens in batches of
+MLP neurons a multiple of 64), scored on the first --ppl_windows WikiText-2 windows of --ppl_seq_len tokens (256:
+the paper's 1024 cost this CPU too much for every row) in batches of
 --batch_sizes (the probe is chosen per batch, so the batch size is part of the result): Probe Pruning (probe +
 history + EMA), the oracle (the whole batch as the probe), the probe without history, and PP's metric swapped for
 wanda_sp and FLAP; the static rows are the same wrapper with the history alone (no probe, no EMA): static PPsp,
@@ -81,11 +83,12 @@ class ProbeStudyConfig(EvaluatedStudyConfig):
     work_dir: str = field(default="out/probe_study", metadata={"help": "Rows so far, the calibration."})
     limit: int = field(default=0, metadata={"help": "Unused here: perplexity only (zero-shot: evaluate.py)."})
     ppl_windows: int = field(default=20, metadata={"help": "WikiText-2 test windows (the first N)."})
+    ppl_seq_len: int = field(default=256, metadata={"help": "Tokens per WikiText-2 window (the paper: 1024)."})
     ratios: str = field(default="0.2,0.4", metadata={"help": "Model-wide shares removed per batch."})
     batch_sizes: str = field(default="20,8,1", metadata={"help": "The first is every row's; the others: PP's."})
     calib_file: str = field(default="c4/c4_validation_2k.jsonl", metadata={"help": "Calibration text in DATA."})
     calib_windows: int = field(default=64, metadata={"help": "History windows (the release: 2000)."})
-    calib_seq_len: int = field(default=1024, metadata={"help": "Tokens per history window (the eval length)."})
+    calib_seq_len: int = field(default=256, metadata={"help": "Tokens per history window (the eval length)."})
     prior_windows: int = field(default=32, metadata={"help": "Windows of the entropy prior's importance pass."})
     prior_seq_len: int = field(default=256, metadata={"help": "Tokens per prior window (the docs' protocol)."})
     seed: int = field(default=0, metadata={"help": "Calibration draw."})

@@ -4,8 +4,7 @@ probe study's report, docs/PROBE.md, shows it beside our rows).
     python -m venv --system-site-packages /tmp/ppenv
     /tmp/ppenv/bin/pip install transformers==4.35.2 pyyaml
     git clone https://github.com/Qi-Le1/Probe_Pruning /tmp/peer/Probe_Pruning     # main @ acc0730
-    python bench/studies/probe_reference.py --python /tmp/ppenv/bin/python --probe_repo /tmp/peer/Probe_Pruning \\
-        --ppl_seq_len 256 --calib_seq_len 256 --batch_sizes 20,8 --resume
+    python bench/studies/probe_reference.py --python /tmp/ppenv/bin/python --probe_repo /tmp/peer/Probe_Pruning --resume
 
 Takes the probe study's settings (the same flags give the same WikiText-2 and C4 windows) and runs the release's
 PP (ppwandasp metric, probe-default: calibration history, EMA, residual-picked probe of 0.5 of the tokens and 0.05
