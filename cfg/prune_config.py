@@ -15,6 +15,8 @@ from module.prune.mix import Mix
 from module.prune.plan import StructureSizes
 from module.prune.reconstruct import MODES as RECONSTRUCT_MODES
 from module.prune.reconstruct import TARGETS as RECONSTRUCT_TARGETS
+from module.prune.reconstruct import WEIGHTINGS as RECONSTRUCT_WEIGHTINGS
+from module.prune.reconstruct import WRITERS as RECONSTRUCT_WRITERS
 from module.sparse.masks import METHODS as SPARSITY_METHODS
 from module.sparse.masks import UPDATES as SPARSITY_UPDATES
 from module.sparse.masks import Pattern
@@ -104,6 +106,8 @@ class PruneConfig:
         "eval_windows": Rule(low=0, applies=("eval",)),
         "reconstruct": Rule(applies=("structured",)),
         "reconstruct_target": Rule(applies=("reconstruct",)),
+        "reconstruct_writers": Rule(applies=("reconstruct",)),
+        "reconstruct_weighting": Rule(applies=("reconstruct",)),
         "reconstruct_damp": Rule(low=0, applies=("reconstruct",)),
         "reconstruct_samples": Rule(low=1, applies=("reconstruct",)),
         "reconstruct_rescore": Rule(low=0, applies=("reconstruct_search",)),
@@ -249,6 +253,21 @@ class PruneConfig:
         metadata={"help": "What a refit consumer should reproduce: the dense model's output on its own inputs "
                           "(dense: also corrects the error of the layers below) or the unpruned layer's on the "
                           "pruned inputs (own)."},
+    )  # fmt: skip
+    reconstruct_writers: str = field(
+        default="pruned",
+        metadata={"help": "Which writers of the residual stream (o_proj, down_proj) --reconstruct ls refits: pruned "
+                          "(those that lost inputs) or all (every kept layer's, towards the dense stream: each layer "
+                          "also repairs the error the layers below left after its attention; needs "
+                          "--reconstruct_target dense)."},
+    )  # fmt: skip
+    reconstruct_weighting: str = field(
+        default="rms",
+        metadata={"help": "Token weights of a refit towards the residual stream (dense-target writers, layer maps): "
+                          "rms (each token's error relative to the dense stream's mean square there, as the RMSNorm "
+                          "reading it sees it; the attention-sink token's stream is ~100x the others', and "
+                          "unweighted it rules the fit: SmolLM2 heads alone 2200 vs 492, docs/RECONSTRUCTION.md) or "
+                          "uniform."},
     )  # fmt: skip
     reconstruct_damp: float = field(
         default=0.1,
@@ -465,6 +484,15 @@ class PruneConfig:
         if self.reconstruct_target not in RECONSTRUCT_TARGETS:
             raise ValueError(f"--reconstruct_target {self.reconstruct_target!r} is not one of "
                              f"{', '.join(RECONSTRUCT_TARGETS)}")  # fmt: skip
+        if self.reconstruct_writers not in RECONSTRUCT_WRITERS:
+            raise ValueError(f"--reconstruct_writers {self.reconstruct_writers!r} is not one of "
+                             f"{', '.join(RECONSTRUCT_WRITERS)}")  # fmt: skip
+        if self.reconstruct_weighting not in RECONSTRUCT_WEIGHTINGS:
+            raise ValueError(f"--reconstruct_weighting {self.reconstruct_weighting!r} is not one of "
+                             f"{', '.join(RECONSTRUCT_WEIGHTINGS)}")  # fmt: skip
+        if self.reconstruct_writers == "all" and (self.reconstruct != "ls" or self.reconstruct_target != "dense"):
+            raise ValueError("--reconstruct_writers all refits towards the dense stream: it needs --reconstruct ls "
+                             "and --reconstruct_target dense")  # fmt: skip
         if self.reconstruct != "none" and self.reconstruct_target == "own" and "hidden" in self.parts:
             raise ValueError("--reconstruct_target own runs the unpruned layer on the pruned stream, which needs the "
                              "full hidden width; with hidden in --prune_parts use --reconstruct_target dense")

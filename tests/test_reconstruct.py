@@ -55,11 +55,12 @@ def inputs_of(model, path: str, layer: int, windows=WINDOWS) -> torch.Tensor:
     return torch.cat([s.reshape(-1, s.shape[-1]) for s in seen])
 
 
-def explicit_refit(sliced, y, x_p, damp):
-    """(Y^T X' + lam W_s)(X'^T X' + lam I)^-1 with an explicit inverse, fp64."""
-    g = x_p.t() @ x_p
+def explicit_refit(sliced, y, x_p, damp, weight=None):
+    """(Y^T D X' + lam W_s)(X'^T D X' + lam I)^-1 with an explicit inverse, fp64; D = diag(weight) (None: I)."""
+    d = torch.diag(torch.ones(len(x_p), dtype=x_p.dtype) if weight is None else weight)
+    g = x_p.t() @ d @ x_p
     lam = damp * torch.diagonal(g).mean()
-    return (y.t() @ x_p + lam * sliced) @ torch.linalg.inv(g + lam * torch.eye(len(g), dtype=g.dtype))
+    return (y.t() @ d @ x_p + lam * sliced) @ torch.linalg.inv(g + lam * torch.eye(len(g), dtype=g.dtype))
 
 
 def stream(model, layer: int, where: str) -> torch.Tensor:
@@ -89,7 +90,8 @@ def test_refit_equals_an_independent_least_squares_solve_layer_after_layer(targe
     dense, pruned, mlp_keep, kept = pruned_pair(mix)
     plain = copy.deepcopy(pruned)
     layout = layout_of(dense, "heads")
-    reconstruct(dense, pruned, mlp_keep, kept, layout, "ls", target, 0.01, WINDOWS, batch_size=2, progress=False)
+    reconstruct(dense, pruned, mlp_keep, kept, layout, "ls", target, 0.01, WINDOWS, batch_size=2, progress=False,
+                weighting="uniform")  # fmt: skip
     hd = dense.config.hidden_size // dense.config.num_attention_heads
     for layer in range(2):
         heads = (kept[f"heads.layer.{layer}"].unsqueeze(1) * hd + torch.arange(hd)).reshape(-1)
@@ -109,6 +111,63 @@ def test_refit_equals_an_independent_least_squares_solve_layer_after_layer(targe
                                        msg=f"layer {layer} {path}")  # fmt: skip
             before = dict(decoder_layers(plain)[layer].named_modules())[path].weight.detach()
             assert (got - before).abs().max() > 1e-6  # the refit moved the weights
+
+
+@pytest.mark.parametrize("writers", ["pruned", "all"])
+def test_all_writers_also_refit_the_o_proj_that_lost_nothing(writers):
+    """MLP neurons only: o_proj lost no input. --reconstruct_writers pruned leaves it as it was; all refits it
+    towards the dense stream right after attention, from the pruned stream as it was then."""
+    dense, pruned, mlp_keep, kept = pruned_pair(Mix(30))
+    plain = copy.deepcopy(pruned)
+    reconstruct(dense, pruned, mlp_keep, kept, layout_of(dense, "heads"), "ls", "dense", 0.01, WINDOWS,
+                batch_size=2, progress=False, writers=writers, weighting="uniform")  # fmt: skip
+    for layer in range(2):
+        got = decoder_layers(pruned)[layer].self_attn.o_proj.weight.detach()
+        before = decoder_layers(plain)[layer].self_attn.o_proj.weight.detach()
+        if writers == "pruned":
+            assert torch.equal(got, before)
+            continue
+        x_p = inputs_of(pruned, "self_attn.o_proj", layer)
+        y = stream(dense, layer, "mid") - stream(pruned, layer, "in")
+        torch.testing.assert_close(got, explicit_refit(before, y, x_p, 0.01), rtol=1e-9, atol=1e-11)
+        if layer > 0:  # the first layer's attention sees the dense stream: nothing to repair there
+            assert (got - before).abs().max() > 1e-6
+
+
+def test_rms_weighting_weights_each_token_by_the_dense_streams_mean_square():
+    """--reconstruct_weighting rms: a writer's refit is the weighted least squares with each token weighted by
+    1 / mean square of the dense stream right after the write."""
+    mix = Mix(30, StructureSizes(heads_keep=2))
+    dense, pruned, mlp_keep, kept = pruned_pair(mix)
+    reconstruct(dense, pruned, mlp_keep, kept, layout_of(dense, "heads"), "ls", "dense", 0.01, WINDOWS,
+                batch_size=2, progress=False, weighting="rms")  # fmt: skip
+    layer = 1
+    x_p = inputs_of(pruned, "mlp.down_proj", layer)
+    module = decoder_layers(pruned)[layer].mlp.down_proj
+    after = stream(dense, layer, "out")
+    y = after - stream(pruned, layer, "mid") - module.bias.detach()
+    w = decoder_layers(dense)[layer].mlp.down_proj.weight.detach()[:, mlp_keep[layer]]
+    weight = 1 / after.pow(2).mean(-1)
+    torch.testing.assert_close(module.weight.detach(), explicit_refit(w, y, x_p, 0.01, weight), rtol=1e-9,
+                               atol=1e-11)  # fmt: skip
+    assert not torch.allclose(module.weight.detach(), explicit_refit(w, y, x_p, 0.01), rtol=1e-6, atol=1e-8)
+
+
+def test_bias_adds_flaps_mean_of_the_lost_output():
+    """--reconstruct bias (even with dense targets): down_proj's bias gains FLAP's W[:, removed] mean(x_removed),
+    x the dense layer's input to it on the pruned stream (W x - W_s x'), not the stream's error."""
+    dense, pruned, mlp_keep, kept = pruned_pair(Mix(30))
+    before = [decoder_layers(pruned)[i].mlp.down_proj.bias.detach().clone() for i in range(2)]
+    reconstruct(dense, pruned, mlp_keep, kept, layout_of(dense, "heads"), "bias", "dense", 0.01, WINDOWS,
+                batch_size=2, progress=False)  # fmt: skip
+    for layer in range(2):
+        w = decoder_layers(dense)[layer].mlp.down_proj.weight.detach()
+        x_own, x_p = own_inputs(dense, pruned, layer, "mlp.down_proj"), inputs_of(pruned, "mlp.down_proj", layer)
+        torch.testing.assert_close(x_own[:, mlp_keep[layer]], x_p)  # the kept neurons see what they saw
+        removed = torch.tensor(sorted(set(range(w.shape[1])) - set(mlp_keep[layer].tolist())))
+        shift = x_own[:, removed].mean(0) @ w[:, removed].t()
+        got = decoder_layers(pruned)[layer].mlp.down_proj.bias.detach()
+        torch.testing.assert_close(got, before[layer] + shift, rtol=1e-9, atol=1e-11)
 
 
 def own_inputs(dense, pruned, layer, path):
@@ -147,7 +206,8 @@ def test_the_folded_layer_map_equals_the_explicit_h_plus_mt_path():
     kept = {"layers": torch.tensor([0, 2])}
     pruned = sliced_copy(dense, Mix(None, StructureSizes(layers_remove=1)), None, kept)
     unfolded = copy.deepcopy(pruned)
-    reconstruct(dense, pruned, None, kept, layout_of(dense, "heads"), "ls", "dense", 0.0, WINDOWS, progress=False)
+    reconstruct(dense, pruned, None, kept, layout_of(dense, "heads"), "ls", "dense", 0.0, WINDOWS, progress=False,
+                weighting="uniform")  # fmt: skip
     # the explicit path on the unfolded copy: M and a from its layer 0, y from the dense model after layer 1
     m_out, h_out = [], []
     mlp = decoder_layers(unfolded)[0].mlp
@@ -212,7 +272,8 @@ def run_prune(tmp_path, origin, out, *args):
                                              ("ls", ["--prune_parts", "hidden", "--hidden_keep", "28"]),
                                              ("bias", ["--prune_parts", "mlp,heads,layers", "--pruning_ratio", "0.1",
                                                        "--heads_keep", "2", "--layers_remove", "1"]),
-                                             ("ls", ["--pruning_ratio", "0.1,0.2"])])  # fmt: skip
+                                             ("ls", ["--pruning_ratio", "0.1,0.2", "--reconstruct_writers",
+                                                     "all"])])  # fmt: skip
 def test_prune_py_reconstructs_and_the_saved_model_reloads_as_it_was_scored(tmp_path, tiny_llama_dir, mode, parts):
     """The perplexity after (measured in the run on the reconstructed model) equals the reloaded folder's: the
     folder holds what was reconstructed, with plain from_pretrained (a bias mode sets the config key)."""
@@ -276,6 +337,10 @@ def test_search_rescores_its_best_candidates_after_reconstruction(tmp_path, tiny
     ("llama", ["--prune_parts", "hidden", "--hidden_keep", "28", "--reconstruct", "ls", "--reconstruct_target",
                "own"], "needs the full hidden width"),
     ("llama", ["--pruning_ratio", "0.1", "--reconstruct", "refit"], "is not one of none, bias, ls"),
+    ("llama", ["--pruning_ratio", "0.1", "--reconstruct", "bias", "--reconstruct_writers", "all"],
+     "needs --reconstruct ls and --reconstruct_target dense"),
+    ("llama", ["--pruning_ratio", "0.1", "--reconstruct", "ls", "--reconstruct_weighting", "norm"],
+     "is not one of uniform, rms"),
     ("llama", ["--pruning_ratio", "0.1", "--reconstruct_damp", "0.05"], "does not combine with --reconstruct_damp"),
 ])  # fmt: skip
 def test_bad_reconstruction_input_is_one_line(tmp_path, tiny_tokenizer, capsys, family, args, message):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -134,7 +135,6 @@ def main() -> int:
     cfg["tokenizer"] = tokenizer
     model = make_prune_model(model)
     start = time.perf_counter()
-    calibration_seconds = 0.0
     with torch.no_grad():
         model.eval()
         if "calib" in cfg["prune_method"]:  # test_model.run_calibration: the history from the windows
@@ -144,10 +144,11 @@ def main() -> int:
             cfg["calibration_stage"] = False
         calibration_seconds = time.perf_counter() - start
         evaluation = batches(windows["evaluation"], cfg["batch_size"])
-        nll, count, seconds = 0.0, 0, 0.0
+        nll, count, seconds, pads_seen = 0.0, 0, 0.0, False
         for index, batch in enumerate([evaluation[0], *evaluation]):  # test_model.test: a warm-up batch first
             pad = batch["input_ids"] == cfg["pad_token_id"]  # test_model.identify_pad_tokens
             cfg["pad_tokens"] = pad if pad.any() else None
+            pads_seen = pads_seen or bool(pad.any())
             cfg["nonpad_tokens_denominator"] = (pad.logical_not().sum(0).unsqueeze(1) + 1e-3) if pad.any() else None
             cfg["cur_batch_index"] += 1
             tick = time.perf_counter()
@@ -163,11 +164,13 @@ def main() -> int:
             count += ids[:, 1:].numel()
     result = {"control": control, "ppl": float(torch.tensor(nll / count).exp()), "eval_seconds": seconds,
               "calibration_seconds": calibration_seconds, "pad_token_id": cfg["pad_token_id"],
-              "pad_tokens_seen": bool(any((b["input_ids"] == cfg["pad_token_id"]).any() for b in evaluation)),
+              "pad_tokens_seen": pads_seen,
               "windows": {k: list(v.shape) for k, v in windows.items()}}  # fmt: skip
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result))
+    os.chdir(os.path.dirname(out))
+    shutil.rmtree(work, ignore_errors=True)  # the linked model copy and the release's output folders
     return 0
 
 

@@ -67,9 +67,7 @@ def measure(cfg: ProbeReferenceConfig) -> dict:
     cfg.model = model_or_default(cfg.model)
     rows = Rows(cfg)
     tokenizer = load_tokenizer(cfg.model, "--model")
-    windows_path = rows.dir / "windows.pt"
-    torch.save({"calibration": c4_windows(cfg, tokenizer, cfg.calib_windows, cfg.calib_seq_len),
-                "evaluation": evaluation_windows(cfg, tokenizer)}, windows_path)  # fmt: skip
+    windows_path = rows.dir / "windows.pt"  # the driver's input; the run's key fixes it, so written once
     batch = cfg.batch_list[0]
     for parts in [p for p in cfg.parts.split(",") if p.strip()]:
         for ratio in cfg.ratio_list:
@@ -78,6 +76,11 @@ def measure(cfg: ProbeReferenceConfig) -> dict:
                 continue
             # "llama" in the name selects its Llama code paths; the checkpoint is SmolLM2's
             control = control_name("llama-smollm2", batch, cfg.ppl_seq_len, ratio, cfg.calib_windows, parts)
+            if not windows_path.is_file():
+                partial = windows_path.with_suffix(".partial")
+                torch.save({"calibration": c4_windows(cfg, tokenizer, cfg.calib_windows, cfg.calib_seq_len),
+                            "evaluation": evaluation_windows(cfg, tokenizer)}, partial)  # fmt: skip
+                partial.replace(windows_path)
             out = rows.dir / "run.json"
             start = time.perf_counter()
             args = [cfg.python, str(DRIVER), cfg.probe_repo, cfg.model, str(windows_path), control, str(out)]

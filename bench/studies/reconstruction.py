@@ -38,6 +38,9 @@ from utils.perplexity import perplexity  # noqa: E402
 from utils.report import versions  # noqa: E402
 
 STRUCTURES = ("heads", "layers", "hidden")
+# a row's mode -> --reconstruct, --reconstruct_writers, --reconstruct_weighting
+MODES = {"none": ("none", "pruned", "uniform"), "bias": ("bias", "pruned", "uniform"),
+         "ls": ("ls", "pruned", "uniform"), "ls_rms": ("ls", "pruned", "rms"), "ls_all": ("ls", "all", "uniform")}
 TARGETS = {0.2: {"mlp": 55.0, "mix": 50.0}, 0.3: {"mlp": 110.0, "mix": 110.0}}  # the issue's, WikiText-2 ppl
 
 
@@ -49,7 +52,9 @@ class ReconstructionStudyConfig(EvaluatedStudyConfig):
     ratios: str = field(default="0.2,0.3", metadata={"help": "Shares of all parameters (MLP rows and the mix)."})
     seeds: str = field(default="0,1", metadata={"help": "Calibration seeds."})
     criteria: str = field(default="entropy,entropy_wanda,wanda_sp", metadata={"help": "Criteria of the MLP rows."})
-    modes: str = field(default="none,bias,ls", metadata={"help": "--reconstruct settings."})
+    modes: str = field(default="none,bias,ls,ls_rms,ls_all", metadata={
+        "help": "--reconstruct settings (ls_rms: ls with --reconstruct_weighting rms; ls_all: with "
+                "--reconstruct_writers all)."})  # fmt: skip
     structures: str = field(default="heads,layers,hidden", metadata={"help": "Structures alone ('' = none)."})
     heads_keep: int = field(default=3, metadata={"help": "Key/value groups kept of the heads row (STRUCTURES.md)."})
     layers_remove: int = field(default=4, metadata={"help": "Layers removed in the layers row (STRUCTURES.md)."})
@@ -87,6 +92,8 @@ class ReconstructionStudyConfig(EvaluatedStudyConfig):
         self.structure_list = [s.strip() for s in self.structures.split(",") if s.strip()]
         if set(self.structure_list) - set(STRUCTURES):
             raise ValueError(f"--structures: valid are {', '.join(STRUCTURES)}")
+        if set(self.mode_list) - set(MODES):
+            raise ValueError(f"--modes: valid are {', '.join(MODES)}")
         if self.zero_shot not in ("all", "main"):
             raise ValueError(f"--zero_shot {self.zero_shot!r} is not all or main")
 
@@ -110,8 +117,9 @@ class Row:
 
     def zero_shot(self, cfg: ReconstructionStudyConfig) -> bool:
         """Whether the row gets the zero-shot evaluation (--zero_shot main: the rows the issue's table compares)."""
-        main = (self.seed == cfg.seed_list[0] and self.mode in ("none", "ls") and self.criterion != "entropy_wanda"
-                and self.criterion != "wanda_sp" and (self.target, self.damp) == (cfg.target, cfg.damp))  # fmt: skip
+        main = (self.seed == cfg.seed_list[0] and self.mode in ("none", "ls", "ls_all")
+                and self.criterion not in ("entropy_wanda", "wanda_sp")
+                and (self.target, self.damp) == (cfg.target, cfg.damp))  # fmt: skip
         return cfg.zero_shot == "all" or main
 
     @property
@@ -130,9 +138,11 @@ class Row:
             size = {"heads": ("--heads_keep", cfg.heads_keep), "layers": ("--layers_remove", cfg.layers_remove),
                     "hidden": ("--hidden_keep", cfg.hidden_keep)}[self.part]  # fmt: skip
             parts = ["--prune_parts", self.part, size[0], str(size[1])]
-        recon = [] if self.mode == "none" else ["--reconstruct", self.mode, "--reconstruct_target", self.target,
-                                                "--reconstruct_damp", str(self.damp), "--reconstruct_samples",
-                                                str(cfg.reconstruct_samples)]  # fmt: skip
+        mode, writers, weighting = MODES[self.mode]
+        recon = [] if mode == "none" else ["--reconstruct", mode, "--reconstruct_writers", writers,
+                                           "--reconstruct_weighting", weighting, "--reconstruct_target", self.target,
+                                           "--reconstruct_damp", str(self.damp), "--reconstruct_samples",
+                                           str(cfg.reconstruct_samples)]  # fmt: skip
         return ["--origin_path", cfg.model, "--criterion", self.criterion, *parts, *recon, "--calib_dataset",
                 str(Path(cfg.data_dir) / cfg.calib_file), "--calib_samples", str(cfg.calib_samples), "--seq_len",
                 str(cfg.seq_len), "--seed", str(self.seed), "--batch_size", "4", "--importance_cache",
@@ -230,7 +240,10 @@ def render(rows: list[dict], context: dict, cfg: ReconstructionStudyConfig) -> s
         f"WikiText-2: the first {cfg.ppl_windows} windows of {cfg.ppl_seq_len} tokens; C4: {cfg.c4_windows} held-out "
         f"windows of {cfg.c4_seq_len} tokens from documents no calibration draw used; zero-shot: the average over "
         f"{len(dense['tasks'])} offline tasks, their first {cfg.limit} items. Dense: WikiText-2 "
-        f"**{dense['ppl']:.2f}**, C4 {dense['c4_ppl']:.2f}, zero-shot {cell([dense], 'avg', 2)}.",
+        f"**{dense['ppl']:.2f}**, C4 {dense['c4_ppl']:.2f}, zero-shot {cell([dense], 'avg', 2)}. Modes: none (the "
+        f"units dropped), bias (FLAP's mean of each consumer's lost output in a bias), ls (the least-squares "
+        f"refit, --reconstruct_weighting uniform), ls_rms (ls with the default --reconstruct_weighting rms), ls_all "
+        f"(ls, uniform, --reconstruct_writers all).",
         "",
         "| ratio | rows | mode | WikiText-2 ppl | C4 ppl | zero-shot avg | gap closed (log ppl) | refit s |",
         "|---|---|---|---|---|---|---|---|",
@@ -289,13 +302,15 @@ def verdict(rows: list[dict], cfg: ReconstructionStudyConfig) -> list[str]:
     out = ["## Targets (WikiText-2 perplexity, entropy, every seed)", ""]
     for ratio, targets in TARGETS.items():
         for part, target in targets.items():
-            got = [r for r in rows if r.get("part") == part and r.get("ratio") == ratio and r.get("mode") == "ls"
-                   and r.get("criterion") == "entropy" and (r.get("target"), r.get("damp")) == (cfg.target, cfg.damp)]
-            if not got:
-                continue
-            worst = max(r["ppl"] for r in got)
-            state = "met" if worst <= target else f"missed by {worst - target:.1f}"
-            out.append(f"- {ratio:g}, {part}, ls: {cell(got, 'ppl')} against <= {target:g}: **{state}**.")
+            for mode in [m for m in cfg.mode_list if MODES[m][0] == "ls"]:
+                got = [r for r in rows if r.get("part") == part and r.get("ratio") == ratio and r.get("mode") == mode
+                       and r.get("criterion") == "entropy"
+                       and (r.get("target"), r.get("damp")) == (cfg.target, cfg.damp)]  # fmt: skip
+                if not got:
+                    continue
+                worst = max(r["ppl"] for r in got)
+                state = "met" if worst <= target else f"missed by {worst - target:.1f}"
+                out.append(f"- {ratio:g}, {part}, {mode}: {cell(got, 'ppl')} against <= {target:g}: **{state}**.")
     return out
 
 

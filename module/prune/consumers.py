@@ -34,8 +34,9 @@ def set_weight_out_in(module: nn.Module, w: torch.Tensor) -> None:
 
 
 def stages_of(dense_layer_index: int, mlp_keep, kept: dict, layout: Layout | None, mlp_path: str,
-              dense_config, bias_mode: bool) -> list[list[Consumer]]:  # fmt: skip
-    """The consumers of one kept layer, grouped by the input they share, in forward order."""
+              dense_config, bias_mode: bool, all_writers: bool = False) -> list[list[Consumer]]:  # fmt: skip
+    """The consumers of one kept layer, grouped by the input they share, in forward order; `all_writers`: also
+    the writers of the residual stream (o_proj, the MLP output) that lost nothing, so they repair the stream."""
     i = dense_layer_index
     hidden = kept.get("hidden")
     neurons = mlp_keep[i] if mlp_keep is not None else None
@@ -49,11 +50,12 @@ def stages_of(dense_layer_index: int, mlp_keep, kept: dict, layout: Layout | Non
     if layout is not None and reshape:
         q, k, v = (f"{layout.attention}.{n}" for n in (layout.query, layout.key, layout.value))
         stages.append([Consumer(q, q_rows, hidden), Consumer(k, kv_rows, hidden), Consumer(v, kv_rows, hidden)])
-    if layout is not None and (heads is not None or reshape):
+    writers = all_writers and layout is not None
+    if layout is not None and (heads is not None or reshape or writers):
         stages.append([Consumer(f"{layout.attention}.{layout.output}", hidden, heads)])
     if layout is not None and reshape:
         stages.append([Consumer(p, neurons, hidden) for p in layout.mlp_inputs])
-    if neurons is not None or reshape:
+    if neurons is not None or reshape or writers:
         stages.append([Consumer(mlp_path, hidden, neurons)])
     return stages
 

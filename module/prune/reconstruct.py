@@ -45,6 +45,8 @@ from utils.report import peak_memory_bytes, reset_peak_memory
 log = logging.getLogger("hfprune")
 MODES = ("none", "bias", "ls")
 TARGETS = ("dense", "own")
+WRITERS = ("pruned", "all")
+WEIGHTINGS = ("uniform", "rms")
 REFIT_BATCH = 8  # windows per forward of the refit at least: no gradients, and per-call overhead dominates on CPU
 
 
@@ -81,12 +83,17 @@ class Reconstructor:
 
     def __init__(self, dense: nn.Module, pruned: nn.Module, mlp_keep, kept: dict, layout: Layout | None,
                  mode: str, target: str, damp: float, windows: torch.Tensor, batch_size: int = 1,
-                 store: str | None = None, progress: bool = True):  # fmt: skip
+                 store: str | None = None, progress: bool = True, writers: str = "pruned",
+                 weighting: str = "rms"):  # fmt: skip
         if target == "own" and "hidden" in kept:
             raise UserError("--reconstruct_target own needs the full hidden width (the unpruned layer runs on the "
                             "pruned stream); with hidden channels removed use --reconstruct_target dense")  # fmt: skip
         self.dense, self.pruned, self.mlp_keep, self.kept, self.layout = dense, pruned, mlp_keep, kept, layout
+        if writers == "all" and (mode != "ls" or target != "dense"):
+            raise UserError("--reconstruct_writers all needs --reconstruct ls and --reconstruct_target dense")
         self.mode, self.target, self.damp, self.progress = mode, target, damp, progress
+        self.all_writers = writers == "all" and layout is not None  # the layout says where the writers are
+        self.rms_weights = weighting == "rms"
         self.n_dense = len(decoder_layers(dense))
         self.kept_layers = kept["layers"].tolist() if "layers" in kept else list(range(self.n_dense))
         self.mlp_path = mlp_output_path(dense, layout)
@@ -111,12 +118,16 @@ class Reconstructor:
     def _stage(self, i: int, j: int, consumers: list[Consumer]) -> None:
         """Refit the consumers of one stage (they share their input). Target of a consumer: the unpruned
         consumer on the reference input (the dense model's, or the dense layer's on the pruned stream); for a
-        writer of the residual stream with dense targets, its current output plus the stream's error right after
-        it, so the refit also repairs what the layers below left (the layout says where the stream is)."""
+        writer of the residual stream refit by ls with dense targets (with --reconstruct_writers all: every
+        writer, pruned or not), its current output plus the stream's error right after it, so the refit also
+        repairs what the layers below left (the layout says where the stream is)."""
         dense_layer, pruned_layer = decoder_layers(self.dense)[i], decoder_layers(self.pruned)[j]
         d_mods = [submodule(dense_layer, c.path) for c in consumers]
         p_mods = [submodule(pruned_layer, c.path) for c in consumers]
-        writer = self.target == "dense" and self.layout is not None and consumers[0].path in self.writers
+        # bias: FLAP's mean of the consumer's own lost output; the mean of the stream's error instead broke the
+        # model (SmolLM2, 20% MLP: 1337 perplexity, 1029 with rms weights)
+        writer = (self.target == "dense" and self.mode == "ls" and self.layout is not None
+                  and consumers[0].path in self.writers)  # fmt: skip
         after = self._after_write(consumers[0].path) if writer else None
         stop_d = None if writer and after is None else submodule(dense_layer, after) if writer else d_mods[0]
         stop_p = None if writer and after is None else submodule(pruned_layer, after) if writer else p_mods[0]
@@ -131,7 +142,10 @@ class Reconstructor:
         sliced = [w if c.cols is None else w[:, c.cols.to(w.device)] for c, w in zip(consumers, outputs)]
         stats = [PairStats.zeros(w.shape[0], w.shape[1], w.device, gram=self.mode == "ls", dtype=self.acc)
                  for w in sliced]  # fmt: skip
-        ref_stream = self.x_d if self.target == "dense" else self.x_p
+        # bias always takes FLAP's mean on the pruned stream, W[:, removed] mean(x_removed): with the dense stream
+        # as reference the kept inputs' mismatch at the attention-sink token (~100x the others) rules the mean
+        # (SmolLM2, 20% MLP: 2766 perplexity against 85.9 without compensation)
+        ref_stream = self.x_d if self.target == "dense" and self.mode == "ls" else self.x_p
         hidden = self.kept.get("hidden")
         try:
             for xr, xp in zip(ref_stream, self.x_p):
@@ -144,9 +158,9 @@ class Reconstructor:
                         after_p = pa_slot[0] if after is not None else out_p
                         after_d = after_d if hidden is None else after_d[..., hidden.to(after_d.device)]
                         y = x_p.to(w_s.dtype) @ w_s.t() + (after_d - after_p).to(w_s.dtype)
+                        st.add(y, x_p, self._token_weight(after_d))
                     else:
-                        y = d_slot[0].to(w.dtype) @ w.t()
-                    st.add(y, x_p)
+                        st.add(d_slot[0].to(w.dtype) @ w.t(), x_p)
         finally:
             for h in handles:
                 h.remove()
@@ -163,6 +177,15 @@ class Reconstructor:
         W_s takes the kept columns of this)."""
         w = weight_out_in(dense_module).detach()
         return w if c.rows is None else w[c.rows.to(w.device)]
+
+    def _token_weight(self, stream: torch.Tensor) -> torch.Tensor | None:
+        """With --reconstruct_weighting rms: each token's error on the residual stream relative to the stream's
+        mean square there (the RMSNorm that reads the stream divides by its RMS, so an error matters in
+        proportion to it; the attention-sink token, whose stream is ~100x the others', would otherwise dominate
+        the fit). None: every token counts the same."""
+        if not self.rms_weights:
+            return None
+        return 1.0 / stream.detach().to(self.acc).pow(2).mean(-1).clamp_min(torch.finfo(self.acc).tiny)
 
     # -- removed layers: one map folded into the layer before --------------------------------------------
     def _layer_map(self, i: int, j: int, run: list[int]) -> None:
@@ -188,7 +211,7 @@ class Reconstructor:
                         y = _run(dense_layers[r], y, self.kw_d[len(y)][r])
                     if hidden is not None:
                         y = y[..., hidden.to(y.device)]
-                stats.add(m, y.to(h.device) - (h - m))
+                stats.add(m, y.to(h.device) - (h - m), self._token_weight(y))
         finally:
             handle.remove()
         stats.layers = run
@@ -198,7 +221,7 @@ class Reconstructor:
             if getattr(down, "bias", None) is not None:
                 down.bias.data = (t.t() @ down.bias.detach().double()).to(down.bias.dtype)
         else:
-            down.bias.data += (stats.shift_sum / max(stats.tokens, 1)).to(down.bias.dtype)
+            down.bias.data += (stats.shift_sum / (stats.weight_sum or 1.0)).to(down.bias.dtype)
         self.report["layer_maps"] += 1
 
     # -- the walk ---------------------------------------------------------------------------------------
@@ -230,7 +253,7 @@ class Reconstructor:
         try:
             for j, i in enumerate(self.kept_layers):
                 for consumers in stages_of(i, self.mlp_keep, self.kept, self.layout, self.mlp_path, dense_config,
-                                           self.mode == "bias"):  # fmt: skip
+                                           self.mode == "bias", self.all_writers):  # fmt: skip
                     self._stage(i, j, consumers)
                 run = runs.get(i, [])
                 if run:
@@ -244,7 +267,7 @@ class Reconstructor:
 
 def reconstruct(dense: nn.Module, pruned: nn.Module, mlp_keep, kept: dict, layout: Layout | None, mode: str,
                 target: str, damp: float, windows: torch.Tensor, batch_size: int = 1, store: str | None = None,
-                progress: bool = True) -> dict:  # fmt: skip
+                progress: bool = True, writers: str = "pruned", weighting: str = "rms") -> dict:  # fmt: skip
     """Refit `pruned` (a sliced copy of `dense` with kept sets `mlp_keep`/`kept`, dense numbering) in place; the
     report: seconds, peak memory, how many consumers and layer maps were refit."""
     device = dense.get_input_embeddings().weight.device
@@ -255,14 +278,15 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, mlp_keep, kept: dict, layou
     pruned.eval()
     try:
         report = Reconstructor(dense, pruned, mlp_keep, kept, layout, mode, target, damp, windows, batch_size, store,
-                               progress).run()  # fmt: skip
+                               progress, writers, weighting).run()  # fmt: skip
     finally:
         dense.train(was[0])
         pruned.train(was[1])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return {**report, "mode": mode, "target": target, "damp": damp, "windows": list(windows.shape),
-            "seconds": time.perf_counter() - start, "peak_memory_bytes": peak_memory_bytes(device)}
+    return {**report, "mode": mode, "target": target, "writers": writers, "weighting": weighting, "damp": damp,
+            "windows": list(windows.shape), "seconds": time.perf_counter() - start,
+            "peak_memory_bytes": peak_memory_bytes(device)}
 
 
 @dataclass(frozen=True)
@@ -277,12 +301,14 @@ class Settings:
     store: str | None = None
     progress: bool = True
     trust_remote_code: bool = False
+    writers: str = "pruned"
+    weighting: str = "rms"
 
     @classmethod
     def of(cls, cfg, windows: torch.Tensor | None) -> Settings:
         return cls(cfg.reconstruct, cfg.reconstruct_target, cfg.reconstruct_damp, windows,
-                   max(cfg.batch_size, REFIT_BATCH),
-                   "cpu" if cfg.offload_inputs else None, cfg.progress, cfg.trust_remote_code)  # fmt: skip
+                   max(cfg.batch_size, REFIT_BATCH), "cpu" if cfg.offload_inputs else None, cfg.progress,
+                   cfg.trust_remote_code, cfg.reconstruct_writers, cfg.reconstruct_weighting)  # fmt: skip
 
     @property
     def active(self) -> bool:
@@ -300,7 +326,8 @@ def reconstructed(dense: nn.Module, pruned: nn.Module, mlp_keep, kept: dict, set
         keys = add_biases(pruned, bias_paths(mlp_keep, kept, layout, mlp_output_path(dense, layout)),
                              settings.trust_remote_code)  # fmt: skip
     report = reconstruct(dense, pruned, mlp_keep, kept, layout, settings.mode, settings.target, settings.damp,
-                         settings.windows, settings.batch_size, settings.store, settings.progress)  # fmt: skip
+                         settings.windows, settings.batch_size, settings.store, settings.progress,
+                         settings.writers, settings.weighting)  # fmt: skip
     log.info("reconstruct (%s, %s targets): %d consumers refit, %d layer maps in %.1f s", settings.mode,
              settings.target, report["consumers_refit"], report["layer_maps"], report["seconds"])  # fmt: skip
     return {**report, "bias_keys_set": keys}

@@ -35,6 +35,7 @@ class PairStats:
     target_sum: torch.Tensor  # sum y    [n]
     pruned_sum: torch.Tensor  # sum x'   [m]
     tokens: int = 0
+    weight_sum: float = 0.0  # sum of the token weights (= tokens when unweighted)
 
     @classmethod
     def zeros(cls, n: int, m: int, device, gram: bool = True, dtype=torch.float32) -> PairStats:
@@ -42,16 +43,20 @@ class PairStats:
         z = lambda *s: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
         return cls(z(m, m) if gram else z(0, 0), z(n, m) if gram else z(0, 0), z(n), z(m))
 
-    def add(self, target: torch.Tensor, pruned: torch.Tensor) -> None:
-        """One batch: targets [..., n] and pruned inputs [..., m] of the same tokens in the same order."""
+    def add(self, target: torch.Tensor, pruned: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """One batch: targets [..., n] and pruned inputs [..., m] of the same tokens in the same order; `weight`
+        [...]: each token's weight in the fit (None: 1)."""
         y = target.detach().reshape(-1, target.shape[-1]).to(self.target_sum.dtype)
         xp = pruned.detach().reshape(-1, pruned.shape[-1]).to(y.dtype).to(y.device)
+        w = torch.ones(len(y), dtype=y.dtype, device=y.device) if weight is None else \
+            weight.detach().reshape(-1).to(y.dtype).to(y.device)  # fmt: skip
         if self.gram.numel():
-            self.gram += xp.t() @ xp
-            self.cross += y.t() @ xp
-        self.target_sum += y.sum(0)
-        self.pruned_sum += xp.sum(0)
+            self.gram += xp.t() @ (w[:, None] * xp)
+            self.cross += y.t() @ (w[:, None] * xp)
+        self.target_sum += w @ y
+        self.pruned_sum += w @ xp
         self.tokens += y.shape[0]
+        self.weight_sum += float(w.sum())
 
 
 def ridge(gram: torch.Tensor, damp: float) -> float:
@@ -89,9 +94,9 @@ def refit(sliced: torch.Tensor, stats: PairStats, damp: float, what: str = "cons
 
 
 def mean_shift(sliced: torch.Tensor, stats: PairStats) -> torch.Tensor:
-    """FLAP's compensation, for any target: the mean over tokens of y - W_s x' (for y = W x on an unchanged
-    stream and removed inputs R: W[:, R] mean(x_R)); to be added to the consumer's bias."""
-    n = max(stats.tokens, 1)
+    """FLAP's compensation, for any target: the (weighted) mean over tokens of y - W_s x' (for y = W x on an
+    unchanged stream and removed inputs R: W[:, R] mean(x_R)); to be added to the consumer's bias."""
+    n = stats.weight_sum or 1.0
     w_s = sliced.detach().double()
     return stats.target_sum.double().to(w_s.device) / n - w_s @ (stats.pruned_sum.double().to(w_s.device) / n)
 
@@ -104,6 +109,7 @@ class MapStats:
     cross: torch.Tensor  # sum M^T (y - a)
     shift_sum: torch.Tensor  # sum (y - a - M), for the bias variant
     tokens: int = 0
+    weight_sum: float = 0.0
     layers: list[int] = field(default_factory=list)
 
     @classmethod
@@ -111,14 +117,17 @@ class MapStats:
         z = lambda *s: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
         return cls(z(d, d), z(d, d), z(d))
 
-    def add(self, mlp_out: torch.Tensor, target: torch.Tensor) -> None:
-        """`mlp_out` M and `target` y - a (what M should become), [..., d] each."""
+    def add(self, mlp_out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """`mlp_out` M and `target` y - a (what M should become), [..., d] each; `weight` [...] per token."""
         m = mlp_out.detach().reshape(-1, mlp_out.shape[-1]).to(self.gram.dtype)
         y = target.detach().reshape(-1, target.shape[-1]).to(self.gram.dtype).to(m.device)
-        self.gram += m.t() @ m
-        self.cross += m.t() @ y
-        self.shift_sum += (y - m).sum(0)
+        w = torch.ones(len(m), dtype=m.dtype, device=m.device) if weight is None else \
+            weight.detach().reshape(-1).to(m.dtype).to(m.device)  # fmt: skip
+        self.gram += m.t() @ (w[:, None] * m)
+        self.cross += (w[:, None] * m).t() @ y
+        self.shift_sum += w @ (y - m)
         self.tokens += m.shape[0]
+        self.weight_sum += float(w.sum())
 
 
 def layer_map(stats: MapStats, damp: float, what: str = "removed layers") -> torch.Tensor:
