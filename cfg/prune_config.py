@@ -490,7 +490,8 @@ class PruneConfig:
         if self.reconstruct_weighting not in RECONSTRUCT_WEIGHTINGS:
             raise ValueError(f"--reconstruct_weighting {self.reconstruct_weighting!r} is not one of "
                              f"{', '.join(RECONSTRUCT_WEIGHTINGS)}")  # fmt: skip
-        if self.reconstruct_writers == "all" and (self.reconstruct != "ls" or self.reconstruct_target != "dense"):
+        if self.reconstruct_writers == "all" and self.reconstruct != "none" and (
+                self.reconstruct != "ls" or self.reconstruct_target != "dense"):  # (none: the flag does not combine)
             raise ValueError("--reconstruct_writers all refits towards the dense stream: it needs --reconstruct ls "
                              "and --reconstruct_target dense")  # fmt: skip
         if self.reconstruct != "none" and self.reconstruct_target == "own" and "hidden" in self.parts:

@@ -10,8 +10,11 @@ from the pruned, already refit layers below (layer-sequential, as our SparseGPT)
 consumer's output on the dense model's own inputs (`--reconstruct_target dense`: corrects upstream error too) or
 on the pruned stream (`own`: each layer only repairs itself; needs the full hidden width). A run of removed
 layers after kept layer i becomes one linear map on layer i's MLP output, folded into its down_proj (a leading run
-has no layer before it and is left without one). `bias` adds FLAP's mean compensation to biases instead (the
-family must have a bias there or a config key that adds one, e.g. Llama's mlp_bias/attention_bias).
+has no layer before it and is left without one). A fit towards the residual stream weights each token by 1 / the
+dense stream's mean square there (`--reconstruct_weighting rms`, the default: the first position's stream is ~100x
+the others' and would rule an unweighted fit). `bias` adds FLAP's mean compensation to biases instead, on the
+pruned stream (the family must have a bias there or a config key that adds one, e.g. Llama's
+mlp_bias/attention_bias).
 Every saved model still loads with plain `from_pretrained`.
 """
 
