@@ -26,6 +26,13 @@ import torch
 log = logging.getLogger("hfprune")
 
 
+def token_weights(weight: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Per-token weights [tokens] in the dtype and on the device of `like` [tokens, d] (None: all 1)."""
+    if weight is None:
+        return torch.ones(len(like), dtype=like.dtype, device=like.device)
+    return weight.detach().reshape(-1).to(like.dtype).to(like.device)
+
+
 @dataclass
 class PairStats:
     """Sums over calibration tokens of a consumer's target y [n] and pruned input x' [m]."""
@@ -48,11 +55,11 @@ class PairStats:
         [...]: each token's weight in the fit (None: 1)."""
         y = target.detach().reshape(-1, target.shape[-1]).to(self.target_sum.dtype)
         xp = pruned.detach().reshape(-1, pruned.shape[-1]).to(y.dtype).to(y.device)
-        w = torch.ones(len(y), dtype=y.dtype, device=y.device) if weight is None else \
-            weight.detach().reshape(-1).to(y.dtype).to(y.device)  # fmt: skip
+        w = token_weights(weight, y)
         if self.gram.numel():
-            self.gram += xp.t() @ (w[:, None] * xp)
-            self.cross += y.t() @ (w[:, None] * xp)
+            weighted = w[:, None] * xp
+            self.gram += xp.t() @ weighted
+            self.cross += y.t() @ weighted
         self.target_sum += w @ y
         self.pruned_sum += w @ xp
         self.tokens += y.shape[0]
@@ -121,10 +128,10 @@ class MapStats:
         """`mlp_out` M and `target` y - a (what M should become), [..., d] each; `weight` [...] per token."""
         m = mlp_out.detach().reshape(-1, mlp_out.shape[-1]).to(self.gram.dtype)
         y = target.detach().reshape(-1, target.shape[-1]).to(self.gram.dtype).to(m.device)
-        w = torch.ones(len(m), dtype=m.dtype, device=m.device) if weight is None else \
-            weight.detach().reshape(-1).to(m.dtype).to(m.device)  # fmt: skip
-        self.gram += m.t() @ (w[:, None] * m)
-        self.cross += (w[:, None] * m).t() @ y
+        w = token_weights(weight, m)
+        weighted = w[:, None] * m
+        self.gram += m.t() @ weighted
+        self.cross += weighted.t() @ y
         self.shift_sum += w @ (y - m)
         self.tokens += m.shape[0]
         self.weight_sum += float(w.sum())
