@@ -352,3 +352,46 @@ def test_eval_sh_sends_dynamic_folders_to_evaluate_py(tiny_deep_dir, tmp_path):
                           "--ppl", str(out)], capture_output=True, text=True)  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "evaluate.py --model" in run.stdout and "lm_eval --model" not in run.stdout
+
+
+def test_the_probe_studys_pruned_model_is_the_static_wrapper_cut_out_and_ls_refits_it():
+    from bench.studies.probe import pruned_model
+
+    model = tiny_model("llama")
+    dense = copy.deepcopy(model)
+    dense.set_attn_implementation("sdpa")
+    windows = torch.randint(3, 300, (16, 16), generator=torch.Generator().manual_seed(1))
+    history = calibrate(model, layout_of(model, "dynamic"), windows[:4], progress=False)
+    settings = ProbeSettings.of("history", ratio=0.25, skip_layers=1, multiple=1)  # 2 layers: the second half
+    wrapped_model = copy.deepcopy(dense)
+    attach(wrapped_model, settings, history)
+    ids = torch.randint(3, 300, (3, 12), generator=torch.Generator().manual_seed(2))
+
+    sliced, report = pruned_model(dense, settings, history, None, None)
+    refit, refit_report = pruned_model(dense, settings, history, None, windows)
+
+    widths = [layer.mlp.down_proj.in_features for layer in decoder_layers(sliced)]
+    assert report is None and widths[0] == 48 and set(widths[1:]) == {24}  # layer 0 whole, the others half
+    with torch.no_grad():
+        torch.testing.assert_close(sliced(ids).logits, wrapped_model(ids).logits, rtol=1e-5, atol=1e-5)
+        want = dense(windows).logits
+        error = {name: (m(windows).logits - want).pow(2).mean().item() for name, m in (("sliced", sliced),
+                                                                                      ("refit", refit))}
+    assert refit_report["consumers_refit"] > 0 and error["refit"] < error["sliced"]
+
+
+def test_the_probe_studys_random_windows_are_slices_of_the_test_stream_drawn_per_seed(tiny_tokenizer):
+    from bench.studies.probe import ProbeStudyConfig, evaluation_windows
+    from utils.perplexity import local_rows, text_windows
+
+    cfg = ProbeStudyConfig(data_dir=str(DATA), eval_windows="random", ppl_windows=3, ppl_seq_len=32)
+    stream = text_windows(tiny_tokenizer, local_rows("wikitext2", str(DATA)), 1).flatten().tolist()
+    text = " ".join(map(str, stream))
+
+    first, again, other = (evaluation_windows(cfg, tiny_tokenizer, s) for s in (0, 0, 1))
+
+    assert first.shape == (3, 32) and torch.equal(first, again) and not torch.equal(first, other)
+    assert all(" ".join(map(str, w.tolist())) in text for w in first)
+    consecutive = evaluation_windows(ProbeStudyConfig(data_dir=str(DATA), ppl_windows=2, ppl_seq_len=32),
+                                     tiny_tokenizer, 5)  # fmt: skip
+    assert consecutive.flatten().tolist() == stream[:64]

@@ -44,7 +44,7 @@ def test_probe_report_sets_our_pp_beside_the_released_code(tmp_path):
     path.write_text(json.dumps(published))
     pp = study.ARMS[0]
     heads = next(a for a in study.ARMS if a.key == "pp_heads")
-    ours = {study.row_name(pp, 0.2, 20): {"ppl": 51.0}, study.row_name(heads, 0.4, 20): {"ppl": 97.0}}
+    ours = {study.row_name(pp, 0.2, 20, 0): {"ppl": 51.0}, study.row_name(heads, 0.4, 20, 0): {"ppl": 97.0}}
     cfg = study.ProbeStudyConfig(published=str(path))
 
     lines = study.against_published(ours, cfg)
@@ -53,3 +53,29 @@ def test_probe_report_sets_our_pp_beside_the_released_code(tmp_path):
     assert rows == ["| 0.2 | mlp | 50.00 | 51.00 | +2.0% |", "| 0.4 | mlp+heads | 100.00 | 97.00 | -3.0% |"]
     assert "by hand" in lines
     assert study.against_published(ours, study.ProbeStudyConfig(published="")) == []
+
+
+def test_probe_report_averages_seeds_and_shows_the_zero_shot_rows():
+    pp = study.ARMS[0]
+    common = {"mlp_kept": 1216, "heads_kept": None, "probe_flops_share": 0.008}
+    rows = [
+        {"name": study.dense_name(20, 0), "ppl": 40.0, "seconds": 10.0},
+        {"name": study.dense_name(20, 1), "ppl": 44.0, "seconds": 20.0},
+        {"name": study.row_name(pp, 0.2, 20, 0), "ppl": 50.0, "seconds": 5.0, **common},
+        {"name": study.row_name(pp, 0.2, 20, 1), "ppl": 54.0, "seconds": 30.0, **common},
+        {"name": "zero-shot 200|dense|b20|s0", "arm": "dense", "ratio": 0.0, "seed": 0, "items": 200,
+         "batch": 20, "tasks": {"arc_easy": 50.0, "piqa": 60.0}, "avg": 55.0},
+        {"name": "zero-shot 200|dense|b20|s1", "arm": "dense", "ratio": 0.0, "seed": 1, "items": 200,
+         "batch": 20, "tasks": {"arc_easy": 52.0, "piqa": 62.0}, "avg": 57.0},
+        {"name": "zero-shot 25|dense|b20|s0", "arm": "dense", "ratio": 0.0, "seed": 0, "items": 25,
+         "batch": 20, "tasks": {"arc_easy": 10.0, "piqa": 10.0}, "avg": 10.0},  # fewer items: not shown
+    ]  # fmt: skip
+    cfg = study.ProbeStudyConfig(seeds="0,1", ratios="0.2", batch_sizes="20", published="")
+
+    lines = study.render(rows, {"model": "m"}, cfg).splitlines()
+
+    # ppl 52 ± std(50, 54); time: the mean of 5/10 and 30/20; dense 42 ± std(40, 44)
+    assert "| 0.2 | PP (probe + history) | 1216 neurons | 52.00 ± 2.83 | 1.00x | 0.8% |" in lines
+    assert any("Dense: batch 20 **42.00 ± 2.83**" in line for line in lines)
+    assert "| 0 | dense | 51.0 ± 1.4 | 61.0 ± 1.4 | 56.00 ± 1.41 |" in lines
+    assert any(line.startswith("## Zero-shot (200 items") for line in lines)

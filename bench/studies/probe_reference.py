@@ -48,6 +48,7 @@ class ProbeReferenceConfig(ProbeStudyConfig):
     parts: str = field(default="mlp,mlp+heads", metadata={"help": f"Pruned parts, of {', '.join(PARTS)}."})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not (Path(self.probe_repo) / ".git").exists():
             raise UserError(f"--probe_repo {self.probe_repo!r} is not a git checkout of Qi-Le1/Probe_Pruning")
         if not Path(self.python).is_file():
@@ -68,7 +69,7 @@ def measure(cfg: ProbeReferenceConfig) -> dict:
     rows = Rows(cfg)
     tokenizer = load_tokenizer(cfg.model, "--model")
     windows_path = rows.dir / "windows.pt"  # the driver's input; the run's key fixes it, so written once
-    batch = cfg.batch_list[0]
+    batch, seed = cfg.batch_list[0], cfg.seed_list[0]
     for parts in [p for p in cfg.parts.split(",") if p.strip()]:
         for ratio in cfg.ratio_list:
             name = f"published|{parts}|{ratio:g}|b{batch}"
@@ -78,8 +79,8 @@ def measure(cfg: ProbeReferenceConfig) -> dict:
             control = control_name("llama-smollm2", batch, cfg.ppl_seq_len, ratio, cfg.calib_windows, parts)
             if not windows_path.is_file():
                 partial = windows_path.with_suffix(".partial")
-                torch.save({"calibration": c4_windows(cfg, tokenizer, cfg.calib_windows, cfg.calib_seq_len),
-                            "evaluation": evaluation_windows(cfg, tokenizer)}, partial)  # fmt: skip
+                torch.save({"calibration": c4_windows(cfg, tokenizer, cfg.calib_windows, cfg.calib_seq_len, seed),
+                            "evaluation": evaluation_windows(cfg, tokenizer, seed)}, partial)  # fmt: skip
                 partial.replace(windows_path)
             out = rows.dir / "run.json"
             start = time.perf_counter()
@@ -88,7 +89,7 @@ def measure(cfg: ProbeReferenceConfig) -> dict:
             if res.returncode != 0:
                 raise RuntimeError(f"{' '.join(args)} failed:\n{res.stderr[-3000:]}")
             run = json.loads(out.read_text())
-            rows.save({"name": name, "parts": parts, "ratio": ratio, "batch": batch, "ppl": run["ppl"],
+            rows.save({"name": name, "parts": parts, "ratio": ratio, "batch": batch, "seed": seed, "ppl": run["ppl"],
                        "control": control, "eval_seconds": run["eval_seconds"],
                        "calibration_seconds": run["calibration_seconds"],
                        "run_seconds": time.perf_counter() - start})  # fmt: skip
