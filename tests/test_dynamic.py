@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import DATA, ROOT, tiny_model
+from conftest import DATA, ROOT, tiny_config, tiny_model
 
 from module.dynamic.folder import load_dynamic
 from module.dynamic.history import History, calibrate
@@ -395,3 +395,46 @@ def test_the_probe_studys_random_windows_are_slices_of_the_test_stream_drawn_per
     consecutive = evaluation_windows(ProbeStudyConfig(data_dir=str(DATA), ppl_windows=2, ppl_seq_len=32),
                                      tiny_tokenizer, 5)  # fmt: skip
     assert consecutive.flatten().tolist() == stream[:64]
+
+
+def test_the_probe_study_runs_end_to_end_and_resumes(tmp_path, tiny_tokenizer, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from bench.studies import probe as study
+
+    config = tiny_config("llama")
+    config.num_hidden_layers, config.intermediate_size, config.max_position_embeddings = 5, 256, 4096
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    path = tmp_path / "tiny-wide"
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    out = tmp_path / "docs" / "PROBE.md"
+    argv = ["--model", str(path), "--data_dir", str(DATA), "--out", str(out), "--work_dir", str(tmp_path / "work"),
+            "--seeds", "0,1", "--eval_windows", "random", "--ratios", "0.2", "--batch_sizes", "2", "--ppl_windows", "2",
+            "--ppl_seq_len", "16", "--calib_windows", "2", "--calib_seq_len", "16", "--refit_windows", "4",
+            "--prior_windows", "2", "--prior_seq_len", "16", "--arms", "pp,static_entropy,sliced_entropy,ls_entropy",
+            "--zero_shot_items", "2", "--zero_shot_arms", "pp", "--zero_shot_batch", "2", "--tasks", "arc_easy_local",
+            "--prefill_repeats", "1", "--published", ""]  # fmt: skip
+
+    assert study.main(argv) == 0
+
+    rows = {r["name"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    # per seed: dense, 4 arms, zero-shot dense and PP; the first seed: prefill of dense, PP, static PPsp, pruned
+    assert len(rows) == 2 * (1 + 4 + 2) + 4
+    for seed in (0, 1):
+        wrapped_row, cut = (rows[f"static entropy{cut}|0.2|b2|s{seed}"] for cut in ("", ", pruned model"))
+        assert cut["ppl"] == pytest.approx(wrapped_row["ppl"], rel=1e-4) and cut["params"] < wrapped_row["params"]
+        assert rows[f"static entropy + ls, pruned model|0.2|b2|s{seed}"]["refit_seconds"] > 0
+        assert set(rows[f"zero-shot 2|PP (probe + history)|0.2|b2|s{seed}"]["tasks"]) == {"arc_easy"}
+    assert rows["dense|b2|s0"]["ppl"] != rows["dense|b2|s1"]["ppl"]  # each seed draws its own windows
+    assert all(rows[f"prefill x1|{w}|b2|s0"]["median_seconds"] > 0 for w in ("dense", "PP (probe + history)|0.2"))
+    md = out.read_text()
+    assert "## CPU prefill of one batch" in md and "## Zero-shot (2 items per task" in md and " ± " in md
+
+    capsys.readouterr()
+    assert study.main([*argv, "--resume"]) == 0  # everything reused: nothing measured again
+    assert "|s0:" not in capsys.readouterr().out

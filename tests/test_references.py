@@ -79,3 +79,18 @@ def test_probe_report_averages_seeds_and_shows_the_zero_shot_rows():
     assert any("Dense: batch 20 **42.00 ± 2.83**" in line for line in lines)
     assert "| 0 | dense | 51.0 ± 1.4 | 61.0 ± 1.4 | 56.00 ± 1.41 |" in lines
     assert any(line.startswith("## Zero-shot (200 items") for line in lines)
+
+
+def test_probe_report_sets_prefill_times_against_dense_and_the_pruned_model():
+    pp, sliced = (next(a for a in study.ARMS if a.key == k) for k in ("pp", "sliced_entropy"))
+    timed = [("dense", 0.0, 2.0, 134.5e6), (pp.label, 0.2, 1.0, 134.5e6), (sliced.label, 0.2, 0.5, 120.0e6)]
+    rows = [{"name": f"prefill x3|{label}|{ratio:g}|b20|s0", "arm": label, "ratio": ratio, "seed": 0, "batch": 20,
+             "times": [seconds] * 3, "median_seconds": seconds, "params": params}
+            for label, ratio, seconds, params in timed]  # fmt: skip
+
+    lines = study.prefill_table(rows, study.ProbeStudyConfig(ratios="0.2"))
+
+    assert "| 0 | dense | 134.5M | 2.00 | 1.00x | – |" in lines
+    assert "| 0.2 | PP (probe + history) | 134.5M | 1.00 | 0.50x | 2.00x |" in lines
+    assert "| 0.2 | static entropy, pruned model | 120.0M | 0.50 | 0.25x | 1.00x |" in lines
+    assert study.prefill_table(rows, study.ProbeStudyConfig(seeds="1")) == []  # another seed's rows only

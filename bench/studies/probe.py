@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from statistics import mean
+from statistics import mean, median
 from typing import ClassVar
 
 import torch
@@ -116,6 +116,9 @@ class ProbeStudyConfig(EvaluatedStudyConfig):
                                 metadata={"help": "The arms scored zero-shot (lm_eval at --zero_shot_batch)."})
     zero_shot_batch: int = field(default=20, metadata={"help": "lm_eval's batch size: the batch PP chooses for "
                                                                  "(the paper's zero-shot evaluator: 20)."})
+    prefill_repeats: int = field(default=0, metadata={"help": "Timed forwards of the first batch per "
+                                                               "--prefill_arms row and dense (0: none); median."})
+    prefill_arms: str = field(default="pp,static_ppsp,sliced_entropy", metadata={"help": "The arms timed."})
     ppl_windows: int = field(default=20, metadata={"help": "WikiText-2 test windows."})
     ppl_seq_len: int = field(default=256, metadata={"help": "Tokens per WikiText-2 window (the paper: 1024)."})
     eval_windows: str = field(default="first", metadata={"help": "first (consecutive, from the start of the test "
@@ -140,12 +143,12 @@ class ProbeStudyConfig(EvaluatedStudyConfig):
     )
     RUN_ONLY: ClassVar[tuple[str, ...]] = (  # rows are named by arm, ratio and batch: these only select them
         *EvaluatedStudyConfig.RUN_ONLY, "render_only", "arms", "published", "ratios", "batch_sizes", "seeds",
-        "zero_shot_items", "zero_shot_arms", "zero_shot_batch")  # zero-shot rows are named by both numbers
+        "zero_shot_items", "zero_shot_arms", "zero_shot_batch", "prefill_repeats", "prefill_arms")  # in their names
 
     def __post_init__(self) -> None:
         if self.eval_windows not in ("first", "random"):
             raise UserError(f"--eval_windows {self.eval_windows!r}: use first or random")
-        self.arm_list, self.zero_shot_arm_list, self.seed_list  # noqa: B018 -- bad lists: one line before any work
+        self.arm_list, self.zero_shot_arm_list, self.prefill_arm_list, self.seed_list  # noqa: B018 -- one line first
 
     @property
     def arm_list(self) -> list[Arm]:
@@ -154,6 +157,10 @@ class ProbeStudyConfig(EvaluatedStudyConfig):
     @property
     def zero_shot_arm_list(self) -> list[Arm]:
         return arms_of(self.zero_shot_arms, "--zero_shot_arms")
+
+    @property
+    def prefill_arm_list(self) -> list[Arm]:
+        return arms_of(self.prefill_arms, "--prefill_arms")
 
     @property
     def seed_list(self) -> list[int]:
@@ -186,6 +193,24 @@ def zero_shot_name(cfg: ProbeStudyConfig, arm: Arm | None, ratio: float, seed: i
     """A zero-shot row (arm None: dense): its item count and lm_eval's batch size are part of it."""
     what = "dense" if arm is None else f"{arm.label}|{ratio:g}"
     return f"zero-shot {cfg.zero_shot_items}|{what}|b{cfg.zero_shot_batch}|s{seed}"
+
+
+def prefill_name(cfg: ProbeStudyConfig, arm: Arm | None, ratio: float, seed: int) -> str:
+    """A prefill-time row (arm None: dense): the repeats and the batch are part of it."""
+    what = "dense" if arm is None else f"{arm.label}|{ratio:g}"
+    return f"prefill x{cfg.prefill_repeats}|{what}|b{cfg.batch_list[0]}|s{seed}"
+
+
+@torch.no_grad()
+def prefill_seconds(model, batch: torch.Tensor, repeats: int) -> list[float]:
+    """Wall seconds of `repeats` forwards of one batch (no KV cache), after a short warm-up forward."""
+    model(batch[:1, :8], use_cache=False)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(batch, use_cache=False)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def probe_flops_share(model, settings: ProbeSettings, batch: int, seq: int) -> float:
@@ -287,9 +312,15 @@ def measure_seed(cfg: ProbeStudyConfig, rows: Rows, dense, tokenizer, seed: int,
     wanted += [(arm, r, b) for r in cfg.ratio_list for arm in cfg.arm_list if arm.key in BATCH_ARMS
                for b in cfg.batch_list[1:]]  # fmt: skip
     missing = [w for w in wanted if rows.get(row_name(*w, seed)) is None]
-    zero_shot = [] if evaluation is None else [
-        (arm, r) for arm in [None, *cfg.zero_shot_arm_list] for r in ([0.0] if arm is None else cfg.ratio_list)
-        if rows.get(zero_shot_name(cfg, arm, r, seed)) is None]  # fmt: skip
+
+    def todo(arms: list[Arm], name) -> list[tuple[Arm | None, float]]:
+        """Dense and `arms` at every ratio whose row `name` gives is not measured yet."""
+        return [(arm, r) for arm in [None, *arms] for r in ([0.0] if arm is None else cfg.ratio_list)
+                if rows.get(name(cfg, arm, r, seed)) is None]  # fmt: skip
+
+    zero_shot = [] if evaluation is None else todo(cfg.zero_shot_arm_list, zero_shot_name)
+    timed = cfg.prefill_repeats > 0 and seed == cfg.seed_list[0]  # the report shows the first seed's times
+    prefill = todo(cfg.prefill_arm_list, prefill_name) if timed else []
     for b in cfg.batch_list:
         if rows.get(dense_name(b, seed)) is None:
             start = time.perf_counter()
@@ -297,13 +328,13 @@ def measure_seed(cfg: ProbeStudyConfig, rows: Rows, dense, tokenizer, seed: int,
             rows.save({"name": dense_name(b, seed), "arm": "dense", "batch": b, "seed": seed, "ppl": ppl,
                        "seconds": time.perf_counter() - start, "params": count_parameters(dense)})  # fmt: skip
             print(f"dense at batch {b}, seed {seed}: {ppl:.3f}", flush=True)
-    if not missing and not zero_shot:
+    if not missing and not zero_shot and not prefill:
         return
     calib = c4_windows(cfg, tokenizer, cfg.calib_windows, cfg.calib_seq_len, seed)
     start = time.perf_counter()
     history = calibrate(dense, layout_of(dense, "dynamic"), calib, 4, False)
     calib_seconds = time.perf_counter() - start
-    arms = [a for a, *_ in missing + zero_shot if a is not None]
+    arms = [a for a, *_ in missing + zero_shot + prefill if a is not None]
     priors = {c: prior_scores(cfg, dense, tokenizer, c, seed) for c in sorted({a.prior for a in arms} - {""})}
     n_layers = dense.config.num_hidden_layers
 
@@ -346,6 +377,13 @@ def measure_seed(cfg: ProbeStudyConfig, rows: Rows, dense, tokenizer, seed: int,
                          "tasks": result["tasks"],
                          "avg": result["avg"], "eval_seconds": result["eval_seconds"]})  # fmt: skip
         print(f"{row['name']}: zero-shot avg {row['avg']:.2f} ({row['eval_seconds']:.0f} s)", flush=True)
+    for arm, ratio in prefill:  # after everything else, so nothing else runs beside the timed forwards
+        model = dense if arm is None else build(arm, ratio)[0]
+        times = prefill_seconds(model, windows[: cfg.batch_list[0]], cfg.prefill_repeats)
+        row = rows.save({"name": prefill_name(cfg, arm, ratio, seed), "arm": arm.label if arm else "dense",
+                         "ratio": ratio, "seed": seed, "batch": cfg.batch_list[0], "times": times,
+                         "median_seconds": median(times), "params": count_parameters(model)})  # fmt: skip
+        print(f"{row['name']}: {row['median_seconds']:.2f} s", flush=True)
 
 
 def context(cfg: ProbeStudyConfig) -> dict:
@@ -401,7 +439,30 @@ def render(rows: list[dict], ctx: dict, cfg: ProbeStudyConfig) -> str:
         for ratio in cfg.ratio_list:
             cells = [[r["ppl"] for r, _ in found(ARMS[0], ratio, b)] for b in cfg.batch_list]
             lines.append(f"| {ratio:g} | " + " | ".join(fmt(c) if c else "–" for c in cells) + " |")
-    return "\n".join(lines + zero_shot_table(rows, cfg) + against_published(by_name, cfg)) + "\n"
+    extra = prefill_table(rows, cfg) + zero_shot_table(rows, cfg) + against_published(by_name, cfg)
+    return "\n".join(lines + extra) + "\n"
+
+
+def prefill_table(rows: list[dict], cfg: ProbeStudyConfig) -> list[str]:
+    """The timed forwards of one batch (medians), against dense and the physically pruned static model."""
+    found = [r for r in rows if r["name"].startswith("prefill ") and r["seed"] == cfg.seed_list[0]]
+    if not found:
+        return []
+    by = {(r["arm"], r["ratio"]): r for r in found}
+    dense = by.get(("dense", 0.0))
+    sliced = next(a.label for a in ARMS if a.key == "sliced_entropy")
+    first = found[0]
+    lines = ["", f"## CPU prefill of one batch ({first['batch']} windows, no KV cache; median of {len(first['times'])} "
+                 f"forwards, seed {cfg.seed_list[0]}, nothing else running)", "",
+             "| ratio | arm | parameters | seconds | vs dense | vs the pruned model |", "|---|---|---|---|---|---|"]
+    def against(row: dict, reference: dict | None) -> str:
+        return f"{row['median_seconds'] / reference['median_seconds']:.2f}x" if reference else "–"
+
+    for (label, ratio), r in by.items():
+        pruned = by.get((sliced, ratio)) if label != "dense" else None
+        lines.append(f"| {ratio:g} | {label} | {r['params'] / 1e6:.1f}M | {r['median_seconds']:.2f} | "
+                     f"{against(r, dense)} | {against(r, pruned)} |")  # fmt: skip
+    return lines
 
 
 def zero_shot_table(rows: list[dict], cfg: ProbeStudyConfig) -> list[str]:
