@@ -56,13 +56,15 @@ def test_probe_report_sets_our_pp_beside_the_released_code(tmp_path):
 
 
 def test_probe_report_averages_seeds_and_shows_the_zero_shot_rows():
-    pp = study.ARMS[0]
+    pp, static = study.ARMS[0], next(a for a in study.ARMS if a.key == "static_ppsp")
     common = {"mlp_kept": 1216, "heads_kept": None, "probe_flops_share": 0.008}
     rows = [
         {"name": study.dense_name(20, 0), "ppl": 40.0, "seconds": 10.0},
         {"name": study.dense_name(20, 1), "ppl": 44.0, "seconds": 20.0},
         {"name": study.row_name(pp, 0.2, 20, 0), "ppl": 50.0, "seconds": 5.0, **common},
         {"name": study.row_name(pp, 0.2, 20, 1), "ppl": 54.0, "seconds": 30.0, **common},
+        {"name": study.row_name(static, 0.2, 20, 0), "ppl": 55.0, "seconds": 10.0, **common},
+        {"name": study.row_name(static, 0.2, 20, 1), "ppl": 56.7, "seconds": 20.0, **common},
         {"name": "zero-shot 200|dense|b20|s0", "arm": "dense", "ratio": 0.0, "seed": 0, "items": 200,
          "batch": 20, "tasks": {"arc_easy": 50.0, "piqa": 60.0}, "avg": 55.0},
         {"name": "zero-shot 200|dense|b20|s1", "arm": "dense", "ratio": 0.0, "seed": 1, "items": 200,
@@ -74,8 +76,10 @@ def test_probe_report_averages_seeds_and_shows_the_zero_shot_rows():
 
     lines = study.render(rows, {"model": "m"}, cfg).splitlines()
 
-    # ppl 52 ± std(50, 54); time: the mean of 5/10 and 30/20; dense 42 ± std(40, 44)
-    assert "| 0.2 | PP (probe + history) | 1216 neurons | 52.00 ± 2.83 | 1.00x | 0.8% |" in lines
+    # ppl 52 ± std(50, 54); time: the mean of 5/10 and 30/20; dense 42 ± std(40, 44); against PP seed by seed:
+    # +10% and +5%, 7.5 ± 3.5
+    assert "| 0.2 | PP (probe + history) | 1216 neurons | 52.00 ± 2.83 | 1.00x | 0.8% | 0.0 ± 0.0% |" in lines
+    assert "| 0.2 | static PPsp (history only) | 1216 neurons | 55.85 ± 1.20 | 1.00x | 0.8% | 7.5 ± 3.5% |" in lines
     assert any("Dense: batch 20 **42.00 ± 2.83**" in line for line in lines)
     assert "| 0 | dense | 51.0 ± 1.4 | 61.0 ± 1.4 | 56.00 ± 1.41 |" in lines
     assert any(line.startswith("## Zero-shot (200 items") for line in lines)

@@ -405,6 +405,7 @@ def render(rows: list[dict], ctx: dict, cfg: ProbeStudyConfig) -> str:
                f"{cfg.ppl_windows} windows of {cfg.ppl_seq_len} tokens at random offsets of the test stream (the "
                f"release's draw), drawn per seed")  # fmt: skip
     dense_ppl = {b: [r["ppl"] for r, _ in found(None, 0.0, b)] for b in cfg.batch_list}
+    paired = len(seeds) > 1  # windows differ by seed: set each arm against PP on the same seed's windows
     lines = [
         "# Probe Pruning: per-batch pruning against static pruning at the same widths",
         "",
@@ -418,8 +419,9 @@ def render(rows: list[dict], ctx: dict, cfg: ProbeStudyConfig) -> str:
         f"{cfg.refit_windows} C4 windows of the seed's draw; refit seconds in the JSON). Dense: "
         + ", ".join(f"batch {b} **{fmt(v)}**" for b, v in dense_ppl.items() if v) + ".",
         "",
-        f"| ratio | arm | kept per pruned layer | ppl (batch {b0}) | CPU seconds vs dense | probe FLOPs |",
-        "|---|---|---|---|---|---|",
+        f"| ratio | arm | kept per pruned layer | ppl (batch {b0}) | CPU seconds vs dense | probe FLOPs |"
+        + (" ppl vs PP, paired over seeds |" if paired else ""),
+        "|---|---|---|---|---|---|" + ("---|" if paired else ""),
     ]
     for ratio in cfg.ratio_list:
         for arm in ARMS:
@@ -430,8 +432,14 @@ def render(rows: list[dict], ctx: dict, cfg: ProbeStudyConfig) -> str:
             kept = f"{r['mlp_kept']} neurons" + (f", {r['heads_kept']} heads" if r.get("heads_kept") else "")
             speeds = [r["seconds"] / d["seconds"] for r, d in pairs if d]
             speed = f"{mean(speeds):.2f}x" if speeds else "–"
-            lines.append(f"| {ratio:g} | {arm.label} | {kept} | {fmt([r['ppl'] for r, _ in pairs])} | {speed} | "
-                         f"{r['probe_flops_share']:.1%} |")  # fmt: skip
+            line = (f"| {ratio:g} | {arm.label} | {kept} | {fmt([r['ppl'] for r, _ in pairs])} | {speed} | "
+                    f"{r['probe_flops_share']:.1%} |")  # fmt: skip
+            if paired:
+                pp = {s: by_name.get(row_name(ARMS[0], ratio, b0, s)) for s in seeds}
+                change = [100 * (by_name[row_name(arm, ratio, b0, s)]["ppl"] / pp[s]["ppl"] - 1) for s in seeds
+                          if pp[s] and row_name(arm, ratio, b0, s) in by_name]  # fmt: skip
+                line += f" {fmt(change, 1)}% |" if change else " – |"
+            lines.append(line)
     if len(cfg.batch_list) > 1:
         lines += ["", "## The batch size (PP chooses per batch)", "",
                   "| ratio | " + " | ".join(f"batch {b}" for b in cfg.batch_list) + " |",
