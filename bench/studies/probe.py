@@ -41,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import EvaluatedStudyConfig, Evaluation, Rows, fmt, model_or_default, study_main  # noqa: E402
+from bench.common import EvaluatedStudyConfig, Evaluation, Rows, fmt, model_or_default, study_main, value  # noqa: E402
 from cfg.prune_config import PruneConfig  # noqa: E402
 from dataset.calibration import load_documents, sample_windows  # noqa: E402
 from module.dynamic.history import calibrate  # noqa: E402
@@ -414,9 +414,11 @@ def render(rows: list[dict], ctx: dict, cfg: ProbeStudyConfig) -> str:
         f"{cfg.calib_windows} C4 windows x {cfg.calib_seq_len} tokens (the release uses 2000); the priors' "
         f"importance pass on {cfg.prior_windows} x {cfg.prior_seq_len}; seeds {', '.join(map(str, seeds))} (cells: "
         f"mean ± std over the seeds where more than one). Layers 0-2 are never pruned, the others at the release's "
-        f"ratio round(L/(L-3) r, 2), kept MLP neurons a multiple of 64, query heads only. The pruned-model rows are "
-        f"the static arm's neurons cut out of a copy (`ls`: then refit by --reconstruct ls on "
-        f"{cfg.refit_windows} C4 windows of the seed's draw; refit seconds in the JSON). Dense: "
+        f"ratio round(L/(L-3) r, 2), kept MLP neurons a multiple of 64, query heads only."
+        + (" The pruned-model rows are the static arm's neurons cut out of a copy (`ls`: then refit by --reconstruct "
+           f"ls on {cfg.refit_windows} C4 windows of the seed's draw; refit seconds in the JSON)."
+           if any(r.get("refit_seconds") is not None or "pruned model" in r["name"] for r in rows) else "")
+        + " Dense: "
         + ", ".join(f"batch {b} **{fmt(v)}**" for b, v in dense_ppl.items() if v) + ".",
         "",
         f"| ratio | arm | kept per pruned layer | ppl (batch {b0}) | CPU seconds vs dense | probe FLOPs |"
@@ -483,14 +485,18 @@ def zero_shot_table(rows: list[dict], cfg: ProbeStudyConfig) -> list[str]:
     batch = found[0]["batch"]
     found = [r for r in found if r["batch"] == batch]
     tasks = sorted({t for r in found for t in r["tasks"]})
+    ex_boolq = "boolq" in tasks and len(tasks) > 1  # BoolQ's majority answer moves it most on few items
     lines = ["", f"## Zero-shot ({items} items per task; lm_eval at batch {batch}, the batch PP chooses for)", "",
-             "| ratio | arm | " + " | ".join(tasks) + " | average |",
-             "|---|---|" + "---|" * (len(tasks) + 1)]  # fmt: skip
+             "| ratio | arm | " + " | ".join(tasks) + " | average |" + (" without BoolQ |" if ex_boolq else ""),
+             "|---|---|" + "---|" * (len(tasks) + 1 + ex_boolq)]  # fmt: skip
     for ratio, label in [(0.0, "dense")] + [(r, a.label) for r in cfg.ratio_list for a in ARMS]:
         group = [r for r in found if r["arm"] == label and (label == "dense" or r["ratio"] == ratio)]
         if group:
             cells = [fmt([r["tasks"][t] for r in group if t in r["tasks"]], 1) for t in tasks]
-            lines.append(f"| {ratio:g} | {label} | " + " | ".join(cells) + f" | {fmt([r['avg'] for r in group])} |")
+            line = f"| {ratio:g} | {label} | " + " | ".join(cells) + f" | {fmt([r['avg'] for r in group])} |"
+            if ex_boolq:
+                line += f" {fmt([value(r, 'avg_ex_boolq') for r in group])} |"
+            lines.append(line)
     return lines
 
 
