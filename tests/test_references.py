@@ -53,6 +53,8 @@ def test_probe_report_sets_our_pp_beside_the_released_code(tmp_path):
     assert rows == ["| 0.2 | mlp | 50.00 | 51.00 | +2.0% |", "| 0.4 | mlp+heads | 100.00 | 97.00 | -3.0% |"]
     assert "by hand" in lines
     assert study.against_published(ours, study.ProbeStudyConfig(published="")) == []
+    random_windows = study.ProbeStudyConfig(published=str(path), eval_windows="random")
+    assert study.against_published(ours, random_windows) == []  # the released code ran on the first windows
 
 
 def test_probe_report_averages_seeds_and_shows_the_zero_shot_rows():

@@ -4,7 +4,7 @@
     # the release's protocol: random 1024-token windows, history at 1024, three seeds (a second report)
     python bench/studies/probe.py --eval_windows random --ppl_seq_len 1024 --calib_seq_len 1024 --seeds 0,1,2 \
         --batch_sizes 20 --arms pp,static_ppsp,static_wanda_sp,static_flap,static_entropy \
-        --out docs/PROBE_RELEASE.md --resume
+        --out docs/PROBE_RELEASE.md --resume                      # about 50 minutes
     python bench/studies/probe.py --ratios 0.2 --ppl_windows 4 --calib_windows 8 --out /tmp/probe/PROBE.md
 
 Every row is the dense model with module/dynamic attached (layers 0-2 dense, the release's per-layer ratio, kept
@@ -501,9 +501,10 @@ def zero_shot_table(rows: list[dict], cfg: ProbeStudyConfig) -> list[str]:
 
 
 def against_published(by_name: dict, cfg: ProbeStudyConfig) -> list[str]:
-    """Our PP rows beside the released code's on the same windows (--published), when it was run."""
+    """Our PP rows beside the released code's on the same windows (--published), when it was run (on our protocol's
+    first windows: probe_reference.py hands it those)."""
     path = Path(cfg.published) if cfg.published else None
-    if path is None or not path.is_file():
+    if path is None or not path.is_file() or cfg.eval_windows != "first":
         return []
     published = json.loads(path.read_text())
     ours_arm = {"mlp": ARMS[0], "mlp+heads": next(a for a in ARMS if a.key == "pp_heads")}
