@@ -14,6 +14,7 @@ from module.prune.importance import GRADIENT_CRITERIA
 from module.prune.mix import Mix
 from module.prune.plan import StructureSizes
 from module.prune.reconstruct import MODES as RECONSTRUCT_MODES
+from module.prune.reconstruct import SELECTIONS as RECONSTRUCT_SELECTIONS
 from module.prune.reconstruct import TARGETS as RECONSTRUCT_TARGETS
 from module.prune.reconstruct import WEIGHTINGS as RECONSTRUCT_WEIGHTINGS
 from module.prune.reconstruct import WRITERS as RECONSTRUCT_WRITERS
@@ -108,6 +109,7 @@ class PruneConfig:
         "reconstruct_target": Rule(applies=("reconstruct",)),
         "reconstruct_writers": Rule(applies=("reconstruct",)),
         "reconstruct_weighting": Rule(applies=("reconstruct",)),
+        "reconstruct_select": Rule(applies=("reconstruct",)),
         "reconstruct_damp": Rule(low=0, applies=("reconstruct",)),
         "reconstruct_samples": Rule(low=1, applies=("reconstruct",)),
         "reconstruct_rescore": Rule(low=0, applies=("reconstruct_search",)),
@@ -268,6 +270,14 @@ class PruneConfig:
                           "reading it sees it; the attention-sink token's stream is ~100x the others', and "
                           "unweighted it rules the fit: SmolLM2 heads alone 2200 vs 492, docs/RECONSTRUCTION.md) or "
                           "uniform."},
+    )  # fmt: skip
+    reconstruct_select: str = field(
+        default="scores",
+        metadata={"help": "Which MLP neurons a layer keeps under --reconstruct ls: scores (the importance pass's, the "
+                          "paper's) or obs (re-chosen in each layer by greedy elimination on the refit's own least "
+                          "squares, the count per layer unchanged: each removed neuron is the one the refit of the "
+                          "others repairs best; the importance pass still sizes the mix and scores other "
+                          "structures)."},
     )  # fmt: skip
     reconstruct_damp: float = field(
         default=0.1,
@@ -490,6 +500,15 @@ class PruneConfig:
         if self.reconstruct_weighting not in RECONSTRUCT_WEIGHTINGS:
             raise ValueError(f"--reconstruct_weighting {self.reconstruct_weighting!r} is not one of "
                              f"{', '.join(RECONSTRUCT_WEIGHTINGS)}")  # fmt: skip
+        if self.reconstruct_select not in RECONSTRUCT_SELECTIONS:
+            raise ValueError(f"--reconstruct_select {self.reconstruct_select!r} is not one of "
+                             f"{', '.join(RECONSTRUCT_SELECTIONS)}")  # fmt: skip
+        if self.reconstruct_select == "obs" and self.reconstruct not in ("none", "ls"):
+            raise ValueError("--reconstruct_select obs chooses neurons by the least-squares refit: it needs "
+                             "--reconstruct ls")  # fmt: skip
+        if self.reconstruct_select == "obs" and self.reconstruct == "ls" and "hidden" in self.parts and not self.auto:
+            raise ValueError("--reconstruct_select obs re-chooses MLP neurons on the full hidden width; with hidden "
+                             "in --prune_parts use --reconstruct_select scores")  # fmt: skip
         if self.reconstruct_writers == "all" and self.reconstruct != "none" and (
                 self.reconstruct != "ls" or self.reconstruct_target != "dense"):  # (none: the flag does not combine)
             raise ValueError("--reconstruct_writers all refits towards the dense stream: it needs --reconstruct ls "

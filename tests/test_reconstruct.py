@@ -1,7 +1,8 @@
 """--reconstruct: the refit equals an independent dense least-squares solve (explicit inverse, fp64) for down_proj
 and o_proj, layer after layer; nothing removed gives the original weights back; the folded layer map equals the
 explicit h + M T path; the saved models reload with plain from_pretrained and give the same logits; a singular
-Gram matrix gives no NaN; bad flags are one line."""
+Gram matrix gives no NaN; bad flags are one line. --reconstruct_select obs: each greedy step equals the explicit
+search over every removal (a fresh solve per candidate), and it keeps the neurons it reports."""
 
 import copy
 import math
@@ -16,7 +17,7 @@ from module.model.mlp import decoder_layers, find_mlps
 from module.prune.mix import Mix, mix_kept, sliced_copy
 from module.prune.plan import StructureSizes
 from module.prune.reconstruct import reconstruct
-from module.prune.refit import PairStats, refit
+from module.prune.refit import PairStats, greedy_keep, refit
 
 WINDOWS = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(3))
 
@@ -258,6 +259,54 @@ def test_tiny_model_family_without_structures_refits_its_mlp():
         assert (pruned(WINDOWS).logits - ref).norm() < (plain(WINDOWS).logits - ref).norm()
 
 
+def ridge_error(y, x, cols, lam) -> float:
+    """min_W sum_t |y_t - W x_t[cols]|^2 + lam |W|^2, by an explicit inverse (fp64)."""
+    xs = x[:, cols]
+    w = y.t() @ xs @ torch.linalg.inv(xs.t() @ xs + lam * torch.eye(len(cols), dtype=x.dtype))
+    return float((y - xs @ w.t()).pow(2).sum() + lam * w.pow(2).sum())
+
+
+@pytest.mark.parametrize("damp", [0.0, 0.1])
+def test_greedy_keep_removes_at_each_step_the_input_whose_explicit_refit_loses_least(damp):
+    """Independent greedy backward elimination: at each step solve the ridge fit without each remaining input
+    and drop the one with the smallest error; greedy_keep's downdated W and H^-1 must choose the same."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 9, generator=gen, dtype=torch.float64) @ torch.randn(9, 9, generator=gen, dtype=torch.float64)
+    y = x @ torch.randn(9, 4, generator=gen, dtype=torch.float64) + 0.3 * torch.randn(200, 4, generator=gen,
+                                                                                      dtype=torch.float64)
+    stats = PairStats.zeros(4, 9, "cpu", dtype=torch.float64)
+    stats.add(y, x)
+    lam = damp * float(torch.diagonal(x.t() @ x).mean())
+    alive = list(range(9))
+    while len(alive) > 3:
+        errors = [ridge_error(y, x, [c for c in alive if c != j], lam) for j in alive]
+        alive.remove(alive[min(range(len(alive)), key=errors.__getitem__)])
+    assert greedy_keep(stats, 3, damp).tolist() == alive
+    assert greedy_keep(stats, 9, damp).tolist() == list(range(9))
+    with pytest.raises(ValueError, match="cannot keep 0 of 9"):
+        greedy_keep(stats, 0, damp)
+
+
+def test_obs_selection_fits_the_first_layer_better_than_random_neurons_and_keeps_what_it_reports():
+    """Same count, neurons re-chosen: the first pruned layer's output (whose input both share) is closer to the
+    dense layer's than with random kept neurons refit; the pruned gate/up rows are the dense rows of the new kept
+    sets, which replace the old ones in place."""
+    dense, pruned, mlp_keep, kept = pruned_pair(Mix(36, StructureSizes()), layers=2)
+    chosen = [k.clone() for k in mlp_keep]
+    by_scores = copy.deepcopy(pruned)
+    reconstruct(dense, by_scores, mlp_keep, kept, None, "ls", "dense", 0.01, WINDOWS, progress=False)
+    report = reconstruct(dense, pruned, chosen, kept, None, "ls", "dense", 0.01, WINDOWS, progress=False,
+                         select="obs")  # fmt: skip
+    assert report["neurons_reselected"] > 0 and report["select"] == "obs"
+    assert all(len(c) == len(k) for c, k in zip(chosen, mlp_keep)) and not all(map(torch.equal, chosen, mlp_keep))
+    for layer in range(2):
+        d_mlp, p_mlp = decoder_layers(dense)[layer].mlp, decoder_layers(pruned)[layer].mlp
+        assert torch.equal(p_mlp.gate_proj.weight, d_mlp.gate_proj.weight[chosen[layer]])
+        assert torch.equal(p_mlp.up_proj.weight, d_mlp.up_proj.weight[chosen[layer]])
+    dense_out = stream(dense, 0, "out")
+    assert (stream(pruned, 0, "out") - dense_out).norm() < (stream(by_scores, 0, "out") - dense_out).norm()
+
+
 def run_prune(tmp_path, origin, out, *args):
     import prune
 
@@ -273,7 +322,9 @@ def run_prune(tmp_path, origin, out, *args):
                                              ("bias", ["--prune_parts", "mlp,heads,layers", "--pruning_ratio", "0.1",
                                                        "--heads_keep", "2", "--layers_remove", "1"]),
                                              ("ls", ["--pruning_ratio", "0.1,0.2", "--reconstruct_writers",
-                                                     "all"])])  # fmt: skip
+                                                     "all"]),
+                                             ("ls", ["--prune_parts", "mlp,heads", "--pruning_ratio", "0.1",
+                                                     "--heads_keep", "2", "--reconstruct_select", "obs"])])  # fmt: skip
 def test_prune_py_reconstructs_and_the_saved_model_reloads_as_it_was_scored(tmp_path, tiny_llama_dir, mode, parts):
     """The perplexity after (measured in the run on the reconstructed model) equals the reloaded folder's: the
     folder holds what was reconstructed, with plain from_pretrained (a bias mode sets the config key)."""
@@ -295,6 +346,13 @@ def test_prune_py_reconstructs_and_the_saved_model_reloads_as_it_was_scored(tmp_
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
         assert perplexity(model, windows, 4, False)["perplexity"] == pytest.approx(
             report["perplexity_after"]["perplexity"], rel=1e-5)  # fmt: skip
+        if "obs" in parts:  # the neurons it re-chose are the ones recorded beside the model
+            from safetensors.torch import load_file
+
+            recorded = load_file(folder / "kept_neurons.safetensors")
+            gate = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).model.layers[1].mlp.gate_proj.weight
+            assert torch.equal(model.model.layers[1].mlp.gate_proj.weight, gate[recorded["layer.1"]])
+            assert report["reconstruction"]["neurons_reselected"] > 0
         if mode == "bias":
             assert model.config.mlp_bias and model.config.attention_bias
             assert model.model.layers[0].mlp.down_proj.bias.abs().sum() > 0
@@ -320,12 +378,14 @@ def test_reconstruction_brings_the_outputs_back_towards_the_dense_model(sizes, t
         assert (pruned(WINDOWS).logits - ref).norm() < 0.9 * (plain(WINDOWS).logits - ref).norm()
 
 
-def test_search_rescores_its_best_candidates_after_reconstruction(tmp_path, tiny_llama_dir):
+@pytest.mark.parametrize("select", ["scores", "obs"])
+def test_search_rescores_its_best_candidates_after_reconstruction(tmp_path, tiny_llama_dir, select):
+    """obs: candidates that remove hidden channels keep the scores' neurons, the others are re-chosen."""
     import json
 
     assert run_prune(tmp_path, tiny_llama_dir, "mix", "--prune_parts", "auto", "--pruning_ratio", "0.2",
                      "--search_windows", "2", "--search_candidates", "8", "--reconstruct", "ls",
-                     "--reconstruct_rescore", "3") == 0  # fmt: skip
+                     "--reconstruct_rescore", "3", "--reconstruct_select", select) == 0  # fmt: skip
     board = json.loads((tmp_path / "mix" / "prune_report.json").read_text())["search"]["leaderboard"]
     rescored = [r["kl_reconstructed"] for r in board[:3]]
     assert all(k is not None for k in rescored) and rescored == sorted(rescored)
@@ -342,6 +402,12 @@ def test_search_rescores_its_best_candidates_after_reconstruction(tmp_path, tiny
     ("llama", ["--pruning_ratio", "0.1", "--reconstruct", "ls", "--reconstruct_weighting", "norm"],
      "is not one of uniform, rms"),
     ("llama", ["--pruning_ratio", "0.1", "--reconstruct_damp", "0.05"], "does not combine with --reconstruct_damp"),
+    ("llama", ["--pruning_ratio", "0.1", "--reconstruct", "bias", "--reconstruct_select", "obs"],
+     "--reconstruct_select obs chooses neurons by the least-squares refit"),
+    ("llama", ["--pruning_ratio", "0.1", "--reconstruct", "ls", "--reconstruct_select", "best"],
+     "is not one of scores, obs"),
+    ("llama", ["--prune_parts", "mlp,hidden", "--pruning_ratio", "0.1", "--hidden_keep", "28", "--reconstruct", "ls",
+               "--reconstruct_select", "obs"], "with hidden in --prune_parts use --reconstruct_select scores"),
 ])  # fmt: skip
 def test_bad_reconstruction_input_is_one_line(tmp_path, tiny_tokenizer, capsys, family, args, message):
     origin = tmp_path / family
@@ -379,15 +445,17 @@ def test_reconstruction_study_runs_on_a_tiny_model_and_resumes(tmp_path, tiny_lo
     out = tmp_path / "docs" / "RECONSTRUCTION.md"
     argv = ["--model", str(tiny_long_llama_dir), "--data_dir", str(DATA), "--out", str(out), "--work_dir",
             str(tmp_path / "work"), "--ratios", "0.2", "--seeds", "0,1", "--criteria", "entropy", "--modes",
-            "none,ls", "--structures", "heads,layers", "--heads_keep", "2", "--layers_remove", "1", "--calib_samples",
-            "3", "--reconstruct_samples", "5", "--seq_len", "32", "--tasks", "arc_easy_local", "--limit", "2",
-            "--ppl_windows", "2", "--ppl_seq_len", "32", "--c4_windows", "2", "--c4_seq_len", "32",
+            "none,ls,ls_obs", "--structures", "heads,layers", "--heads_keep", "2", "--layers_remove", "1",
+            "--calib_samples", "3", "--reconstruct_samples", "5", "--seq_len", "32", "--tasks", "arc_easy_local",
+            "--limit", "2", "--ppl_windows", "2", "--ppl_seq_len", "32", "--c4_windows", "2", "--c4_seq_len", "32",
             "--ablation", "false"]  # fmt: skip
     assert study.main(argv) == 0
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     names = {r["name"] for r in rows}
     assert {"dense", "mlp-entropy-0.2-ls-s1", "mix-entropy-0.2-none-s0", "heads-entropy-ls-s0",
-            "layers-block_influence-ls-s1"} <= names and len(rows) == 1 + 2 * 2 * 4  # fmt: skip
+            "layers-block_influence-ls-s1", "mlp-entropy-0.2-ls_obs-s1"} <= names and len(rows) == 1 + 2 * 3 * 4
+    params = {r["name"]: r["params"] for r in rows}  # re-chosen neurons, the same count
+    assert params["mlp-entropy-0.2-ls_obs-s0"] == params["mlp-entropy-0.2-ls-s0"]  # fmt: skip
     dense = next(r for r in rows if r["name"] == "dense")
     assert all(r["params"] < dense["params"] and math.isfinite(r["c4_ppl"]) for r in rows if r is not dense)
     assert all(r["refit_seconds"] > 0 for r in rows if r.get("mode") == "ls")

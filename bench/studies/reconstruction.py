@@ -7,7 +7,8 @@ Every row is one prune.py run (module.pipeline.prune_model) reloaded with plain 
 each ratio with entropy, entropy_wanda and wanda_sp; each other structure alone at its docs/STRUCTURES.md size
 (3 of 9 key/value-grouped heads, 4 of 30 layers, 522 of 576 hidden channels; entropy, block_influence for the
 layers); the mix searched at each ratio (entropy; with a reconstruction its best candidates re-ranked after it);
-each with --reconstruct none, bias and ls, for two calibration seeds. Scoring keeps the docs' protocol (32 C4
+each with --reconstruct none, bias and ls (and ls with the kept MLP neurons re-chosen by the refit,
+--reconstruct_select obs), for two calibration seeds. Scoring keeps the docs' protocol (32 C4
 windows x 256 tokens); the refit uses --reconstruct_samples windows of the same draw. Scored like the other
 studies (bench/common.py: WikiText-2 on 8 x 1024 tokens, the offline zero-shot tasks on their first --limit
 items) plus held-out C4: windows from C4 documents that no seed's calibration draw used. An ablation at 20%
@@ -38,9 +39,10 @@ from utils.perplexity import perplexity  # noqa: E402
 from utils.report import versions  # noqa: E402
 
 STRUCTURES = ("heads", "layers", "hidden")
-# a row's mode -> --reconstruct, --reconstruct_writers, --reconstruct_weighting
-MODES = {"none": ("none", "pruned", "uniform"), "bias": ("bias", "pruned", "uniform"),
-         "ls": ("ls", "pruned", "uniform"), "ls_rms": ("ls", "pruned", "rms"), "ls_all": ("ls", "all", "uniform")}
+# a row's mode -> --reconstruct, --reconstruct_writers, --reconstruct_weighting, --reconstruct_select
+MODES = {"none": ("none", "pruned", "uniform", "scores"), "bias": ("bias", "pruned", "uniform", "scores"),
+         "ls": ("ls", "pruned", "uniform", "scores"), "ls_rms": ("ls", "pruned", "rms", "scores"),
+         "ls_all": ("ls", "all", "uniform", "scores"), "ls_obs": ("ls", "pruned", "rms", "obs")}
 TARGETS = {0.2: {"mlp": 55.0, "mix": 50.0}, 0.3: {"mlp": 110.0, "mix": 110.0}}  # the issue's, WikiText-2 ppl
 
 
@@ -52,9 +54,9 @@ class ReconstructionStudyConfig(EvaluatedStudyConfig):
     ratios: str = field(default="0.2,0.3", metadata={"help": "Shares of all parameters (MLP rows and the mix)."})
     seeds: str = field(default="0,1", metadata={"help": "Calibration seeds."})
     criteria: str = field(default="entropy,entropy_wanda,wanda_sp", metadata={"help": "Criteria of the MLP rows."})
-    modes: str = field(default="none,bias,ls,ls_rms,ls_all", metadata={
+    modes: str = field(default="none,bias,ls,ls_rms,ls_all,ls_obs", metadata={
         "help": "--reconstruct settings (ls_rms: ls with --reconstruct_weighting rms; ls_all: with "
-                "--reconstruct_writers all)."})  # fmt: skip
+                "--reconstruct_writers all; ls_obs: rms with --reconstruct_select obs)."})  # fmt: skip
     structures: str = field(default="heads,layers,hidden", metadata={"help": "Structures alone ('' = none)."})
     heads_keep: int = field(default=3, metadata={"help": "Key/value groups kept of the heads row (STRUCTURES.md)."})
     layers_remove: int = field(default=4, metadata={"help": "Layers removed in the layers row (STRUCTURES.md)."})
@@ -117,7 +119,7 @@ class Row:
 
     def zero_shot(self, cfg: ReconstructionStudyConfig) -> bool:
         """Whether the row gets the zero-shot evaluation (--zero_shot main: the rows the issue's table compares)."""
-        main = (self.seed == cfg.seed_list[0] and self.mode in ("none", "ls", "ls_all")
+        main = (self.seed == cfg.seed_list[0] and self.mode in ("none", "ls", "ls_all", "ls_obs")
                 and self.criterion not in ("entropy_wanda", "wanda_sp")
                 and (self.target, self.damp) == (cfg.target, cfg.damp))  # fmt: skip
         return cfg.zero_shot == "all" or main
@@ -138,9 +140,10 @@ class Row:
             size = {"heads": ("--heads_keep", cfg.heads_keep), "layers": ("--layers_remove", cfg.layers_remove),
                     "hidden": ("--hidden_keep", cfg.hidden_keep)}[self.part]  # fmt: skip
             parts = ["--prune_parts", self.part, size[0], str(size[1])]
-        mode, writers, weighting = MODES[self.mode]
+        mode, writers, weighting, select = MODES[self.mode]
         recon = [] if mode == "none" else ["--reconstruct", mode, "--reconstruct_writers", writers,
-                                           "--reconstruct_weighting", weighting, "--reconstruct_target", self.target,
+                                           "--reconstruct_weighting", weighting, "--reconstruct_select", select,
+                                           "--reconstruct_target", self.target,
                                            "--reconstruct_damp", str(self.damp), "--reconstruct_samples",
                                            str(cfg.reconstruct_samples)]  # fmt: skip
         return ["--origin_path", cfg.model, "--criterion", self.criterion, *parts, *recon, "--calib_dataset",
@@ -243,7 +246,8 @@ def render(rows: list[dict], context: dict, cfg: ReconstructionStudyConfig) -> s
         f"**{dense['ppl']:.2f}**, C4 {dense['c4_ppl']:.2f}, zero-shot {cell([dense], 'avg', 2)}. Modes: none (the "
         f"units dropped), bias (FLAP's mean of each consumer's lost output in a bias), ls (the least-squares "
         f"refit, --reconstruct_weighting uniform), ls_rms (ls with the default --reconstruct_weighting rms), ls_all "
-        f"(ls, uniform, --reconstruct_writers all).",
+        f"(ls, uniform, --reconstruct_writers all), ls_obs (ls_rms with --reconstruct_select obs: each layer's kept "
+        f"MLP neurons re-chosen by greedy elimination on the refit's least squares, the count unchanged).",
         "",
         "| ratio | rows | mode | WikiText-2 ppl | C4 ppl | zero-shot avg | gap closed (log ppl) | refit s |",
         "|---|---|---|---|---|---|---|---|",

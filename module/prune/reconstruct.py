@@ -14,7 +14,10 @@ has no layer before it and is left without one). A fit towards the residual stre
 dense stream's mean square there (`--reconstruct_weighting rms`, the default: the first position's stream is ~100x
 the others' and would rule an unweighted fit). `bias` adds FLAP's mean compensation to biases instead, on the
 pruned stream (the family must have a bias there or a config key that adds one, e.g. Llama's
-mlp_bias/attention_bias).
+mlp_bias/attention_bias). `--reconstruct_select obs` (with ls) also re-chooses which MLP neurons each layer keeps,
+the count unchanged, by greedy elimination on the refit's own sums over every neuron of the dense MLP run on the
+pruned stream (module/prune/refit.py `greedy_keep`): the importance pass then decides the other structures and
+the mix, and the neuron count per layer.
 Every saved model still loads with plain `from_pretrained`.
 """
 
@@ -29,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from module.model.layout import Layout, layout_of, submodule, supports
-from module.model.mlp import decoder_layers
+from module.model.mlp import LayerMLP, decoder_layers, find_mlps
 from module.model.slicing import add_biases
 from module.prune.consumers import (
     Consumer,
@@ -40,7 +43,7 @@ from module.prune.consumers import (
     stages_of,
     weight_out_in,
 )
-from module.prune.refit import MapStats, PairStats, layer_map, mean_shift, refit
+from module.prune.refit import MapStats, PairStats, greedy_keep, layer_map, mean_shift, refit
 from module.sparse.layerwise import layer_inputs
 from utils.errors import UserError
 from utils.report import peak_memory_bytes, reset_peak_memory
@@ -50,6 +53,7 @@ MODES = ("none", "bias", "ls")
 TARGETS = ("dense", "own")
 WRITERS = ("pruned", "all")
 WEIGHTINGS = ("uniform", "rms")
+SELECTIONS = ("scores", "obs")
 REFIT_BATCH = 8  # windows per forward of the refit at least: no gradients, and per-call overhead dominates on CPU
 
 
@@ -87,7 +91,7 @@ class Reconstructor:
     def __init__(self, dense: nn.Module, pruned: nn.Module, mlp_keep, kept: dict, layout: Layout | None,
                  mode: str, target: str, damp: float, windows: torch.Tensor, batch_size: int = 1,
                  store: str | None = None, progress: bool = True, writers: str = "pruned",
-                 weighting: str = "rms"):  # fmt: skip
+                 weighting: str = "rms", select: str = "scores"):  # fmt: skip
         if target == "own" and "hidden" in kept:
             raise UserError("--reconstruct_target own needs the full hidden width (the unpruned layer runs on the "
                             "pruned stream); with hidden channels removed use --reconstruct_target dense")  # fmt: skip
@@ -95,6 +99,12 @@ class Reconstructor:
         if writers == "all" and (mode != "ls" or target != "dense"):
             raise UserError("--reconstruct_writers all needs --reconstruct ls and --reconstruct_target dense")
         self.mode, self.target, self.damp, self.progress = mode, target, damp, progress
+        self.select_obs = select == "obs" and mlp_keep is not None
+        if self.select_obs:
+            self._check_obs(dense, mode)
+            if "hidden" in kept:  # a searched candidate with hidden channels removed: its neurons stay the scores'
+                log.info("reconstruct: hidden channels removed; the kept MLP neurons are the importance pass's")
+                self.select_obs = False
         self.all_writers = writers == "all" and layout is not None  # the layout says where the writers are
         self.rms_weights = weighting == "rms"
         self.n_dense = len(decoder_layers(dense))
@@ -108,7 +118,54 @@ class Reconstructor:
         self.x_d, self.kw_d = layer_inputs(dense, windows, batch_size, store)
         self.x_p, self.kw_p = layer_inputs(pruned, windows, batch_size, store)
         self.store = store
-        self.report = {"consumers_refit": 0, "layer_maps": 0, "leading_removed_layers": 0}
+        self.report = {"consumers_refit": 0, "layer_maps": 0, "leading_removed_layers": 0,
+                       "neurons_reselected": 0}  # fmt: skip
+
+    @staticmethod
+    def _check_obs(dense: nn.Module, mode: str) -> None:
+        if mode != "ls":
+            raise UserError("--reconstruct_select obs chooses neurons by the least-squares refit: it needs "
+                            "--reconstruct ls")  # fmt: skip
+        if not find_mlps(dense).shape.container:
+            raise UserError(f"--reconstruct_select obs needs the MLP as one module of the decoder layer; "
+                            f"{type(dense).__name__} has its projections on the layer itself")  # fmt: skip
+
+    def _mlp_pair(self, i: int, j: int) -> tuple[nn.Module, nn.Module, LayerMLP, LayerMLP]:
+        """The dense layer's MLP module and the pruned one's, and their neuron-indexed projections."""
+        dense_mlps, pruned_mlps = find_mlps(self.dense), find_mlps(self.pruned)
+        container = dense_mlps.shape.container
+        return (getattr(decoder_layers(self.dense)[i], container), getattr(decoder_layers(self.pruned)[j], container),
+                dense_mlps.layers[i], pruned_mlps.layers[j])  # fmt: skip
+
+    @staticmethod
+    def _intermediate(mlp: nn.Module, output: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The input of `output` (every neuron's activation) when `mlp` runs on its input `x`; the hook runs
+        before (and stops) any capture a stage has put on `output`."""
+        slot = [None]
+
+        def hook(module, args):
+            slot[0] = args[0]
+            raise _Stop
+
+        handle = output.register_forward_pre_hook(hook, prepend=True)
+        try:
+            mlp(x.to(next(mlp.parameters()).device))
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return slot[0]
+
+    @staticmethod
+    def _reselect(dense_mlp: LayerMLP, pruned_mlp: LayerMLP, keep: torch.Tensor) -> None:
+        """Copy the dense neurons `keep` into the pruned layer's input projections (same count: shapes unchanged);
+        the output projection is refit after."""
+        n = dense_mlp.neurons
+        for d_axis, p_axis in zip(dense_mlp.inputs, pruned_mlp.inputs):
+            index = torch.cat([keep + b * n for b in range(d_axis.blocks)]).to(d_axis.weight.device)
+            p_axis.weight.data.copy_(d_axis.weight.detach().index_select(d_axis.weight_axis, index))
+            if d_axis.bias_indexed and getattr(d_axis.module, "bias", None) is not None:
+                p_axis.module.bias.data.copy_(d_axis.module.bias.detach().index_select(0, index))
 
     # -- one stage: targets and pruned inputs, then the refit -------------------------------------------------
     def _after_write(self, path: str) -> str | None:
@@ -134,8 +191,13 @@ class Reconstructor:
         after = self._after_write(consumers[0].path) if writer else None
         stop_d = None if writer and after is None else submodule(dense_layer, after) if writer else d_mods[0]
         stop_p = None if writer and after is None else submodule(pruned_layer, after) if writer else p_mods[0]
-        d_slot, p_slot, da_slot, pa_slot = [None], [None], [None], [None]
+        d_slot, p_slot, da_slot, pa_slot, mlp_slot = [None], [None], [None], [None], [None]
         handles = _capture(p_mods[:1], p_slot, stop_p if stop_p is p_mods[0] else None)
+        # obs: the refit's sums over every neuron of the dense MLP run on the pruned MLP's input; it picks the kept
+        obs = self.select_obs and consumers[0].path == self.mlp_path and consumers[0].cols is not None
+        if obs:
+            dense_mlp_module, pruned_mlp_module, dense_mlp, pruned_mlp = self._mlp_pair(i, j)
+            handles += _capture([pruned_mlp_module], mlp_slot, None)
         if writer and after is not None:
             handles += _capture([submodule(dense_layer, after)], da_slot, stop_d)
             handles += _capture([submodule(pruned_layer, after)], pa_slot, stop_p)
@@ -143,8 +205,8 @@ class Reconstructor:
             handles += _capture(d_mods[:1], d_slot, stop_d)
         outputs = [self._kept_rows(dm, c) for c, dm in zip(consumers, d_mods)]  # what each consumer should give
         sliced = [w if c.cols is None else w[:, c.cols.to(w.device)] for c, w in zip(consumers, outputs)]
-        stats = [PairStats.zeros(w.shape[0], w.shape[1], w.device, gram=self.mode == "ls", dtype=self.acc)
-                 for w in sliced]  # fmt: skip
+        stats = [PairStats.zeros(w.shape[0], (w if obs else ws).shape[1], w.device, gram=self.mode == "ls",
+                                 dtype=self.acc) for w, ws in zip(outputs, sliced)]  # fmt: skip
         # bias always takes FLAP's mean on the pruned stream, W[:, removed] mean(x_removed): with the dense stream
         # as reference the kept inputs' mismatch at the attention-sink token (~100x the others) rules the mean
         # (SmolLM2, 20% MLP: 2766 perplexity against 85.9 without compensation)
@@ -155,18 +217,26 @@ class Reconstructor:
                 out_d = _run(dense_layer, xr, self.kw_d[len(xr)][i])  # on the dense stream, or on the pruned one
                 out_p = _run(pruned_layer, xp, self.kw_p[len(xp)][j])
                 x_p = p_slot[0]
+                x_fit = self._intermediate(dense_mlp_module, dense_mlp.output.module, mlp_slot[0]) if obs else x_p
                 for w, w_s, st in zip(outputs, sliced, stats):
                     if writer:
                         after_d = da_slot[0] if after is not None else out_d
                         after_p = pa_slot[0] if after is not None else out_p
                         after_d = after_d if hidden is None else after_d[..., hidden.to(after_d.device)]
                         y = x_p.to(w_s.dtype) @ w_s.t() + (after_d - after_p).to(w_s.dtype)
-                        st.add(y, x_p, self._token_weight(after_d))
+                        st.add(y, x_fit, self._token_weight(after_d))
                     else:
-                        st.add(d_slot[0].to(w.dtype) @ w.t(), x_p)
+                        st.add(d_slot[0].to(w.dtype) @ w.t(), x_fit)
         finally:
             for h in handles:
                 h.remove()
+        if obs:
+            keep = greedy_keep(stats[0], len(consumers[0].cols), self.damp)
+            self._reselect(dense_mlp, pruned_mlp, keep)
+            self.mlp_keep[i] = keep.to(self.mlp_keep[i].device)
+            self.report["neurons_reselected"] += int((~torch.isin(keep, consumers[0].cols.cpu())).sum())
+            stats = [stats[0].restricted(keep)]
+            sliced = [outputs[0][:, keep.to(outputs[0].device)]]
         for c, pm, w_s, st in zip(consumers, p_mods, sliced, stats):
             if self.mode == "ls":
                 set_weight_out_in(pm, refit(w_s, st, self.damp, f"layer {i} {c.path}"))
@@ -270,9 +340,11 @@ class Reconstructor:
 
 def reconstruct(dense: nn.Module, pruned: nn.Module, mlp_keep, kept: dict, layout: Layout | None, mode: str,
                 target: str, damp: float, windows: torch.Tensor, batch_size: int = 1, store: str | None = None,
-                progress: bool = True, writers: str = "pruned", weighting: str = "rms") -> dict:  # fmt: skip
+                progress: bool = True, writers: str = "pruned", weighting: str = "rms",
+                select: str = "scores") -> dict:  # fmt: skip
     """Refit `pruned` (a sliced copy of `dense` with kept sets `mlp_keep`/`kept`, dense numbering) in place; the
-    report: seconds, peak memory, how many consumers and layer maps were refit."""
+    report: seconds, peak memory, how many consumers and layer maps were refit. With `select` obs, each entry of
+    the list `mlp_keep` is replaced by the neurons the refit chose (the ones the saved model holds)."""
     device = dense.get_input_embeddings().weight.device
     reset_peak_memory(device)
     start = time.perf_counter()
@@ -281,14 +353,14 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, mlp_keep, kept: dict, layou
     pruned.eval()
     try:
         report = Reconstructor(dense, pruned, mlp_keep, kept, layout, mode, target, damp, windows, batch_size, store,
-                               progress, writers, weighting).run()  # fmt: skip
+                               progress, writers, weighting, select).run()  # fmt: skip
     finally:
         dense.train(was[0])
         pruned.train(was[1])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return {**report, "mode": mode, "target": target, "writers": writers, "weighting": weighting, "damp": damp,
-            "windows": list(windows.shape), "seconds": time.perf_counter() - start,
+    return {**report, "mode": mode, "target": target, "writers": writers, "weighting": weighting, "select": select,
+            "damp": damp, "windows": list(windows.shape), "seconds": time.perf_counter() - start,
             "peak_memory_bytes": peak_memory_bytes(device)}
 
 
@@ -306,12 +378,14 @@ class Settings:
     trust_remote_code: bool = False
     writers: str = "pruned"
     weighting: str = "rms"
+    select: str = "scores"
 
     @classmethod
     def of(cls, cfg, windows: torch.Tensor | None) -> Settings:
         return cls(cfg.reconstruct, cfg.reconstruct_target, cfg.reconstruct_damp, windows,
                    max(cfg.batch_size, REFIT_BATCH), "cpu" if cfg.offload_inputs else None, cfg.progress,
-                   cfg.trust_remote_code, cfg.reconstruct_writers, cfg.reconstruct_weighting)  # fmt: skip
+                   cfg.trust_remote_code, cfg.reconstruct_writers, cfg.reconstruct_weighting,
+                   cfg.reconstruct_select)  # fmt: skip
 
     @property
     def active(self) -> bool:
@@ -330,7 +404,7 @@ def reconstructed(dense: nn.Module, pruned: nn.Module, mlp_keep, kept: dict, set
                              settings.trust_remote_code)  # fmt: skip
     report = reconstruct(dense, pruned, mlp_keep, kept, layout, settings.mode, settings.target, settings.damp,
                          settings.windows, settings.batch_size, settings.store, settings.progress,
-                         settings.writers, settings.weighting)  # fmt: skip
+                         settings.writers, settings.weighting, settings.select)  # fmt: skip
     log.info("reconstruct (%s, %s targets): %d consumers refit, %d layer maps in %.1f s", settings.mode,
              settings.target, report["consumers_refit"], report["layer_maps"], report["seconds"])  # fmt: skip
     return {**report, "bias_keys_set": keys}

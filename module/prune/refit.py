@@ -14,6 +14,12 @@ update W G[:, K] (G[K, K] + lam I)^-1 but for the ridge's target. A removed run 
 replaced by one linear map T on layer i's MLP output M (ReplaceMe): M T ~ y - a, with a = the residual stream
 without M and y the stream after the run; T is folded into layer i's down_proj (W_down <- T^T W_down), so no
 parameter is added. FLAP's bias compensation is the mean residual of the same fit, added to the bias.
+
+`--reconstruct_select obs` lets the fit also choose which MLP neurons a layer keeps (the count unchanged): with
+H = G + lam I over every neuron of the dense MLP on the pruned stream and W = C H^-1 the fit on all of them,
+dropping input j costs |W[:, j]|^2 / (H^-1)_jj more squared error once the others are refit (the OBS removal
+cost, applied to whole inputs as ZipLM / SlimGPT do); `greedy_keep` drops the cheapest, downdates W and H^-1 and
+repeats.
 """
 
 from __future__ import annotations
@@ -64,6 +70,37 @@ class PairStats:
         self.pruned_sum += w @ xp
         self.tokens += y.shape[0]
         self.weight_sum += float(w.sum())
+
+    def restricted(self, keep: torch.Tensor) -> PairStats:
+        """The sums of the same fit on the inputs `keep` alone (a sub-block: no second pass over the tokens)."""
+        k = keep.to(self.gram.device)
+        return PairStats(self.gram[k][:, k], self.cross[:, k], self.target_sum, self.pruned_sum[k], self.tokens,
+                         self.weight_sum)  # fmt: skip
+
+
+def greedy_keep(stats: PairStats, keep: int, damp: float) -> torch.Tensor:
+    """The `keep` inputs (sorted) left by greedy backward elimination of the least-squares fit in `stats`: at each
+    step the input whose removal raises sum_t |y_t - W x_t|^2 + lam |W|^2 least (|W[:, j]|^2 / (H^-1)_jj, exact for
+    the refit of the rest), then W and H^-1 downdated without it. fp64; lam = damp x the mean diagonal of G."""
+    m = stats.gram.shape[0]
+    if not 0 < keep <= m:
+        raise ValueError(f"greedy_keep: cannot keep {keep} of {m} inputs")
+    h = stats.gram.double() + ridge(stats.gram, damp) * torch.eye(m, dtype=torch.float64, device=stats.gram.device)
+    factor, info = torch.linalg.cholesky_ex(h)
+    # no ridge and a singular Gram matrix: the pseudo-inverse still ranks the inputs
+    h_inv = torch.linalg.pinv(h) if int(info) else torch.cholesky_inverse(factor)
+    w = stats.cross.double().to(h.device) @ h_inv
+    alive = torch.ones(m, dtype=torch.bool, device=h.device)
+    for _ in range(m - keep):
+        diag = torch.diagonal(h_inv).clamp_min(torch.finfo(torch.float64).tiny)
+        cost = w.pow(2).sum(0) / diag
+        cost[~alive] = torch.inf
+        j = int(torch.argmin(cost))
+        row = h_inv[j].clone()
+        w -= torch.outer(w[:, j], row / row[j])
+        h_inv -= torch.outer(h_inv[:, j], row / row[j])
+        alive[j] = False
+    return torch.nonzero(alive).flatten().cpu()
 
 
 def ridge(gram: torch.Tensor, damp: float) -> float:
