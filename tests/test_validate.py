@@ -35,7 +35,7 @@ EXAMPLES = {  # a valid value away from the default, for every flag with a rule 
     "importance_cache": "other-cache", "recompute": "true", "train_on_inputs": "true", "momentum_dtype": "float32",
     "variance_dtype": "float32", "use_kahan_summation": "true", "teacher_device": "cpu", "reconstruct": "ls",
     "reconstruct_target": "own", "entropy_form": "fisher", "reconstruct_writers": "all",
-    "reconstruct_weighting": "uniform",
+    "reconstruct_weighting": "uniform", "reconstruct_select": "obs",
 }  # fmt: skip
 SETTINGS = [PruneConfig, SFTArguments, LoraArguments, FullTrainingArguments]
 

@@ -32,8 +32,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from module.model.layout import Layout, layout_of, submodule, supports
-from module.model.mlp import LayerMLP, decoder_layers, find_mlps
+from module.model.mlp import decoder_layers
 from module.model.slicing import add_biases
+from module.prune.capture import capture, intermediate, run_layer
 from module.prune.consumers import (
     Consumer,
     bias_paths,
@@ -44,6 +45,7 @@ from module.prune.consumers import (
     weight_out_in,
 )
 from module.prune.refit import MapStats, PairStats, greedy_keep, layer_map, mean_shift, refit
+from module.prune.reselect import check_obs, mlp_pair, reselect
 from module.sparse.layerwise import layer_inputs
 from utils.errors import UserError
 from utils.report import peak_memory_bytes, reset_peak_memory
@@ -55,34 +57,6 @@ WRITERS = ("pruned", "all")
 WEIGHTINGS = ("uniform", "rms")
 SELECTIONS = ("scores", "obs")
 REFIT_BATCH = 8  # windows per forward of the refit at least: no gradients, and per-call overhead dominates on CPU
-
-
-class _Stop(Exception):
-    """Raised once every input a stage needs is captured: the rest of the layer need not run."""
-
-
-def _capture(modules: list[nn.Module], slots: list, stop_after: nn.Module | None):
-    """Forward pre-hooks that keep each module's input in `slots` (and stop the layer after `stop_after`)."""
-
-    def hook_for(index: int, module: nn.Module):
-        def hook(mod, args):
-            slots[index] = args[0]
-            if mod is stop_after:
-                raise _Stop
-
-        return module.register_forward_pre_hook(hook)
-
-    return [hook_for(i, m) for i, m in enumerate(modules)]
-
-
-def _run(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
-    """The layer's output hidden states (None when a capture stopped it)."""
-    device = next(layer.parameters()).device
-    try:
-        out = layer(x.to(device), **kwargs)
-    except _Stop:
-        return None
-    return out[0] if isinstance(out, tuple) else out
 
 
 class Reconstructor:
@@ -101,7 +75,7 @@ class Reconstructor:
         self.mode, self.target, self.damp, self.progress = mode, target, damp, progress
         self.select_obs = select == "obs" and mlp_keep is not None
         if self.select_obs:
-            self._check_obs(dense, mode)
+            check_obs(dense, mode)
             if "hidden" in kept:  # a searched candidate with hidden channels removed: its neurons stay the scores'
                 log.info("reconstruct: hidden channels removed; the kept MLP neurons are the importance pass's")
                 self.select_obs = False
@@ -120,52 +94,6 @@ class Reconstructor:
         self.store = store
         self.report = {"consumers_refit": 0, "layer_maps": 0, "leading_removed_layers": 0,
                        "neurons_reselected": 0}  # fmt: skip
-
-    @staticmethod
-    def _check_obs(dense: nn.Module, mode: str) -> None:
-        if mode != "ls":
-            raise UserError("--reconstruct_select obs chooses neurons by the least-squares refit: it needs "
-                            "--reconstruct ls")  # fmt: skip
-        if not find_mlps(dense).shape.container:
-            raise UserError(f"--reconstruct_select obs needs the MLP as one module of the decoder layer; "
-                            f"{type(dense).__name__} has its projections on the layer itself")  # fmt: skip
-
-    def _mlp_pair(self, i: int, j: int) -> tuple[nn.Module, nn.Module, LayerMLP, LayerMLP]:
-        """The dense layer's MLP module and the pruned one's, and their neuron-indexed projections."""
-        dense_mlps, pruned_mlps = find_mlps(self.dense), find_mlps(self.pruned)
-        container = dense_mlps.shape.container
-        return (getattr(decoder_layers(self.dense)[i], container), getattr(decoder_layers(self.pruned)[j], container),
-                dense_mlps.layers[i], pruned_mlps.layers[j])  # fmt: skip
-
-    @staticmethod
-    def _intermediate(mlp: nn.Module, output: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The input of `output` (every neuron's activation) when `mlp` runs on its input `x`; the hook runs
-        before (and stops) any capture a stage has put on `output`."""
-        slot = [None]
-
-        def hook(module, args):
-            slot[0] = args[0]
-            raise _Stop
-
-        handle = output.register_forward_pre_hook(hook, prepend=True)
-        try:
-            mlp(x.to(next(mlp.parameters()).device))
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        return slot[0]
-
-    @staticmethod
-    def _reselect(dense_mlp: LayerMLP, pruned_mlp: LayerMLP, keep: torch.Tensor) -> None:
-        """Copy the dense neurons `keep` into the pruned layer's input projections (same count: shapes unchanged);
-        the output projection is refit after."""
-        n = dense_mlp.neurons
-        for d_axis, p_axis in zip(dense_mlp.inputs, pruned_mlp.inputs):
-            index = torch.cat([keep + b * n for b in range(d_axis.blocks)]).to(d_axis.weight.device)
-            p_axis.weight.data.copy_(d_axis.weight.detach().index_select(d_axis.weight_axis, index))
-            if d_axis.bias_indexed and getattr(d_axis.module, "bias", None) is not None:
-                p_axis.module.bias.data.copy_(d_axis.module.bias.detach().index_select(0, index))
 
     # -- one stage: targets and pruned inputs, then the refit -------------------------------------------------
     def _after_write(self, path: str) -> str | None:
@@ -192,17 +120,17 @@ class Reconstructor:
         stop_d = None if writer and after is None else submodule(dense_layer, after) if writer else d_mods[0]
         stop_p = None if writer and after is None else submodule(pruned_layer, after) if writer else p_mods[0]
         d_slot, p_slot, da_slot, pa_slot, mlp_slot = [None], [None], [None], [None], [None]
-        handles = _capture(p_mods[:1], p_slot, stop_p if stop_p is p_mods[0] else None)
+        handles = capture(p_mods[:1], p_slot, stop_p if stop_p is p_mods[0] else None)
         # obs: the refit's sums over every neuron of the dense MLP run on the pruned MLP's input; it picks the kept
         obs = self.select_obs and consumers[0].path == self.mlp_path and consumers[0].cols is not None
         if obs:
-            dense_mlp_module, pruned_mlp_module, dense_mlp, pruned_mlp = self._mlp_pair(i, j)
-            handles += _capture([pruned_mlp_module], mlp_slot, None)
+            dense_mlp_module, pruned_mlp_module, dense_mlp, pruned_mlp = mlp_pair(self.dense, self.pruned, i, j)
+            handles += capture([pruned_mlp_module], mlp_slot, None)
         if writer and after is not None:
-            handles += _capture([submodule(dense_layer, after)], da_slot, stop_d)
-            handles += _capture([submodule(pruned_layer, after)], pa_slot, stop_p)
+            handles += capture([submodule(dense_layer, after)], da_slot, stop_d)
+            handles += capture([submodule(pruned_layer, after)], pa_slot, stop_p)
         elif not writer:
-            handles += _capture(d_mods[:1], d_slot, stop_d)
+            handles += capture(d_mods[:1], d_slot, stop_d)
         outputs = [self._kept_rows(dm, c) for c, dm in zip(consumers, d_mods)]  # what each consumer should give
         sliced = [w if c.cols is None else w[:, c.cols.to(w.device)] for c, w in zip(consumers, outputs)]
         stats = [PairStats.zeros(w.shape[0], (w if obs else ws).shape[1], w.device, gram=self.mode == "ls",
@@ -214,10 +142,10 @@ class Reconstructor:
         hidden = self.kept.get("hidden")
         try:
             for xr, xp in zip(ref_stream, self.x_p):
-                out_d = _run(dense_layer, xr, self.kw_d[len(xr)][i])  # on the dense stream, or on the pruned one
-                out_p = _run(pruned_layer, xp, self.kw_p[len(xp)][j])
+                out_d = run_layer(dense_layer, xr, self.kw_d[len(xr)][i])  # on the dense stream, or on the pruned one
+                out_p = run_layer(pruned_layer, xp, self.kw_p[len(xp)][j])
                 x_p = p_slot[0]
-                x_fit = self._intermediate(dense_mlp_module, dense_mlp.output.module, mlp_slot[0]) if obs else x_p
+                x_fit = intermediate(dense_mlp_module, dense_mlp.output.module, mlp_slot[0]) if obs else x_p
                 for w, w_s, st in zip(outputs, sliced, stats):
                     if writer:
                         after_d = da_slot[0] if after is not None else out_d
@@ -232,7 +160,7 @@ class Reconstructor:
                 h.remove()
         if obs:
             keep = greedy_keep(stats[0], len(consumers[0].cols), self.damp)
-            self._reselect(dense_mlp, pruned_mlp, keep)
+            reselect(dense_mlp, pruned_mlp, keep)
             self.mlp_keep[i] = keep.to(self.mlp_keep[i].device)
             self.report["neurons_reselected"] += int((~torch.isin(keep, consumers[0].cols.cpu())).sum())
             stats = [stats[0].restricted(keep)]
@@ -272,16 +200,16 @@ class Reconstructor:
         hidden = self.kept.get("hidden")
         try:
             for b, xp in enumerate(self.x_p):
-                h = _run(pruned_layer, xp, self.kw_p[len(xp)][j])
+                h = run_layer(pruned_layer, xp, self.kw_p[len(xp)][j])
                 m = out_slot[0]
                 if self.target == "own":
                     y = h
                     for r in run:
-                        y = _run(dense_layers[r], y, self.kw_d[len(y)][r])
+                        y = run_layer(dense_layers[r], y, self.kw_d[len(y)][r])
                 else:
                     y = self.x_d[b]  # the dense stream after layer i ...
                     for r in [i, *run]:  # ... and after the removed run
-                        y = _run(dense_layers[r], y, self.kw_d[len(y)][r])
+                        y = run_layer(dense_layers[r], y, self.kw_d[len(y)][r])
                     if hidden is not None:
                         y = y[..., hidden.to(y.device)]
                 stats.add(m, y.to(h.device) - (h - m), self._token_weight(y))
@@ -302,11 +230,11 @@ class Reconstructor:
         """Both streams through their layer (the dense one also through the removed run after it)."""
         dense_layers, pruned_layer = decoder_layers(self.dense), decoder_layers(self.pruned)[j]
         for b, xp in enumerate(self.x_p):
-            self.x_p[b] = _run(pruned_layer, xp, self.kw_p[len(xp)][j]).to(self.store)
+            self.x_p[b] = run_layer(pruned_layer, xp, self.kw_p[len(xp)][j]).to(self.store)
         if self.target == "dense":
             for b, xd in enumerate(self.x_d):
                 for r in [i, *run]:
-                    xd = _run(dense_layers[r], xd, self.kw_d[len(xd)][r])
+                    xd = run_layer(dense_layers[r], xd, self.kw_d[len(xd)][r])
                 self.x_d[b] = xd.to(self.store)
 
     @torch.no_grad()
@@ -318,7 +246,7 @@ class Reconstructor:
             if self.target == "dense":  # the dense stream starts after them
                 for b, xd in enumerate(self.x_d):
                     for r in runs[-1]:
-                        xd = _run(decoder_layers(self.dense)[r], xd, self.kw_d[len(xd)][r])
+                        xd = run_layer(decoder_layers(self.dense)[r], xd, self.kw_d[len(xd)][r])
                     self.x_d[b] = xd.to(self.store)
         dense_config = self.dense.config
         bar = tqdm(total=len(self.kept_layers), desc=f"reconstruct ({self.mode})", unit="layer",

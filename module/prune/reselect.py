@@ -1,0 +1,41 @@
+"""`--reconstruct_select obs`: the refit chooses which MLP neurons a layer keeps (the count unchanged). The choice
+itself is `greedy_keep` (module/prune/refit.py) on the sums module/prune/reconstruct.py gathers over every neuron
+of the dense MLP run on the pruned stream; here: what it needs of the model, and writing the chosen neurons into
+the pruned layer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from module.model.mlp import LayerMLP, decoder_layers, find_mlps
+from utils.errors import UserError
+
+
+def check_obs(dense: nn.Module, mode: str) -> None:
+    """One line when the run cannot choose neurons by the refit."""
+    if mode != "ls":
+        raise UserError("--reconstruct_select obs chooses neurons by the least-squares refit: it needs "
+                        "--reconstruct ls")  # fmt: skip
+    if not find_mlps(dense).shape.container:
+        raise UserError(f"--reconstruct_select obs needs the MLP as one module of the decoder layer; "
+                        f"{type(dense).__name__} has its projections on the layer itself")  # fmt: skip
+
+
+def mlp_pair(dense: nn.Module, pruned: nn.Module, i: int, j: int) -> tuple[nn.Module, nn.Module, LayerMLP, LayerMLP]:
+    """Dense layer i's MLP module and pruned layer j's, and their neuron-indexed projections."""
+    dense_mlps, pruned_mlps = find_mlps(dense), find_mlps(pruned)
+    container = dense_mlps.shape.container
+    return (getattr(decoder_layers(dense)[i], container), getattr(decoder_layers(pruned)[j], container),
+            dense_mlps.layers[i], pruned_mlps.layers[j])  # fmt: skip
+
+
+def reselect(dense_mlp: LayerMLP, pruned_mlp: LayerMLP, keep: torch.Tensor) -> None:
+    """Copy the dense neurons `keep` into the pruned layer's input projections (same count: shapes unchanged); the
+    output projection is refit after."""
+    n = dense_mlp.neurons
+    for d_axis, p_axis in zip(dense_mlp.inputs, pruned_mlp.inputs):
+        index = torch.cat([keep + b * n for b in range(d_axis.blocks)]).to(d_axis.weight.device)
+        p_axis.weight.data.copy_(d_axis.weight.detach().index_select(d_axis.weight_axis, index))
+        if d_axis.bias_indexed and getattr(d_axis.module, "bias", None) is not None:
+            p_axis.module.bias.data.copy_(d_axis.module.bias.detach().index_select(0, index))
