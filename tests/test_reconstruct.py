@@ -287,6 +287,17 @@ def test_greedy_keep_removes_at_each_step_the_input_whose_explicit_refit_loses_l
         greedy_keep(stats, 0, damp)
 
 
+def test_greedy_keep_drops_a_dead_input_first_and_stays_finite_without_a_ridge():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(50, 6, generator=gen, dtype=torch.float64)
+    x[:, 2] = 0  # a dead neuron: G is singular and damp 0 adds no ridge
+    stats = PairStats.zeros(3, 6, "cpu", dtype=torch.float64)
+    stats.add(x @ torch.randn(6, 3, generator=gen, dtype=torch.float64), x)
+    kept = greedy_keep(stats, 3, 0.0)
+    live = torch.tensor([0, 1, 3, 4, 5])
+    assert kept.tolist() == live[greedy_keep(stats.restricted(live), 3, 0.0)].tolist()  # as if it never existed
+
+
 def test_obs_selection_fits_the_first_layer_better_than_random_neurons_and_keeps_what_it_reports():
     """Same count, neurons re-chosen: the first pruned layer's output (whose input both share) is closer to the
     dense layer's than with random kept neurons refit; the pruned gate/up rows are the dense rows of the new kept

@@ -91,15 +91,19 @@ def greedy_keep(stats: PairStats, keep: int, damp: float) -> torch.Tensor:
     h_inv = torch.linalg.pinv(h) if int(info) else torch.cholesky_inverse(factor)
     w = stats.cross.double().to(h.device) @ h_inv
     alive = torch.ones(m, dtype=torch.bool, device=h.device)
+    floor = 1e-12 * float(torch.diagonal(h_inv).max())  # below it: a dead input (the pseudo-inverse's zero)
     for _ in range(m - keep):
-        diag = torch.diagonal(h_inv).clamp_min(torch.finfo(torch.float64).tiny)
-        cost = w.pow(2).sum(0) / diag
+        diag = torch.diagonal(h_inv)
+        cost = w.pow(2).sum(0) / diag.clamp_min(floor)
+        cost[diag <= floor] = 0.0  # nothing to lose: a dead input goes first
         cost[~alive] = torch.inf
         j = int(torch.argmin(cost))
+        alive[j] = False
         row = h_inv[j].clone()
+        if row[j] <= floor:  # nothing of a dead input to downdate
+            continue
         w -= torch.outer(w[:, j], row / row[j])
         h_inv -= torch.outer(h_inv[:, j], row / row[j])
-        alive[j] = False
     return torch.nonzero(alive).flatten().cpu()
 
 
