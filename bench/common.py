@@ -125,7 +125,8 @@ class Evaluation:
 
         start = time.perf_counter()
         model.eval()
-        ppl = perplexity(model, self.windows, batch_size=1, progress=False)["perplexity"]
+        # --ppl_windows 0: zero-shot alone (the probe study's zero-shot rows keep no perplexity)
+        ppl = perplexity(model, self.windows, batch_size=1, progress=False)["perplexity"] if len(self.windows) else None
         scores = {}
         if self.cfg.limit > 0:
             lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.cfg.eval_batch_size,

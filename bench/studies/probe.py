@@ -295,8 +295,8 @@ def measure(cfg: ProbeStudyConfig) -> tuple[list[dict], dict]:
     tokenizer = load_tokenizer(cfg.model, "--model")
     dense = load_causal_lm(cfg.model, "dense", torch.float32).eval()
     dense.set_attn_implementation("sdpa")
-    evaluation = (Evaluation(replace(cfg, limit=cfg.zero_shot_items, eval_batch_size=cfg.zero_shot_batch), tokenizer,
-                             "cpu")
+    evaluation = (Evaluation(replace(cfg, limit=cfg.zero_shot_items, eval_batch_size=cfg.zero_shot_batch,
+                                     ppl_windows=0), tokenizer, "cpu")
                   if cfg.zero_shot_items > 0 else None)  # fmt: skip
     for seed in cfg.seed_list:
         measure_seed(cfg, rows, dense, tokenizer, seed, evaluation)
