@@ -277,7 +277,7 @@ class PruneConfig:
                           "paper's) or obs (re-chosen in each layer by greedy elimination on the refit's own least "
                           "squares, the count per layer unchanged: each removed neuron is the one the refit of the "
                           "others repairs best; the importance pass still sizes the mix and scores other "
-                          "structures). obs wants enough refit tokens: about 40 per neuron (SmolLM2 at 30%: 158 "
+                          "structures). obs wants enough refit tokens: about 40 per neuron (SmolLM2, ratio 0.3: 158 "
                           "perplexity on 128 x 256 windows, 93.5 on 256; docs/RECONSTRUCTION_REFIT256.md)."},
     )  # fmt: skip
     reconstruct_damp: float = field(
