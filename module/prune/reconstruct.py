@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from module.model.layout import Layout, layout_of, submodule, supports
-from module.model.mlp import decoder_layers
+from module.model.mlp import decoder_layers, find_mlps
 from module.model.slicing import add_biases
 from module.prune.capture import capture, intermediate, run_layer
 from module.prune.consumers import (
@@ -79,6 +79,8 @@ class Reconstructor:
             if "hidden" in kept:  # a searched candidate with hidden channels removed: its neurons stay the scores'
                 log.info("reconstruct: hidden channels removed; the kept MLP neurons are the importance pass's")
                 self.select_obs = False
+        # both models' MLPs, found once (the pruned layers' modules stay the same objects; obs rewrites their weights)
+        self.obs_mlps = (find_mlps(dense), find_mlps(pruned)) if self.select_obs else None
         self.all_writers = writers == "all" and layout is not None  # the layout says where the writers are
         self.rms_weights = weighting == "rms"
         self.n_dense = len(decoder_layers(dense))
@@ -124,7 +126,8 @@ class Reconstructor:
         # obs: the refit's sums over every neuron of the dense MLP run on the pruned MLP's input; it picks the kept
         obs = self.select_obs and consumers[0].path == self.mlp_path and consumers[0].cols is not None
         if obs:
-            dense_mlp_module, pruned_mlp_module, dense_mlp, pruned_mlp = mlp_pair(self.dense, self.pruned, i, j)
+            dense_mlp_module, pruned_mlp_module, dense_mlp, pruned_mlp = mlp_pair(self.dense, self.pruned,
+                                                                                  self.obs_mlps, i, j)
             handles += capture([pruned_mlp_module], mlp_slot, None)
         if writer and after is not None:
             handles += capture([submodule(dense_layer, after)], da_slot, stop_d)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from module.model.mlp import LayerMLP, decoder_layers, find_mlps
+from module.model.mlp import LayerMLP, ModelMLPs, decoder_layers, find_mlps
 from utils.errors import UserError
 
 
@@ -22,9 +22,11 @@ def check_obs(dense: nn.Module, mode: str) -> None:
                         f"{type(dense).__name__} has its projections on the layer itself")  # fmt: skip
 
 
-def mlp_pair(dense: nn.Module, pruned: nn.Module, i: int, j: int) -> tuple[nn.Module, nn.Module, LayerMLP, LayerMLP]:
-    """Dense layer i's MLP module and pruned layer j's, and their neuron-indexed projections."""
-    dense_mlps, pruned_mlps = find_mlps(dense), find_mlps(pruned)
+def mlp_pair(dense: nn.Module, pruned: nn.Module, mlps: tuple[ModelMLPs, ModelMLPs], i: int,
+             j: int) -> tuple[nn.Module, nn.Module, LayerMLP, LayerMLP]:  # fmt: skip
+    """Dense layer i's MLP module and pruned layer j's, and their neuron-indexed projections (`mlps`: both models'
+    MLPs, found once per reconstruction)."""
+    dense_mlps, pruned_mlps = mlps
     container = dense_mlps.shape.container
     return (getattr(decoder_layers(dense)[i], container), getattr(decoder_layers(pruned)[j], container),
             dense_mlps.layers[i], pruned_mlps.layers[j])  # fmt: skip
