@@ -78,10 +78,10 @@ def cached_model() -> Path:
     return materialize(cache_dir() / "SmolLM2-135M-Instruct")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("models/SmolLM2-135M-Instruct"), help="folder to write")
-    print(materialize(parser.parse_args().out))
+    print(materialize(parser.parse_args(argv).out))
 
 
 if __name__ == "__main__":

@@ -103,6 +103,8 @@ def batches(windows: torch.Tensor, size: int) -> list[dict]:
 
 
 def main() -> int:
+    if len(sys.argv) != 6:  # called by its *_reference.py; by hand, the usage in one line
+        sys.exit("usage: " + next(t.strip() for t in __doc__.splitlines() if t.strip().startswith("PYTHON ")))
     repo, model_path, windows_path, control, out = sys.argv[1:6]
     repo, model_path, out = (os.path.abspath(p) for p in (repo, model_path, out))  # it runs in a folder of its own
     windows = torch.load(windows_path)

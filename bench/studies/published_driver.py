@@ -73,6 +73,8 @@ def run_d2prune(repo: str, model, windows: torch.Tensor, n: int, m: int, sparsit
 
 
 def main() -> int:
+    if len(sys.argv) != 8:  # called by its *_reference.py; by hand, the usage in one line
+        sys.exit("usage: " + next(t.strip() for t in __doc__.splitlines() if t.strip().startswith("PYTHON ")))
     implementation, repo, model_path, windows_path, pattern, sparsity, out = sys.argv[1:8]
     windows = torch.load(windows_path)
     n, m = (0, 0) if pattern == "unstructured" else map(int, pattern.split(":"))

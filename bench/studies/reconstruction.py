@@ -68,7 +68,7 @@ class ReconstructionStudyConfig(EvaluatedStudyConfig):
     reconstruct_samples: int = field(default=128, metadata={"help": "Windows of the refit (same draw)."})
     target: str = field(default="dense", metadata={"help": "--reconstruct_target of the rows."})
     damp: float = field(default=0.1, metadata={"help": "--reconstruct_damp of the rows."})
-    ablation: bool = field(default=True, metadata={"help": "The target and ridge ablation at 20%, seed 0."})
+    ablation: bool = field(default=True, metadata={"help": "The target and ridge ablation at ratio 0.2, seed 0."})
     render_only: bool = field(default=False, metadata={"help": "With --resume: write the report from the rows "
                                                                "measured so far, measuring nothing new."})  # fmt: skip
     only: str = field(default="", metadata={"help": "Measure only the rows whose names start with one of these "

@@ -43,6 +43,8 @@ def cpu_if_no_cuda(factory):
 
 
 def main() -> int:
+    if len(sys.argv) != 6:  # called by its *_reference.py; by hand, the usage in one line
+        sys.exit("usage: " + next(t.strip() for t in __doc__.splitlines() if t.strip().startswith("PYTHON ")))
     repo, model_path, windows_path, removed, out = sys.argv[1:6]
     removed_layers = sorted(int(i) for i in removed.split(","))
     if removed_layers[0] < 1:
