@@ -453,7 +453,7 @@ def test_reconstruction_study_runs_on_a_tiny_model_and_resumes(tmp_path, tiny_lo
 
     from bench.studies import reconstruction as study
 
-    out = tmp_path / "docs" / "RECONSTRUCTION.md"
+    out = tmp_path / "docs" / "RECONSTRUCTION_TINY.md"  # not the default name: the report names its own rows
     argv = ["--model", str(tiny_long_llama_dir), "--data_dir", str(DATA), "--out", str(out), "--work_dir",
             str(tmp_path / "work"), "--ratios", "0.2", "--seeds", "0,1", "--criteria", "entropy", "--modes",
             "none,ls,ls_obs", "--structures", "heads,layers", "--heads_keep", "2", "--layers_remove", "1",
@@ -474,6 +474,7 @@ def test_reconstruction_study_runs_on_a_tiny_model_and_resumes(tmp_path, tiny_lo
     assert "mlp-entropy-0.2-ls-s0" in zero_shot and "mlp-entropy-0.2-ls-s1" not in zero_shot
     text = out.read_text()
     assert "| 0.2 | mlp (entropy) | ls |" in text and "## Targets" in text and "layers alone" in text
+    assert "from its rows (`RECONSTRUCTION_TINY.json`)" in text and "1 offline tasks, their first 2 items" in text
     capsys.readouterr()
     assert study.main([*argv, "--resume"]) == 0  # nothing measured again
     assert "ppl" not in capsys.readouterr().out

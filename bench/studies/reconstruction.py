@@ -226,6 +226,12 @@ def log_gap_closed(dense: float, none: float, ls: float) -> float:
     return (math.log(none) - math.log(ls)) / (math.log(none) - math.log(dense))
 
 
+def zero_shot_protocol(cfg: ReconstructionStudyConfig, dense: dict) -> str:
+    if not cfg.limit:
+        return "not measured (--limit 0)"
+    return f"the average over {len(dense['tasks'])} offline tasks, their first {cfg.limit} items"
+
+
 def render(rows: list[dict], context: dict, cfg: ReconstructionStudyConfig) -> str:
     dense = next(r for r in rows if r["name"] == "dense")
 
@@ -236,13 +242,14 @@ def render(rows: list[dict], context: dict, cfg: ReconstructionStudyConfig) -> s
     lines = [
         "# Reconstruction after removal: none / bias / ls",
         "",
-        f"Written by `python bench/studies/reconstruction.py` from its rows (`RECONSTRUCTION.json`); nothing edited "
-        f"by hand. Model {Path(context['model']).name}; scoring on {cfg.calib_samples} C4 windows x {cfg.seq_len} "
-        f"tokens, the refit on {cfg.reconstruct_samples} windows of the same draw (--reconstruct_target "
+        f"Written by `python bench/studies/reconstruction.py` from its rows "
+        f"(`{Path(cfg.out).with_suffix('.json').name}`); nothing edited by hand. Model {Path(context['model']).name}; "
+        f"scoring on {cfg.calib_samples} C4 windows x {cfg.seq_len} tokens, the refit on {cfg.reconstruct_samples} "
+        f"windows of the same draw (--reconstruct_target "
         f"{cfg.target}, --reconstruct_damp {cfg.damp:g}); cells: seed {' / '.join(cfg.seeds.split(','))}. "
         f"WikiText-2: the first {cfg.ppl_windows} windows of {cfg.ppl_seq_len} tokens; C4: {cfg.c4_windows} held-out "
-        f"windows of {cfg.c4_seq_len} tokens from documents no calibration draw used; zero-shot: the average over "
-        f"{len(dense['tasks'])} offline tasks, their first {cfg.limit} items. Dense: WikiText-2 "
+        f"windows of {cfg.c4_seq_len} tokens from documents no calibration draw used; zero-shot: "
+        f"{zero_shot_protocol(cfg, dense)}. Dense: WikiText-2 "
         f"**{dense['ppl']:.2f}**, C4 {dense['c4_ppl']:.2f}, zero-shot {cell([dense], 'avg', 2)}. Modes: none (the "
         f"units dropped), bias (FLAP's mean of each consumer's lost output in a bias), ls (the least-squares "
         f"refit, --reconstruct_weighting uniform), ls_rms (ls with the default --reconstruct_weighting rms), ls_all "
