@@ -510,6 +510,10 @@ class PruneConfig:
         if self.reconstruct_select == "obs" and self.reconstruct == "ls" and "hidden" in self.parts and not self.auto:
             raise ValueError("--reconstruct_select obs re-chooses MLP neurons on the full hidden width; with hidden "
                              "in --prune_parts use --reconstruct_select scores")  # fmt: skip
+        if self.reconstruct == "bias" and self.parts == ["hidden"] and not self.auto:
+            raise ValueError("--reconstruct bias puts back the mean of removed neurons, heads and layers; a removed "
+                             "hidden channel leaves the residual stream, so with --prune_parts hidden alone it would "
+                             "change nothing: use --reconstruct ls")  # fmt: skip
         if self.reconstruct_writers == "all" and self.reconstruct != "none" and (
                 self.reconstruct != "ls" or self.reconstruct_target != "dense"):  # (none: the flag does not combine)
             raise ValueError("--reconstruct_writers all refits towards the dense stream: it needs --reconstruct ls "

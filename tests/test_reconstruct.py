@@ -408,6 +408,8 @@ def test_search_rescores_its_best_candidates_after_reconstruction(tmp_path, tiny
     ("llama", ["--prune_parts", "hidden", "--hidden_keep", "28", "--reconstruct", "ls", "--reconstruct_target",
                "own"], "needs the full hidden width"),
     ("llama", ["--pruning_ratio", "0.1", "--reconstruct", "refit"], "is not one of none, bias, ls"),
+    ("llama", ["--prune_parts", "hidden", "--hidden_keep", "28", "--reconstruct", "bias"],
+     "with --prune_parts hidden alone it would change nothing: use --reconstruct ls"),
     ("llama", ["--pruning_ratio", "0.1", "--reconstruct", "bias", "--reconstruct_writers", "all"],
      "needs --reconstruct ls and --reconstruct_target dense"),
     ("llama", ["--pruning_ratio", "0.1", "--reconstruct", "ls", "--reconstruct_weighting", "norm"],

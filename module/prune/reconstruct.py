@@ -79,6 +79,9 @@ class Reconstructor:
             if "hidden" in kept:  # a searched candidate with hidden channels removed: its neurons stay the scores'
                 log.info("reconstruct: hidden channels removed; the kept MLP neurons are the importance pass's")
                 self.select_obs = False
+        if mode == "bias" and "hidden" in kept:  # a searched mix with hidden channels removed
+            log.warning("reconstruct bias: the removed hidden channels are not compensated (a channel removed from "
+                        "the residual stream leaves no mean to put back); --reconstruct ls refits their consumers")
         # both models' MLPs, found once (the pruned layers' modules stay the same objects; obs rewrites their weights)
         self.obs_mlps = (find_mlps(dense), find_mlps(pruned)) if self.select_obs else None
         self.all_writers = writers == "all" and layout is not None  # the layout says where the writers are
