@@ -480,3 +480,48 @@ def test_reconstruction_study_runs_on_a_tiny_model_and_resumes(tmp_path, tiny_lo
     capsys.readouterr()
     assert study.main([*argv, "--resume"]) == 0  # nothing measured again
     assert "ppl" not in capsys.readouterr().out
+
+
+def test_reconstruction_study_adds_zero_shot_to_rows_measured_without_it(tmp_path, tiny_long_llama_dir, capsys):
+    """--limit 0, then --zero_shot_items 2 with --resume: each picked row's model is made again, its perplexity
+    checked against the row's, and its zero-shot shown in the report; a row whose model no longer reproduces its
+    perplexity stops the study with one line."""
+    import json
+
+    from conftest import DATA
+
+    from bench.studies import reconstruction as study
+
+    out = tmp_path / "REC.md"
+    argv = ["--model", str(tiny_long_llama_dir), "--data_dir", str(DATA), "--out", str(out), "--work_dir",
+            str(tmp_path / "work"), "--ratios", "0.2", "--seeds", "0", "--criteria", "entropy", "--modes", "none,ls",
+            "--structures", "", "--mix", "false", "--calib_samples", "3", "--reconstruct_samples", "5", "--seq_len",
+            "32", "--tasks", "arc_easy_local", "--limit", "0", "--ppl_windows", "2", "--ppl_seq_len", "32",
+            "--c4_windows", "2", "--c4_seq_len", "32", "--ablation", "false"]  # fmt: skip
+    assert study.main(argv) == 0
+    assert "not measured (--limit 0)" in out.read_text()
+    assert study.main([*argv, "--resume", "--zero_shot_items", "2"]) == 0
+    rows = {r["name"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    added = {n for n in rows if n.startswith("zs2|")}
+    assert added == {"zs2|dense", "zs2|mlp-entropy-0.2-none-s0", "zs2|mlp-entropy-0.2-ls-s0"}
+    for name in added:
+        of = rows[rows[name]["of"]]
+        assert abs(rows[name]["ppl"] / of["ppl"] - 1) < 1e-3 and of["avg"] is None and rows[name]["avg"] is not None
+    text = out.read_text()
+    assert "their first 2 items, on the rows that show one" in text
+    ls_line = next(line for line in text.splitlines() if line.startswith("| 0.2 | mlp (entropy) | ls |"))
+    assert f"| {rows['zs2|mlp-entropy-0.2-ls-s0']['avg']:.2f} |" in ls_line
+    capsys.readouterr()
+    assert study.main([*argv, "--resume", "--zero_shot_items", "2"]) == 0  # nothing measured again
+    assert "ppl" not in capsys.readouterr().out
+    # a row whose model no longer gives its perplexity: no zero-shot is added to it
+    committed = json.loads(out.with_suffix(".json").read_text())
+    for r in committed["rows"]:
+        if r["name"] == "mlp-entropy-0.2-ls-s0":
+            r["ppl"] *= 1.01
+    out.with_suffix(".json").write_text(json.dumps(committed))
+    for rows_file in (tmp_path / "work").glob("*/rows.jsonl"):
+        rows_file.unlink()
+    assert study.main([*argv, "--resume", "--zero_shot_items", "3", "--only", "mlp-entropy-0.2-ls"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "mlp-entropy-0.2-ls-s0: made again it gives WikiText-2 perplexity" in err[-1]

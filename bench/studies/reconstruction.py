@@ -2,6 +2,9 @@
 
     python bench/studies/reconstruction.py --resume          # the whole study (hours on 2 CPU cores; resumable)
     python bench/studies/reconstruction.py --ratios 0.2 --seeds 0 --limit 0 --out /tmp/rec/RECONSTRUCTION.md
+    # zero-shot added to the rows of a --limit 0 study (docs/RECONSTRUCTION.md), each model made again:
+    python bench/studies/reconstruction.py --seeds 0 --limit 0 --resume --zero_shot_items 200 \
+        --only mlp-entropy-0.2-none,mlp-entropy-0.2-ls_obs
 
 Every row is one prune.py run (module.pipeline.prune_model) reloaded with plain `from_pretrained`: MLP neurons at
 each ratio with entropy, entropy_wanda and wanda_sp; each other structure alone at its docs/STRUCTURES.md size
@@ -77,9 +80,14 @@ class ReconstructionStudyConfig(EvaluatedStudyConfig):
     # what only selects rows (each row's name says its part, criterion, ratio and mode) changes no measured row;
     # the seeds do: the held-out C4 windows avoid every seed's calibration draw
     RUN_ONLY: ClassVar[tuple[str, ...]] = (*EvaluatedStudyConfig.RUN_ONLY, "render_only", "only", "ratios", "criteria",
-                                           "modes", "structures", "mix", "ablation")  # fmt: skip
+                                           "modes", "structures", "mix", "ablation",
+                                           "zero_shot_items")  # fmt: skip
     c4_windows: int = field(default=32, metadata={"help": "Held-out C4 windows."})
     c4_seq_len: int = field(default=512, metadata={"help": "Tokens per held-out C4 window."})
+    zero_shot_items: int = field(default=0, metadata={
+        "help": "With --limit 0: add the zero-shot average at N items per task to the measured rows --zero_shot "
+                "picks (and dense), each model made again by the same prune.py run; its WikiText-2 perplexity must "
+                "reproduce the row's. Rows named zsN|<row>."})  # fmt: skip
     zero_shot: str = field(
         default="main",
         metadata={"help": "Rows scored zero-shot: all, or main (the first seed's none and ls rows of entropy MLP "
@@ -98,6 +106,8 @@ class ReconstructionStudyConfig(EvaluatedStudyConfig):
             raise ValueError(f"--modes: valid are {', '.join(MODES)}")
         if self.zero_shot not in ("all", "main"):
             raise ValueError(f"--zero_shot {self.zero_shot!r} is not all or main")
+        if self.zero_shot_items and self.limit:
+            raise ValueError("--zero_shot_items adds zero-shot to rows measured without it: give --limit 0")
 
     def selected(self, name: str) -> bool:
         """Whether --only lets this row be measured."""
@@ -202,13 +212,8 @@ def measure(cfg: ReconstructionStudyConfig) -> tuple[list[dict], dict]:
     for row in study_rows(cfg):
         if rows.get(row.name) is not None or cfg.render_only or not cfg.selected(row.name):
             continue
-        out = rows.dir / "model"
-        start = time.perf_counter()
-        prune(row.argv(cfg, out))
-        seconds = time.perf_counter() - start
-        report = json.loads((out / "prune_report.json").read_text())
+        model, report, seconds = made(row, cfg, rows.dir / "model")
         recon = report.get("reconstruction") or {}
-        model = load_causal_lm(str(out), row.name, torch.float32).eval()
         rows.add({"name": row.name, "part": row.part, "criterion": row.criterion, "ratio": row.ratio,
                   "mode": row.mode, "seed": row.seed, "target": row.target, "damp": row.damp,
                   "achieved_ratio": report.get("achieved_ratio"), "mix": report.get("mix"),
@@ -216,7 +221,48 @@ def measure(cfg: ReconstructionStudyConfig) -> tuple[list[dict], dict]:
                   "refit_seconds": recon.get("seconds"), "refit_peak_bytes": recon.get("peak_memory_bytes"),
                   "c4_ppl": c4(model), **(evaluation if row.zero_shot(cfg) else perplexity_only)(model)})  # fmt: skip
         del model
+    if cfg.zero_shot_items and not cfg.render_only:
+        add_zero_shot(cfg, rows, tokenizer)
     return rows.every(), {"versions": versions(), "model": cfg.model, "settings": cfg.settings()}
+
+
+def made(row: Row, cfg: ReconstructionStudyConfig, out: Path) -> tuple[torch.nn.Module, dict, float]:
+    """The row's prune.py run, then its model reloaded with plain `from_pretrained`, its report and seconds."""
+    start = time.perf_counter()
+    prune(row.argv(cfg, out))
+    seconds = time.perf_counter() - start
+    report = json.loads((out / "prune_report.json").read_text())
+    return load_causal_lm(str(out), row.name, torch.float32).eval(), report, seconds
+
+
+def add_zero_shot(cfg: ReconstructionStudyConfig, rows: Rows, tokenizer) -> None:
+    """--zero_shot_items N: a zsN|<row> row for dense and every measured row --zero_shot picks, from the model
+    made again (prune.py is deterministic for a seed); a perplexity that does not reproduce the row's stops the
+    study, since the zero-shot would then describe another model."""
+    evaluation = Evaluation(replace(cfg, limit=cfg.zero_shot_items, zero_shot_items=0), tokenizer, "cpu")
+    measured = {r["name"]: r for r in rows.every()}
+    for name, row in [("dense", None), *((r.name, r) for r in study_rows(cfg) if r.zero_shot(cfg))]:
+        zs = f"zs{cfg.zero_shot_items}|{name}"
+        if name not in measured or not cfg.selected(name) or rows.get(zs) is not None:
+            continue
+        model = (load_causal_lm(cfg.model, "dense", torch.float32).eval() if row is None
+                 else made(row, cfg, rows.dir / "model")[0])  # fmt: skip
+        result = evaluation(model)
+        if abs(result["ppl"] / measured[name]["ppl"] - 1) > 1e-3:
+            raise UserError(f"{name}: made again it gives WikiText-2 perplexity {result['ppl']:.3f}, not the row's "
+                            f"{measured[name]['ppl']:.3f}; its zero-shot would describe another model")  # fmt: skip
+        rows.add({"name": zs, "of": name, "items": cfg.zero_shot_items, "params": count_parameters(model), **result})
+        del model
+
+
+def with_zero_shot(rows: list[dict]) -> list[dict]:
+    """The rows with the zero-shot of their zsN rows (the most items) filled in; the zsN rows themselves left out."""
+    added = {}
+    for r in sorted((r for r in rows if "of" in r), key=lambda r: r["items"]):
+        added[r["of"]] = r
+    return [{**r, **({"avg": added[r["name"]]["avg"], "tasks": added[r["name"]]["tasks"],
+                      "zero_shot_items": added[r["name"]]["items"]} if r["name"] in added else {})}
+            for r in rows if "of" not in r]  # fmt: skip
 
 
 def cell(rows: list[dict], metric: str, digits: int = 1) -> str:
@@ -230,12 +276,17 @@ def log_gap_closed(dense: float, none: float, ls: float) -> float:
 
 
 def zero_shot_protocol(cfg: ReconstructionStudyConfig, dense: dict) -> str:
-    if not cfg.limit:
-        return "not measured (--limit 0)"
-    return f"the average over {len(dense['tasks'])} offline tasks, their first {cfg.limit} items"
+    if cfg.limit:
+        return f"the average over {len(dense['tasks'])} offline tasks, their first {cfg.limit} items"
+    if dense.get("zero_shot_items"):
+        return (f"the average over {len(dense['tasks'])} offline tasks, their first {dense['zero_shot_items']} "
+                f"items, on the rows that show one (added by --zero_shot_items: each model made again by the same "
+                f"run, its WikiText-2 perplexity reproduced within 0.1%)")  # fmt: skip
+    return "not measured (--limit 0)"
 
 
 def render(rows: list[dict], context: dict, cfg: ReconstructionStudyConfig) -> str:
+    rows = with_zero_shot(rows)
     dense = next(r for r in rows if r["name"] == "dense")
 
     def by(**kw) -> list[dict]:
