@@ -16,7 +16,7 @@ from module.model.layout import layout_of
 from module.model.mlp import decoder_layers, find_mlps
 from module.prune.mix import Mix, mix_kept, sliced_copy
 from module.prune.plan import StructureSizes
-from module.prune.reconstruct import reconstruct
+from module.prune.reconstruct import Reconstructor, reconstruct
 from module.prune.refit import PairStats, greedy_keep, refit
 
 WINDOWS = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(3))
@@ -298,10 +298,10 @@ def test_greedy_keep_drops_a_dead_input_first_and_stays_finite_without_a_ridge()
     assert kept.tolist() == live[greedy_keep(stats.restricted(live), 3, 0.0)].tolist()  # as if it never existed
 
 
-def test_obs_selection_fits_the_first_layer_better_than_random_neurons_and_keeps_what_it_reports():
+def test_obs_selection_fits_the_first_layer_better_than_random_neurons_and_keeps_what_it_reports(caplog):
     """Same count, neurons re-chosen: the first pruned layer's output (whose input both share) is closer to the
     dense layer's than with random kept neurons refit; the pruned gate/up rows are the dense rows of the new kept
-    sets, which replace the old ones in place."""
+    sets, which replace the old ones in place. Few tokens per neuron: a warning says how many windows would do."""
     dense, pruned, mlp_keep, kept = pruned_pair(Mix(36, StructureSizes()), layers=2)
     chosen = [k.clone() for k in mlp_keep]
     by_scores = copy.deepcopy(pruned)
@@ -309,6 +309,15 @@ def test_obs_selection_fits_the_first_layer_better_than_random_neurons_and_keeps
     report = reconstruct(dense, pruned, chosen, kept, None, "ls", "dense", 0.01, WINDOWS, progress=False,
                          select="obs")  # fmt: skip
     assert report["neurons_reselected"] > 0 and report["select"] == "obs"
+    tokens, neurons = WINDOWS.numel(), decoder_layers(dense)[0].mlp.down_proj.in_features
+    warned = [r.getMessage() for r in caplog.records if "--reconstruct_select obs chooses among" in r.getMessage()]
+    assert tokens < 40 * neurons and len(warned) == 1 and f"{neurons} neurons per layer on {tokens} tokens" in warned[0]
+    assert f"at least {math.ceil(40 * neurons / WINDOWS.shape[1])} windows" in warned[0]
+    caplog.clear()
+    enough = WINDOWS.repeat(math.ceil(40 * neurons / tokens), 1)
+    Reconstructor(dense, copy.deepcopy(by_scores), [k.clone() for k in mlp_keep], kept, None, "ls", "dense", 0.01,
+                  enough, select="obs")  # fmt: skip
+    assert not [r for r in caplog.records if "--reconstruct_select obs chooses among" in r.getMessage()]
     assert all(len(c) == len(k) for c, k in zip(chosen, mlp_keep)) and not all(map(torch.equal, chosen, mlp_keep))
     for layer in range(2):
         d_mlp, p_mlp = decoder_layers(dense)[layer].mlp, decoder_layers(pruned)[layer].mlp
