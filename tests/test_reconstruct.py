@@ -231,6 +231,26 @@ def test_the_folded_layer_map_equals_the_explicit_h_plus_mt_path():
     torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.parametrize("layers_removed", [False, True])
+def test_each_dense_layer_runs_whole_once_per_batch(layers_removed):
+    """The dense stream after a kept layer is computed once (by the refit of its MLP writer, or by a layer map) and
+    read from there by what follows, not run again; a removed layer runs once too."""
+    dense, pruned, mlp_keep, kept = pruned_pair(Mix(30), layers=3)
+    if layers_removed:
+        kept = {"layers": torch.tensor([0, 2])}
+        pruned, mlp_keep = sliced_copy(dense, Mix(None, StructureSizes(layers_remove=1)), None, kept), None
+    calls = [0] * 3
+    handles = [layer.register_forward_hook(lambda mod, a, out, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i, layer in enumerate(decoder_layers(dense))]  # fmt: skip
+    reconstruct(dense, pruned, mlp_keep, kept, layout_of(dense, "heads"), "ls", "dense", 0.1, WINDOWS,
+                progress=False)  # fmt: skip
+    for h in handles:
+        h.remove()
+    # batch size 1: one whole forward of each dense layer per window, plus the one full forward that reads every
+    # layer's keyword arguments (module/sparse/layerwise.py layer_inputs); before: two per window
+    assert calls == [len(WINDOWS) + 1] * 3
+
+
 def test_a_singular_gram_gives_a_finite_refit():
     """Dead inputs (a column never active) and no ridge: the minimum-norm least-squares solution, no NaN."""
     x = torch.randn(50, 6, dtype=torch.float64)
