@@ -129,7 +129,7 @@ class Row:
 
     def zero_shot(self, cfg: ReconstructionStudyConfig) -> bool:
         """Whether the row gets the zero-shot evaluation (--zero_shot main: the rows the issue's table compares)."""
-        main = (self.seed == cfg.seed_list[0] and self.mode in ("none", "ls", "ls_all", "ls_obs")
+        main = (self.seed == cfg.seed_list[0] and self.mode in ("none", "ls", "ls_rms", "ls_all", "ls_obs")
                 and self.criterion not in ("entropy_wanda", "wanda_sp")
                 and (self.target, self.damp) == (cfg.target, cfg.damp))  # fmt: skip
         return cfg.zero_shot == "all" or main
