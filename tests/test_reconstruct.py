@@ -554,3 +554,13 @@ def test_reconstruction_study_adds_zero_shot_to_rows_measured_without_it(tmp_pat
     assert study.main([*argv, "--resume", "--zero_shot_items", "3", "--only", "mlp-entropy-0.2-ls"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "mlp-entropy-0.2-ls-s0: made again it gives WikiText-2 perplexity" in err[-1]
+
+
+def test_the_zero_shot_cell_gives_the_average_without_boolq_beside_it():
+    from bench.studies.reconstruction import zero_shot_cell
+
+    rows = [{"avg": 50.0, "tasks": {"boolq": 60.0, "arc_easy": 40.0, "piqa": 50.0}},
+            {"avg": 40.0, "tasks": {"boolq": 30.0, "arc_easy": 40.0, "piqa": 50.0}}]  # fmt: skip
+    assert zero_shot_cell(rows) == "50.00 / 40.00 (45.00 / 45.00)"
+    assert zero_shot_cell([{"avg": 40.0, "tasks": {"arc_easy": 40.0}}]) == "40.00"
+    assert zero_shot_cell([{"avg": None, "tasks": {}}]) == "–"
