@@ -14,10 +14,10 @@ from torch import nn
 
 from module.model.mlp import ModelMLPs, count_parameters, find_mlps
 from module.model.slicing import prune_mlps
+from module.prune.compensation import Settings, reconstructed
 from module.prune.criteria import top_k_sorted
 from module.prune.mix import Mix, mix_kept
 from module.prune.plan import KeepPlan, apply, relative_keep
-from module.prune.reconstruct import Settings, reconstructed
 from module.speed import speed_against, speed_text
 from utils.pruned_folder import perplexity_text, save_pruned
 from utils.report import plot_layer_scores, plot_leaderboard, plot_structures

@@ -21,6 +21,7 @@ from torch import nn
 from dataset.calibration import draw_windows, heldout_windows, load_documents
 from module.model.layout import StructureError, layout_of, supports
 from module.model.mlp import count_parameters, find_mlps
+from module.prune.compensation import Settings, reconstructed
 from module.prune.criteria import DATA_FREE
 from module.prune.masks import CandidateMasks, candidate_kl, models_kl
 from module.prune.mix import (
@@ -36,7 +37,6 @@ from module.prune.mix import (
 )
 from module.prune.output import save_mlp_sizes, save_structures
 from module.prune.plan import KeepPlan, check_sizes, plan_keep
-from module.prune.reconstruct import Settings, reconstructed
 from module.prune.scores import run_scores
 from module.run import Run, begin_run
 from module.speed import speed_against, speed_of

@@ -18,34 +18,25 @@ mlp_bias/attention_bias). `--reconstruct_select obs` (with ls) also re-chooses w
 the count unchanged, by greedy elimination on the refit's own sums over every neuron of the dense MLP run on the
 pruned stream (module/prune/refit.py `greedy_keep`): the importance pass then decides the other structures and
 the mix, and the neuron count per layer.
-Every saved model still loads with plain `from_pretrained`.
+Every saved model still loads with plain `from_pretrained`. How a prune.py run asks for all this (its flags as
+Settings, biases added first for `bias`): module/prune/compensation.py.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from module.model.layout import Layout, layout_of, submodule, supports
+from module.model.layout import Layout, submodule
 from module.model.mlp import decoder_layers, find_mlps
-from module.model.slicing import add_biases
 from module.prune.capture import capture, intermediate, run_layer
-from module.prune.consumers import (
-    Consumer,
-    bias_paths,
-    mlp_output_path,
-    removed_runs,
-    set_weight_out_in,
-    stages_of,
-    weight_out_in,
-)
+from module.prune.consumers import Consumer, mlp_output_path, removed_runs, set_weight_out_in, stages_of, weight_out_in
 from module.prune.refit import MapStats, PairStats, greedy_keep, layer_map, mean_shift, refit
-from module.prune.reselect import check_obs, mlp_pair, reselect
+from module.prune.reselect import check_obs, check_obs_tokens, mlp_pair, reselect
 from module.sparse.layerwise import layer_inputs
 from utils.errors import UserError
 from utils.report import peak_memory_bytes, reset_peak_memory
@@ -56,7 +47,6 @@ TARGETS = ("dense", "own")
 WRITERS = ("pruned", "all")
 WEIGHTINGS = ("uniform", "rms")
 SELECTIONS = ("scores", "obs")
-OBS_TOKENS_PER_NEURON = 40  # SmolLM2-135M: 21 per neuron overfit the obs choice at 30%, 43 did not (README)
 REFIT_BATCH = 8  # windows per forward of the refit at least: no gradients, and per-call overhead dominates on CPU
 
 
@@ -84,7 +74,7 @@ class Reconstructor:
             log.warning("reconstruct bias: the removed hidden channels are not compensated (a channel removed from "
                         "the residual stream leaves no mean to put back); --reconstruct ls refits their consumers")
         if self.select_obs:
-            self._check_obs_tokens(dense, windows)
+            check_obs_tokens(dense, windows)
         # both models' MLPs, found once (the pruned layers' modules stay the same objects; obs rewrites their weights)
         self.obs_mlps = (find_mlps(dense), find_mlps(pruned)) if self.select_obs else None
         self.all_writers = writers == "all" and layout is not None  # the layout says where the writers are
@@ -107,19 +97,6 @@ class Reconstructor:
         self.dense_past: dict[int, torch.Tensor] = {}
         self.report = {"consumers_refit": 0, "layer_maps": 0, "leading_removed_layers": 0,
                        "neurons_reselected": 0}  # fmt: skip
-
-    @staticmethod
-    def _check_obs_tokens(dense: nn.Module, windows: torch.Tensor) -> None:
-        """obs chooses among every neuron of a layer on the refit's tokens; with too few per neuron the choice fits
-        their noise (SmolLM2-135M, 30% of the parameters: 158 perplexity on 32K tokens for 1536 neurons against
-        102 for the importance pass's neurons refit; 93.5 on 64K), so warn below OBS_TOKENS_PER_NEURON."""
-        tokens, neurons = windows.numel(), find_mlps(dense).layers[0].neurons
-        if tokens < OBS_TOKENS_PER_NEURON * neurons:
-            log.warning("reconstruct: --reconstruct_select obs chooses among %d neurons per layer on %d tokens (%.0f "
-                        "per neuron); below %d per neuron the choice can fit the calibration's noise: give more "
-                        "--reconstruct_samples (at least %d windows of %d tokens)", neurons, tokens, tokens / neurons,
-                        OBS_TOKENS_PER_NEURON, -(-OBS_TOKENS_PER_NEURON * neurons // windows.shape[-1]),
-                        windows.shape[-1])  # fmt: skip
 
     # -- one stage: targets and pruned inputs, then the refit -------------------------------------------------
     def _after_write(self, path: str) -> str | None:
@@ -332,49 +309,3 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, mlp_keep, kept: dict, layou
     return {**report, "mode": mode, "target": target, "writers": writers, "weighting": weighting, "select": select,
             "damp": damp, "windows": list(windows.shape), "seconds": time.perf_counter() - start,
             "peak_memory_bytes": peak_memory_bytes(device)}
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How a run reconstructs (from its PruneConfig) and on which windows."""
-
-    mode: str
-    target: str
-    damp: float
-    windows: torch.Tensor | None
-    batch_size: int = 1
-    store: str | None = None
-    progress: bool = True
-    trust_remote_code: bool = False
-    writers: str = "pruned"
-    weighting: str = "rms"
-    select: str = "scores"
-
-    @classmethod
-    def of(cls, cfg, windows: torch.Tensor | None) -> Settings:
-        return cls(cfg.reconstruct, cfg.reconstruct_target, cfg.reconstruct_damp, windows,
-                   max(cfg.batch_size, REFIT_BATCH), "cpu" if cfg.offload_inputs else None, cfg.progress,
-                   cfg.trust_remote_code, cfg.reconstruct_writers, cfg.reconstruct_weighting,
-                   cfg.reconstruct_select)  # fmt: skip
-
-    @property
-    def active(self) -> bool:
-        return self.mode != "none"
-
-
-def reconstructed(dense: nn.Module, pruned: nn.Module, mlp_keep, kept: dict, settings: Settings) -> dict | None:
-    """Reconstruct `pruned` in place as `settings` ask (None when they ask for nothing): the layout of the family
-    when it has one (heads, layers, hidden channels), else the MLP adapter alone; biases added for `bias`."""
-    if not settings.active:
-        return None
-    layout = layout_of(dense, "heads") if supports(dense, "heads") else None
-    keys = []
-    if settings.mode == "bias":
-        keys = add_biases(pruned, bias_paths(mlp_keep, kept, layout, mlp_output_path(dense, layout)),
-                             settings.trust_remote_code)  # fmt: skip
-    report = reconstruct(dense, pruned, mlp_keep, kept, layout, settings.mode, settings.target, settings.damp,
-                         settings.windows, settings.batch_size, settings.store, settings.progress,
-                         settings.writers, settings.weighting, settings.select)  # fmt: skip
-    log.info("reconstruct (%s, %s targets): %d consumers refit, %d layer maps in %.1f s", settings.mode,
-             settings.target, report["consumers_refit"], report["layer_maps"], report["seconds"])  # fmt: skip
-    return {**report, "bias_keys_set": keys}
