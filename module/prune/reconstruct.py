@@ -70,11 +70,11 @@ class Reconstructor:
             if "hidden" in kept:  # a searched candidate with hidden channels removed: its neurons stay the scores'
                 log.info("reconstruct: hidden channels removed; the kept MLP neurons are the importance pass's")
                 self.select_obs = False
+            else:
+                check_obs_tokens(dense, windows)
         if mode == "bias" and "hidden" in kept:  # a searched mix with hidden channels removed
             log.warning("reconstruct bias: the removed hidden channels are not compensated (a channel removed from "
                         "the residual stream leaves no mean to put back); --reconstruct ls refits their consumers")
-        if self.select_obs:
-            check_obs_tokens(dense, windows)
         # both models' MLPs, found once (the pruned layers' modules stay the same objects; obs rewrites their weights)
         self.obs_mlps = (find_mlps(dense), find_mlps(pruned)) if self.select_obs else None
         self.all_writers = writers == "all" and layout is not None  # the layout says where the writers are
@@ -147,10 +147,10 @@ class Reconstructor:
         whole = stop_d is None and ref_stream is self.x_d  # the dense layer runs whole on the dense stream
         dense_out = {}
         try:
-            for xr, xp in zip(ref_stream, self.x_p):
+            for b, (xr, xp) in enumerate(zip(ref_stream, self.x_p)):
                 out_d = run_layer(dense_layer, xr, self.kw_d[len(xr)][i])  # on the dense stream, or on the pruned one
                 if whole:
-                    dense_out[len(dense_out)] = out_d.to(self.store)
+                    dense_out[b] = out_d.to(self.store)
                 out_p = run_layer(pruned_layer, xp, self.kw_p[len(xp)][j])
                 x_p = p_slot[0]
                 x_fit = intermediate(dense_mlp_module, dense_mlp.output.module, mlp_slot[0]) if obs else x_p
