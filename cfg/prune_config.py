@@ -9,7 +9,7 @@ from typing import ClassVar
 from module.dynamic.probe import METRICS as DYNAMIC_METRICS
 from module.dynamic.wrap import VARIANTS as DYNAMIC_VARIANTS
 from module.model.layout import HEAD_MODES, STRUCTURES
-from module.prune.criteria import CRITERIA, STRUCTURE_CRITERIA, check_criterion
+from module.prune.criteria import CRITERIA, DATA_FREE, STRUCTURE_CRITERIA, check_criterion
 from module.prune.importance import GRADIENT_CRITERIA
 from module.prune.mix import Mix
 from module.prune.plan import StructureSizes
@@ -83,6 +83,7 @@ class PruneConfig:
         "layers_remove": Rule(low=0, applies=("structured",)),
         "hidden_keep": Rule(low=0, applies=("structured",)),
         "criterion": Rule(applies=("structured",)),
+        "structure_criteria": Rule(applies=("structured",)),
         "calib_samples": Rule(low=1),
         "seq_len": Rule(low=2),
         "sparsity": Rule(low=0, high=1, low_open=True, high_open=True),
@@ -192,6 +193,13 @@ class PruneConfig:
                           f"{', '.join(STRUCTURE_CRITERIA['heads'])}; layers: "
                           f"{', '.join(STRUCTURE_CRITERIA['layers'])}; hidden: "
                           f"{', '.join(STRUCTURE_CRITERIA['hidden'])}."},
+    )  # fmt: skip
+    structure_criteria: str = field(
+        default="",
+        metadata={"help": "Per structure, a criterion other than --criterion (e.g. layers=block_influence: the "
+                          "searched mix removes ShortGPT's layers and scores the rest by --criterion; SmolLM2, 4 "
+                          "layers: 58.8 perplexity against entropy's 140.3, docs/STRUCTURES.md). A gradient "
+                          "criterion here must be --criterion itself: the pass backpropagates one loss."},
     )  # fmt: skip
     calib_dataset: str = field(
         default="c4",
@@ -393,6 +401,7 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        self.criteria: dict[str, str] = {}  # a structured run's criterion of each structure (_check_structured)
         if self.dynamic != "none" and self.sparsity:
             raise ValueError("--dynamic and --sparsity are different runs; give one")
         if self.sparsity:
@@ -487,9 +496,10 @@ class PruneConfig:
                 raise ValueError("several sizes from one pass are for --prune_parts mlp only; give one --pruning_ratio")
         if "mlp" in self.parts and self.criterion not in CRITERIA:
             raise ValueError(f"--criterion {self.criterion!r} does not score MLP neurons; valid: {', '.join(CRITERIA)}")
+        self.criteria = self._structure_criteria()
         for part in self.parts:
             if part != "mlp":
-                check_criterion(part, self.criterion)
+                check_criterion(part, self.criteria[part])
         if self.reconstruct not in RECONSTRUCT_MODES:
             raise ValueError(f"--reconstruct {self.reconstruct!r} is not one of {', '.join(RECONSTRUCT_MODES)}")
         if self.reconstruct_target not in RECONSTRUCT_TARGETS:
@@ -567,6 +577,30 @@ class PruneConfig:
         self.calib_samples = self.calib_samples or 2000
         self.seq_len = self.seq_len or 1024
         self.pruning_ratios, self.mlp_ratios, self.selected_mix = ratios, [], None
+
+    def _structure_criteria(self) -> dict[str, str]:
+        """The criterion of every structure but the MLP's: --criterion, unless --structure_criteria names another."""
+        given = {}
+        for item in filter(None, (i.strip() for i in self.structure_criteria.split(","))):
+            part, _, criterion = item.partition("=")
+            part, criterion = part.strip(), criterion.strip()
+            if part not in STRUCTURE_CRITERIA or not criterion or part in given:
+                raise ValueError(f"--structure_criteria {self.structure_criteria!r} must be a comma list of distinct "
+                                 f"STRUCTURE=CRITERION, STRUCTURE one of {', '.join(STRUCTURE_CRITERIA)}")  # fmt: skip
+            if part not in self.parts:
+                raise ValueError(f"--structure_criteria scores {part}, which --prune_parts {self.prune_parts} leaves "
+                                 "out")  # fmt: skip
+            if criterion in GRADIENT_CRITERIA and criterion != self.criterion:
+                raise ValueError(f"--structure_criteria {part}={criterion} needs the gradients of its own loss; "
+                                 f"the pass backpropagates --criterion {self.criterion}'s: give --criterion "
+                                 f"{criterion}")  # fmt: skip
+            given[part] = criterion
+        return {part: given.get(part, self.criterion) for part in STRUCTURE_CRITERIA}
+
+    @property
+    def data_free(self) -> bool:
+        """Every criterion of the run scores from the weights alone (no calibration pass)."""
+        return all(c in DATA_FREE for c in (self.criterion, *(self.criteria[p] for p in self.parts if p != "mlp")))
 
     @property
     def auto(self) -> bool:

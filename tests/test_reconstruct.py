@@ -432,6 +432,21 @@ def test_search_rescores_its_best_candidates_after_reconstruction(tmp_path, tiny
     assert all(r["kl_reconstructed"] is None for r in board[3:])
 
 
+def test_a_fixed_mix_is_reconstructed_once(tmp_path, tiny_llama_dir, monkeypatch):
+    """--mix gives a board of one: re-ranking it would refit the same model twice (once for its KL, once to save)."""
+    import module.prune.output as output
+    import module.prune.pipeline as pipeline
+
+    calls = []
+    for mod in (output, pipeline):
+        real = mod.reconstructed
+        monkeypatch.setattr(mod, "reconstructed", lambda *a, real=real, name=mod.__name__: (calls.append(name),
+                                                                                            real(*a))[1])  # fmt: skip
+    assert run_prune(tmp_path, tiny_llama_dir, "mix", "--prune_parts", "mlp,layers", "--mix",
+                     "mlp_keep=40,layers_remove=1", "--reconstruct", "ls", "--search_windows", "2") == 0  # fmt: skip
+    assert calls == ["module.prune.output"]
+
+
 @pytest.mark.parametrize(("family", "args", "message"), [
     ("qwen2", ["--pruning_ratio", "0.1", "--reconstruct", "bias"], "no config key that adds one"),
     ("llama", ["--prune_parts", "hidden", "--hidden_keep", "28", "--reconstruct", "ls", "--reconstruct_target",
@@ -490,12 +505,13 @@ def test_reconstruction_study_runs_on_a_tiny_model_and_resumes(tmp_path, tiny_lo
             "none,ls,ls_obs", "--structures", "heads,layers", "--heads_keep", "2", "--layers_remove", "1",
             "--calib_samples", "3", "--reconstruct_samples", "5", "--seq_len", "32", "--tasks", "arc_easy_local",
             "--limit", "2", "--ppl_windows", "2", "--ppl_seq_len", "32", "--c4_windows", "2", "--c4_seq_len", "32",
-            "--ablation", "false"]  # fmt: skip
+            "--ablation", "false", "--mix_criteria", "entropy,entropy+layers=block_influence"]  # fmt: skip
     assert study.main(argv) == 0
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     names = {r["name"] for r in rows}
     assert {"dense", "mlp-entropy-0.2-ls-s1", "mix-entropy-0.2-none-s0", "heads-entropy-ls-s0",
-            "layers-block_influence-ls-s1", "mlp-entropy-0.2-ls_obs-s1"} <= names and len(rows) == 1 + 2 * 3 * 4
+            "layers-block_influence-ls-s1", "mlp-entropy-0.2-ls_obs-s1",
+            "mix-entropy+layers=block_influence-0.2-ls-s1"} <= names and len(rows) == 1 + 2 * 3 * 5  # fmt: skip
     params = {r["name"]: r["params"] for r in rows}  # re-chosen neurons, the same count
     assert params["mlp-entropy-0.2-ls_obs-s0"] == params["mlp-entropy-0.2-ls-s0"]  # fmt: skip
     dense = next(r for r in rows if r["name"] == "dense")

@@ -267,6 +267,36 @@ def test_mlp_scores_and_output_unchanged_by_pruning_other_structures_too(tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)  # the graph starting at the embeddings changes no neuron score
 
 
+def test_structure_criteria_score_a_structure_as_a_run_of_that_criterion_does(tmp_path, tiny_llama_dir):
+    """--structure_criteria layers=block_influence: the layer scores of `--criterion block_influence`, the MLP's of
+    --criterion (also a data-free one, whose pass then runs for the layers alone), under a cache key of their own."""
+    import json
+
+    from utils.io import load_importance
+
+    layers = ["--prune_parts", "mlp,layers", "--pruning_ratio", "0.05", "--layers_remove", "1"]
+    assert run_prune(tmp_path, tiny_llama_dir, *layers, "--structure_criteria", "layers=block_influence") == 0
+    assert run_prune(tmp_path, tiny_llama_dir, *layers, "--structure_criteria", "layers=block_influence",
+                     "--criterion", "magnitude", out="magnitude") == 0  # fmt: skip
+    assert run_prune(tmp_path, tiny_llama_dir, "--prune_parts", "layers", "--layers_remove", "1", "--criterion",
+                     "block_influence", out="alone") == 0  # fmt: skip
+    assert run_prune(tmp_path, tiny_llama_dir, *layers, out="entropy") == 0
+    entries = {}
+    for entry in (tmp_path / "cache").iterdir():
+        scores, meta, extra = load_importance(entry)
+        entries[(entry.name.split("-")[0], "structure_criteria" in meta["key_fields"])] = (scores, extra)
+    assert len(entries) == 4
+    mixed, alone = entries[("entropy", True)], entries[("block_influence", False)]
+    assert torch.equal(mixed[1]["layers"], alone[1]["layers"])
+    assert torch.equal(entries[("magnitude", True)][1]["layers"], alone[1]["layers"])
+    assert all(torch.equal(a, b) for a, b in zip(mixed[0], entries[("entropy", False)][0]))
+    assert not torch.equal(mixed[1]["layers"], entries[("entropy", False)][1]["layers"])
+    report = json.loads((tmp_path / "out" / "prune_report.json").read_text())
+    alone_report = json.loads((tmp_path / "alone" / "prune_report.json").read_text())
+    assert report["kept"]["layers"] == alone_report["kept"]["layers"]
+    assert report["structure_criteria"]["layers"] == "block_influence"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -285,6 +315,14 @@ def test_mlp_scores_and_output_unchanged_by_pruning_other_structures_too(tmp_pat
         (["--pruning_ratio", "0.1", "--criterion", "block_influence"], "does not score MLP neurons"),
         (["--prune_parts", "mlp,layers", "--pruning_ratio", "0.1,0.2", "--layers_remove", "1"], "several sizes"),
         (["--prune_parts", "heads", "--heads_keep", "2", "--head_mode", "groups"], "is not one of kv_group, query"),
+        (["--prune_parts", "mlp,layers", "--pruning_ratio", "0.1", "--layers_remove", "1", "--structure_criteria",
+          "layers=wanda_sp"], "does not score layers"),
+        (["--pruning_ratio", "0.1", "--structure_criteria", "layers=block_influence"], "leaves out"),
+        (["--prune_parts", "auto", "--pruning_ratio", "0.1", "--structure_criteria", "layer=block_influence"],
+         "STRUCTURE=CRITERION"),
+        (["--prune_parts", "mlp,heads", "--pruning_ratio", "0.1", "--heads_keep", "2", "--structure_criteria",
+          "heads=ce"], "give --criterion ce"),
+        (["--sparsity", "0.5", "--structure_criteria", "layers=block_influence"], "--structure_criteria"),
     ],
 )
 def test_structure_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_llama_dir, capsys, args, message):

@@ -65,6 +65,9 @@ class ReconstructionStudyConfig(EvaluatedStudyConfig):
     layers_remove: int = field(default=4, metadata={"help": "Layers removed in the layers row (STRUCTURES.md)."})
     hidden_keep: int = field(default=522, metadata={"help": "Hidden channels kept in its row (STRUCTURES.md)."})
     mix: bool = field(default=True, metadata={"help": "Also the searched mix at each ratio."})
+    mix_criteria: str = field(default="entropy", metadata={
+        "help": "Criteria of the mix rows: CRITERION[+STRUCTURE=CRITERION...] (e.g. entropy+layers=block_influence: "
+                "prune.py --criterion entropy --structure_criteria layers=block_influence)."})  # fmt: skip
     calib_file: str = field(default="c4/c4_validation_2k.jsonl", metadata={"help": "Calibration text in DATA."})
     calib_samples: int = field(default=32, metadata={"help": "Windows the importance pass scores on."})
     seq_len: int = field(default=256, metadata={"help": "Tokens per calibration window."})
@@ -80,7 +83,7 @@ class ReconstructionStudyConfig(EvaluatedStudyConfig):
     # what only selects rows (each row's name says its part, criterion, ratio and mode) changes no measured row;
     # the seeds do: the held-out C4 windows avoid every seed's calibration draw
     RUN_ONLY: ClassVar[tuple[str, ...]] = (*EvaluatedStudyConfig.RUN_ONLY, "render_only", "only", "ratios", "criteria",
-                                           "modes", "structures", "mix", "ablation",
+                                           "modes", "structures", "mix", "mix_criteria", "ablation",
                                            "zero_shot_items")  # fmt: skip
     c4_windows: int = field(default=32, metadata={"help": "Held-out C4 windows."})
     c4_seq_len: int = field(default=512, metadata={"help": "Tokens per held-out C4 window."})
@@ -98,6 +101,7 @@ class ReconstructionStudyConfig(EvaluatedStudyConfig):
         self.ratio_list = [float(r) for r in self.ratios.split(",") if r.strip()]
         self.seed_list = [int(s) for s in self.seeds.split(",") if s.strip()]
         self.criterion_list = [c.strip() for c in self.criteria.split(",") if c.strip()]
+        self.mix_criterion_list = [c.strip() for c in self.mix_criteria.split(",") if c.strip()]
         self.mode_list = [m.strip() for m in self.modes.split(",") if m.strip()]
         self.structure_list = [s.strip() for s in self.structures.split(",") if s.strip()]
         if set(self.structure_list) - set(STRUCTURES):
@@ -145,7 +149,9 @@ class Row:
         if self.part == "mlp":
             parts = ["--pruning_ratio", str(self.ratio)]
         elif self.part == "mix":
-            parts = ["--prune_parts", "auto", "--pruning_ratio", str(self.ratio)]
+            others = self.criterion.split("+")[1:]  # entropy+layers=block_influence: the layers scored by it
+            parts = ["--prune_parts", "auto", "--pruning_ratio", str(self.ratio),
+                     *(["--structure_criteria", ",".join(others)] if others else [])]  # fmt: skip
         else:
             size = {"heads": ("--heads_keep", cfg.heads_keep), "layers": ("--layers_remove", cfg.layers_remove),
                     "hidden": ("--hidden_keep", cfg.hidden_keep)}[self.part]  # fmt: skip
@@ -156,9 +162,9 @@ class Row:
                                            "--reconstruct_target", self.target,
                                            "--reconstruct_damp", str(self.damp), "--reconstruct_samples",
                                            str(cfg.reconstruct_samples)]  # fmt: skip
-        return ["--origin_path", cfg.model, "--criterion", self.criterion, *parts, *recon, "--calib_dataset",
-                str(Path(cfg.data_dir) / cfg.calib_file), "--calib_samples", str(cfg.calib_samples), "--seq_len",
-                str(cfg.seq_len), "--seed", str(self.seed), "--batch_size", "4", "--importance_cache",
+        return ["--origin_path", cfg.model, "--criterion", self.criterion.split("+")[0], *parts, *recon,
+                "--calib_dataset", str(Path(cfg.data_dir) / cfg.calib_file), "--calib_samples", str(cfg.calib_samples),
+                "--seq_len", str(cfg.seq_len), "--seed", str(self.seed), "--batch_size", "4", "--importance_cache",
                 str(Path(cfg.work_dir) / "cache"), "--output_dir", str(out), "--overwrite",
                 "--no_progress"]  # fmt: skip
 
@@ -170,7 +176,8 @@ def study_rows(cfg: ReconstructionStudyConfig) -> list[Row]:
             for criterion in cfg.criterion_list:
                 rows += [Row("mlp", criterion, ratio, mode, seed, cfg.target, cfg.damp) for mode in cfg.mode_list]
             if cfg.mix:
-                rows += [Row("mix", "entropy", ratio, mode, seed, cfg.target, cfg.damp) for mode in cfg.mode_list]
+                rows += [Row("mix", criterion, ratio, mode, seed, cfg.target, cfg.damp)
+                         for criterion in cfg.mix_criterion_list for mode in cfg.mode_list]  # fmt: skip
         for part in cfg.structure_list:
             criterion = "block_influence" if part == "layers" else "entropy"
             # prune.py refuses bias with hidden channels alone: a channel removed from the stream has no mean to
@@ -181,6 +188,9 @@ def study_rows(cfg: ReconstructionStudyConfig) -> list[Row]:
         seed = cfg.seed_list[0]
         rows += [Row("mlp", "entropy", 0.2, "ls", seed, target, damp)
                  for target, damp in (("dense", 0.01), ("dense", 0.3), ("dense", 1.0), ("own", 0.1), ("own", 0.01))]
+        if "ls_obs" in cfg.mode_list:  # obs chooses the neurons on the refit's ridge too: on every seed
+            rows += [Row("mlp", "entropy", 0.2, "ls_obs", s, "dense", damp)
+                     for s in cfg.seed_list for damp in (0.3, 1.0)]  # fmt: skip
     return rows
 
 
@@ -327,7 +337,8 @@ def render(rows: list[dict], context: dict, cfg: ReconstructionStudyConfig) -> s
         "|---|---|---|---|---|---|---|---|",
     ]
     for ratio in cfg.ratio_list:
-        for part, criterion in [("mlp", c) for c in cfg.criterion_list] + ([("mix", "entropy")] if cfg.mix else []):
+        mixes = [("mix", c) for c in cfg.mix_criterion_list] if cfg.mix else []
+        for part, criterion in [("mlp", c) for c in cfg.criterion_list] + mixes:
             none = by(part=part, criterion=criterion, ratio=ratio, mode="none")
             for mode in cfg.mode_list:
                 got = by(part=part, criterion=criterion, ratio=ratio, mode=mode,
@@ -380,27 +391,37 @@ def verdict(rows: list[dict], cfg: ReconstructionStudyConfig) -> list[str]:
     out = ["## Targets (WikiText-2 perplexity, entropy, every seed)", ""]
     for ratio, targets in TARGETS.items():
         for part, target in targets.items():
-            for mode in [m for m in cfg.mode_list if MODES[m][0] == "ls"]:
-                got = [r for r in rows if r.get("part") == part and r.get("ratio") == ratio and r.get("mode") == mode
-                       and r.get("criterion") == "entropy"
-                       and (r.get("target"), r.get("damp")) == (cfg.target, cfg.damp)]  # fmt: skip
-                if not got:
-                    continue
-                worst = max(r["ppl"] for r in got)
-                state = "met" if worst <= target else f"missed by {worst - target:.1f}"
-                out.append(f"- {ratio:g}, {part}, {mode}: {cell(got, 'ppl')} against <= {target:g}: **{state}**.")
+            for criterion in ["entropy"] if part == "mlp" else cfg.mix_criterion_list:
+                for mode in [m for m in cfg.mode_list if MODES[m][0] == "ls"]:
+                    got = [r for r in rows if r.get("part") == part and r.get("ratio") == ratio
+                           and r.get("mode") == mode and r.get("criterion") == criterion
+                           and (r.get("target"), r.get("damp")) == (cfg.target, cfg.damp)]  # fmt: skip
+                    if not got:
+                        continue
+                    worst = max(r["ppl"] for r in got)
+                    state = "met" if worst <= target else f"missed by {worst - target:.1f}"
+                    label = part if criterion == "entropy" else f"{part} ({criterion})"
+                    out.append(f"- {ratio:g}, {label}, {mode}: {cell(got, 'ppl')} against <= {target:g}: "
+                               f"**{state}**.")  # fmt: skip
     return out
 
 
 def ablation_lines(rows: list[dict], cfg: ReconstructionStudyConfig) -> list[str]:
-    got = [r for r in rows if r.get("part") == "mlp" and r.get("criterion") == "entropy" and r.get("ratio") == 0.2
-           and r.get("mode") == "ls" and r.get("seed") == cfg.seed_list[0]]  # fmt: skip
-    if len(got) < 2:
+    """Each (mode, seed) of MLP, entropy, 20% measured at more than one target or ridge."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        if r.get("part") == "mlp" and r.get("criterion") == "entropy" and r.get("ratio") == 0.2 \
+                and r.get("mode") in ("ls", "ls_obs"):  # fmt: skip
+            groups.setdefault((r["mode"], r["seed"]), []).append(r)
+    got = [r for key in sorted(groups) if len(groups[key]) > 1 for r in groups[key]]
+    if not got:
         return []
-    out = ["## The refit's target and ridge (MLP, entropy, 20%, seed 0)", "",
-           "| --reconstruct_target | --reconstruct_damp | WikiText-2 ppl | C4 ppl | refit s |", "|---|---|---|---|---|"]
-    for r in sorted(got, key=lambda r: (r["target"], r["damp"])):
-        out.append(f"| {r['target']} | {r['damp']:g} | {r['ppl']:.2f} | {r['c4_ppl']:.2f} | {r['refit_seconds']:.0f} |")
+    out = ["## The refit's target and ridge (MLP, entropy, 20%)", "",
+           "| mode | seed | --reconstruct_target | --reconstruct_damp | WikiText-2 ppl | C4 ppl | refit s |",
+           "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in sorted(got, key=lambda r: (r["mode"], r["seed"], r["target"], r["damp"])):
+        out.append(f"| {r['mode']} | {r['seed']} | {r['target']} | {r['damp']:g} | {r['ppl']:.2f} | "
+                   f"{r['c4_ppl']:.2f} | {r['refit_seconds']:.0f} |")  # fmt: skip
     return out
 
 

@@ -113,7 +113,7 @@ def collect_statistics(
         taylor=[torch.zeros(n_neurons, dtype=torch.float64, device=device) for _ in mlps.layers] if need_taylor else [],
         act_sq=[torch.zeros(n_neurons, dtype=torch.float64, device=device) for _ in mlps.layers] if need_act else [],
     )
-    if not (need_taylor or need_act):
+    if not (need_taylor or need_act or taps):  # a data-free criterion's pass runs for other structures' taps only
         return stats
     requires = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)

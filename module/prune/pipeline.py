@@ -22,7 +22,6 @@ from dataset.calibration import draw_windows, heldout_windows, load_documents
 from module.model.layout import StructureError, layout_of, supports
 from module.model.mlp import count_parameters, find_mlps
 from module.prune.compensation import Settings, reconstructed
-from module.prune.criteria import DATA_FREE
 from module.prune.masks import CandidateMasks, candidate_kl, models_kl
 from module.prune.mix import (
     Candidate,
@@ -80,7 +79,7 @@ def calibration_windows(cfg, tokenizer) -> tuple[torch.Tensor | None, torch.Tens
     --reconstruct_samples N beyond --calib_samples, N of them: the first --calib_samples score, all N refit) and,
     for a mix search, the held-out windows drawn from the other documents (drawn alike for every criterion, so
     their KLs compare)."""
-    if cfg.criterion in DATA_FREE and not searching(cfg) and cfg.reconstruct == "none":
+    if cfg.data_free and not searching(cfg) and cfg.reconstruct == "none":
         return None, None
     docs = load_documents(cfg.calib_dataset, cfg.calib_text_field)
     n = max(cfg.calib_samples, cfg.reconstruct_samples if cfg.reconstruct != "none" else 0)
@@ -107,7 +106,7 @@ def check_before_loading(cfg, shapes: nn.Module) -> list[tuple[float, MixSpace |
     """Everything that the config alone decides, on a weightless copy of the model: the MLP shape, every
     size, the window lengths, and the search's candidates, so that a mistake is reported before minutes of
     weight loading. Resolves --prune_parts auto to the structures the family supports."""
-    if cfg.criterion not in DATA_FREE or searching(cfg):
+    if not cfg.data_free or searching(cfg):
         check_context(shapes, cfg.seq_len, "--seq_len", cfg.allow_long_context)
     if cfg.eval_text:
         check_context(shapes, cfg.eval_seq_len, "--eval_seq_len", cfg.allow_long_context)
@@ -213,7 +212,7 @@ def run_structures(cfg, run: Run, outs: list[Path]) -> None:
     log.info("model: %s, %d layers x %d neurons (%s MLP), %.2fM parameters", type(model).__name__, len(mlps.layers),
              mlps.neurons, mlps.shape.name, params_before / 1e6)  # fmt: skip
     # the scoring windows: none for a data-free criterion (its cache key has none), the first --calib_samples
-    scoring = None if cfg.criterion in DATA_FREE or windows is None else windows[: cfg.calib_samples]
+    scoring = None if cfg.data_free or windows is None else windows[: cfg.calib_samples]
     scores, structure, imp = run_scores(cfg, model, mlps, scoring, run.dtype, run.device, run.state)
     recon = Settings.of(cfg, windows)
     if not run.state.is_main_process:  # the other ranks only helped with the importance pass
@@ -221,14 +220,17 @@ def run_structures(cfg, run: Run, outs: list[Path]) -> None:
         return
     ppl_windows, ppl_before = perplexity_before(cfg, model, tokenizer, eval_docs)
     base_report = {**run.report(model), "mlp_shape": mlps.shape.name, "params_before": params_before,
-                   "intermediate_size_before": mlps.neurons, "criterion": cfg.criterion, **imp}  # fmt: skip
+                   "intermediate_size_before": mlps.neurons, "criterion": cfg.criterion,
+                   **({"structure_criteria": cfg.criteria} if cfg.structure_criteria else {}), **imp}  # fmt: skip
     dense_speed = speed_of(model) if cfg.measure_speed else None
     if dense_speed is not None:
         base_report["dense_speed"] = dense_speed
     if searches:
         boards = search_mixes(cfg, model, mlps, scores, structure, heldout, searches, dense_speed)
         if recon.active and cfg.reconstruct_rescore:
-            boards = [rescore(cfg, model, board, scores, structure, heldout, recon) for board in boards]
+            # a board of one (a fixed --mix) has nothing to re-rank: its refit would run twice for the same model
+            boards = [rescore(cfg, model, board, scores, structure, heldout, recon) if len(board) > 1 else board
+                      for board in boards]  # fmt: skip
         for i, ((ratio, _), board, out) in enumerate(zip(searches, boards, outs)):
             chosen = board[0]
             search_report = {"target_ratio": ratio, "parts": cfg.parts, "heldout_windows": list(heldout.shape),

@@ -43,6 +43,8 @@ def cache_key(cfg, model: nn.Module, windows: torch.Tensor | None, dtype: torch.
     }
     if any(p != "mlp" for p in cfg.parts):  # a run of --prune_parts mlp keeps its key (and its cache entries)
         fields["parts"] = sorted(cfg.parts)
+    if cfg.structure_criteria:  # a run without it keeps its key
+        fields["structure_criteria"] = {p: c for p, c in sorted(cfg.criteria.items()) if c != cfg.criterion}
     return digest(fields)[:20], fields
 
 
@@ -73,8 +75,9 @@ def run_scores(cfg, model: nn.Module, mlps: ModelMLPs, windows: torch.Tensor | N
     if windows is not None:
         shard = windows[state.process_index :: state.num_processes]
         if structure_parts:
-            taps = StructureTaps(model, layout_of(model, structure_parts[0]), cfg.criterion in GRADIENT_CRITERIA,
-                                 cfg.criterion in ACTIVATION_CRITERIA)  # fmt: skip
+            used = {cfg.criterion, *(cfg.criteria[p] for p in structure_parts)}
+            taps = StructureTaps(model, layout_of(model, structure_parts[0]), bool(used & set(GRADIENT_CRITERIA)),
+                                 bool(used & set(ACTIVATION_CRITERIA)))  # fmt: skip
         stats = collect_statistics(
             model, mlps, shard, cfg.criterion, cfg.batch_size, cfg.loss_chunk_tokens or None,
             cfg.progress and state.is_main_process, cfg.activation_checkpointing, taps=(taps,) if taps else (),
@@ -83,7 +86,7 @@ def run_scores(cfg, model: nn.Module, mlps: ModelMLPs, windows: torch.Tensor | N
         if taps is not None:
             all_reduce_structures(taps.stats)
     scores = score_neurons(cfg.criterion, mlps, stats, cfg.seed) if "mlp" in cfg.parts else []
-    extra = structure_scores(model, structure_parts, cfg.criterion, taps.stats if taps else None, cfg.seed)
+    extra = structure_scores(model, structure_parts, cfg.criteria, taps.stats if taps else None, cfg.seed)
     meta = {
         "key": key,
         "key_fields": key_fields,
