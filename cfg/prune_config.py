@@ -18,6 +18,7 @@ from module.prune.reconstruct import SELECTIONS as RECONSTRUCT_SELECTIONS
 from module.prune.reconstruct import TARGETS as RECONSTRUCT_TARGETS
 from module.prune.reconstruct import WEIGHTINGS as RECONSTRUCT_WEIGHTINGS
 from module.prune.reconstruct import WRITERS as RECONSTRUCT_WRITERS
+from module.prune.refit import LS_DAMP, OBS_DAMP
 from module.sparse.masks import METHODS as SPARSITY_METHODS
 from module.sparse.masks import UPDATES as SPARSITY_UPDATES
 from module.sparse.masks import Pattern
@@ -285,13 +286,17 @@ class PruneConfig:
                           "paper's) or obs (re-chosen in each layer by greedy elimination on the refit's own least "
                           "squares, the count per layer unchanged: each removed neuron is the one the refit of the "
                           "others repairs best; the importance pass still sizes the mix and scores other "
-                          "structures). obs wants enough refit tokens: about 40 per neuron (SmolLM2, ratio 0.3: 158 "
-                          "perplexity on 128 x 256 windows, 93.5 on 256; docs/RECONSTRUCTION_REFIT256.md)."},
+                          "structures). obs chooses on the refit's ridge, 0.3 by default: at 0.1 the choice fit the "
+                          "noise of 21 tokens per neuron (SmolLM2, ratio 0.3, 128 x 256 windows: 158 perplexity; 92.6 "
+                          "at 0.3)."},
     )  # fmt: skip
-    reconstruct_damp: float = field(
-        default=0.1,
+    reconstruct_damp: float | None = field(
+        default=None,
         metadata={"help": "Ridge of the refit, x the mean diagonal of the pruned inputs' Gram matrix (towards the "
-                          "plain sliced weights; 0.1 measured best of 0.001-0.1 on SmolLM2, docs/RECONSTRUCTION.md)."},
+                          "plain sliced weights). Default 0.1 (0.1 and 0.3 equal on SmolLM2, 1 worse), 0.3 with "
+                          "--reconstruct_select obs, whose choice fits the calibration's noise on a weaker ridge "
+                          "(SmolLM2, 128 refit windows, ratio 0.2, seeds 0 / 1: 56.3 / 59.7 perplexity at 0.1, 54.6 / "
+                          "59.3 at 0.3, 57.6 at 1; ratio 0.3: 158.3 at 0.1, 92.6 at 0.3; docs/RECONSTRUCTION.md)."},
     )  # fmt: skip
     reconstruct_samples: int = field(
         default=0,
@@ -596,6 +601,13 @@ class PruneConfig:
                                  f"{criterion}")  # fmt: skip
             given[part] = criterion
         return {part: given.get(part, self.criterion) for part in STRUCTURE_CRITERIA}
+
+    @property
+    def refit_damp(self) -> float:
+        """--reconstruct_damp, or its default for the neuron selection in use."""
+        if self.reconstruct_damp is not None:
+            return self.reconstruct_damp
+        return OBS_DAMP if self.reconstruct_select == "obs" else LS_DAMP
 
     @property
     def data_free(self) -> bool:

@@ -321,7 +321,8 @@ def test_greedy_keep_drops_a_dead_input_first_and_stays_finite_without_a_ridge()
 def test_obs_selection_fits_the_first_layer_better_than_random_neurons_and_keeps_what_it_reports(caplog):
     """Same count, neurons re-chosen: the first pruned layer's output (whose input both share) is closer to the
     dense layer's than with random kept neurons refit; the pruned gate/up rows are the dense rows of the new kept
-    sets, which replace the old ones in place. Few tokens per neuron: a warning says how many windows would do."""
+    sets, which replace the old ones in place. Few tokens per neuron under a weak ridge: a warning says how many
+    windows would do (not with enough of them, nor at the obs default ridge)."""
     dense, pruned, mlp_keep, kept = pruned_pair(Mix(36, StructureSizes()), layers=2)
     chosen = [k.clone() for k in mlp_keep]
     by_scores = copy.deepcopy(pruned)
@@ -337,6 +338,8 @@ def test_obs_selection_fits_the_first_layer_better_than_random_neurons_and_keeps
     enough = WINDOWS.repeat(math.ceil(40 * neurons / tokens), 1)
     Reconstructor(dense, copy.deepcopy(by_scores), [k.clone() for k in mlp_keep], kept, None, "ls", "dense", 0.01,
                   enough, select="obs")  # fmt: skip
+    Reconstructor(dense, copy.deepcopy(by_scores), [k.clone() for k in mlp_keep], kept, None, "ls", "dense", 0.3,
+                  WINDOWS, select="obs")  # fmt: skip
     assert not [r for r in caplog.records if "--reconstruct_select obs chooses among" in r.getMessage()]
     assert all(len(c) == len(k) for c, k in zip(chosen, mlp_keep)) and not all(map(torch.equal, chosen, mlp_keep))
     for layer in range(2):
@@ -383,6 +386,7 @@ def test_prune_py_reconstructs_and_the_saved_model_reloads_as_it_was_scored(tmp_
     for folder in folders:
         report = json.loads((folder / "prune_report.json").read_text())
         assert report["reconstruction"]["mode"] == mode and report["reconstruction"]["consumers_refit"] > 0
+        assert report["reconstruction"]["damp"] == (0.3 if "obs" in parts else 0.1)  # the default ridges
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
         assert perplexity(model, windows, 4, False)["perplexity"] == pytest.approx(
             report["perplexity_after"]["perplexity"], rel=1e-5)  # fmt: skip
@@ -430,6 +434,19 @@ def test_search_rescores_its_best_candidates_after_reconstruction(tmp_path, tiny
     rescored = [r["kl_reconstructed"] for r in board[:3]]
     assert all(k is not None for k in rescored) and rescored == sorted(rescored)
     assert all(r["kl_reconstructed"] is None for r in board[3:])
+
+
+@pytest.mark.parametrize(("args", "damp"), [([], 0.1), (["--reconstruct_select", "obs"], 0.3),
+                                           (["--reconstruct_select", "obs", "--reconstruct_damp", "0.1"], 0.1),
+                                           (["--reconstruct_damp", "0"], 0.0)])  # fmt: skip
+def test_the_refit_ridge_defaults_by_the_selection_and_a_given_one_wins(tiny_llama_dir, args, damp):
+    from cfg.prune_config import PruneConfig
+    from module.prune.compensation import Settings
+    from utils.cli import parse_config
+
+    cfg = parse_config(PruneConfig, ["--origin_path", str(tiny_llama_dir), "--output_dir", "unused",
+                                     "--pruning_ratio", "0.1", "--reconstruct", "ls", *args])  # fmt: skip
+    assert Settings.of(cfg, None).damp == damp
 
 
 def test_a_fixed_mix_is_reconstructed_once(tmp_path, tiny_llama_dir, monkeypatch):

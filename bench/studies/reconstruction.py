@@ -188,9 +188,9 @@ def study_rows(cfg: ReconstructionStudyConfig) -> list[Row]:
         seed = cfg.seed_list[0]
         rows += [Row("mlp", "entropy", 0.2, "ls", seed, target, damp)
                  for target, damp in (("dense", 0.01), ("dense", 0.3), ("dense", 1.0), ("own", 0.1), ("own", 0.01))]
-        if "ls_obs" in cfg.mode_list:  # obs chooses the neurons on the refit's ridge too: on every seed
-            rows += [Row("mlp", "entropy", 0.2, "ls_obs", s, "dense", damp)
-                     for s in cfg.seed_list for damp in (0.3, 1.0)]  # fmt: skip
+    if cfg.ablation and "ls_obs" in cfg.mode_list:  # obs chooses the neurons on the refit's ridge: every seed, ratio
+        rows += [Row("mlp", "entropy", ratio, "ls_obs", seed, "dense", damp)
+                 for ratio in cfg.ratio_list for seed in cfg.seed_list for damp in (0.3, 1.0)]  # fmt: skip
     return rows
 
 
@@ -407,21 +407,20 @@ def verdict(rows: list[dict], cfg: ReconstructionStudyConfig) -> list[str]:
 
 
 def ablation_lines(rows: list[dict], cfg: ReconstructionStudyConfig) -> list[str]:
-    """Each (mode, seed) of MLP, entropy, 20% measured at more than one target or ridge."""
-    groups: dict[tuple[str, int], list[dict]] = {}
+    """Each (ratio, mode, seed) of MLP, entropy, measured at more than one target or ridge."""
+    groups: dict[tuple[float, str, int], list[dict]] = {}
     for r in rows:
-        if r.get("part") == "mlp" and r.get("criterion") == "entropy" and r.get("ratio") == 0.2 \
-                and r.get("mode") in ("ls", "ls_obs"):  # fmt: skip
-            groups.setdefault((r["mode"], r["seed"]), []).append(r)
+        if r.get("part") == "mlp" and r.get("criterion") == "entropy" and r.get("mode") in ("ls", "ls_obs"):
+            groups.setdefault((r["ratio"], r["mode"], r["seed"]), []).append(r)
     got = [r for key in sorted(groups) if len(groups[key]) > 1 for r in groups[key]]
     if not got:
         return []
-    out = ["## The refit's target and ridge (MLP, entropy, 20%)", "",
-           "| mode | seed | --reconstruct_target | --reconstruct_damp | WikiText-2 ppl | C4 ppl | refit s |",
-           "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in sorted(got, key=lambda r: (r["mode"], r["seed"], r["target"], r["damp"])):
-        out.append(f"| {r['mode']} | {r['seed']} | {r['target']} | {r['damp']:g} | {r['ppl']:.2f} | "
-                   f"{r['c4_ppl']:.2f} | {r['refit_seconds']:.0f} |")  # fmt: skip
+    out = ["## The refit's target and ridge (MLP, entropy)", "",
+           "| ratio | mode | seed | --reconstruct_target | --reconstruct_damp | WikiText-2 ppl | C4 ppl | refit s |",
+           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in sorted(got, key=lambda r: (r["ratio"], r["mode"], r["seed"], r["target"], r["damp"])):
+        out.append(f"| {r['ratio']:g} | {r['mode']} | {r['seed']} | {r['target']} | {r['damp']:g} | "
+                   f"{r['ppl']:.2f} | {r['c4_ppl']:.2f} | {r['refit_seconds']:.0f} |")  # fmt: skip
     return out
 
 

@@ -35,7 +35,7 @@ class Settings:
 
     @classmethod
     def of(cls, cfg, windows: torch.Tensor | None) -> Settings:
-        return cls(cfg.reconstruct, cfg.reconstruct_target, cfg.reconstruct_damp, windows,
+        return cls(cfg.reconstruct, cfg.reconstruct_target, cfg.refit_damp, windows,
                    max(cfg.batch_size, REFIT_BATCH), "cpu" if cfg.offload_inputs else None, cfg.progress,
                    cfg.trust_remote_code, cfg.reconstruct_writers, cfg.reconstruct_weighting,
                    cfg.reconstruct_select)  # fmt: skip

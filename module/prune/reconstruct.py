@@ -71,7 +71,7 @@ class Reconstructor:
                 log.info("reconstruct: hidden channels removed; the kept MLP neurons are the importance pass's")
                 self.select_obs = False
             else:
-                check_obs_tokens(dense, windows)
+                check_obs_tokens(dense, windows, damp)
         if mode == "bias" and "hidden" in kept:  # a searched mix with hidden channels removed
             log.warning("reconstruct bias: the removed hidden channels are not compensated (a channel removed from "
                         "the residual stream leaves no mean to put back); --reconstruct ls refits their consumers")

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from module.model.mlp import LayerMLP, ModelMLPs, decoder_layers, find_mlps
+from module.prune.refit import OBS_DAMP
 from utils.errors import UserError
 
 log = logging.getLogger("hfprune")
-OBS_TOKENS_PER_NEURON = 40  # SmolLM2-135M: 21 per neuron overfit the obs choice at 30%, 43 did not (README)
+OBS_TOKENS_PER_NEURON = 40  # SmolLM2-135M at ridge 0.1: 21 per neuron overfit the obs choice at 30%, 43 did not
 
 
 def check_obs(dense: nn.Module, mode: str) -> None:
@@ -27,16 +28,18 @@ def check_obs(dense: nn.Module, mode: str) -> None:
                         f"{type(dense).__name__} has its projections on the layer itself")  # fmt: skip
 
 
-def check_obs_tokens(dense: nn.Module, windows: torch.Tensor) -> None:
-    """obs chooses among every neuron of a layer on the refit's tokens; with too few per neuron the choice fits
-    their noise (SmolLM2-135M, 30% of the parameters: 158 perplexity on 32K tokens for 1536 neurons against
-    102 for the importance pass's neurons refit; 93.5 on 64K), so warn below OBS_TOKENS_PER_NEURON."""
+def check_obs_tokens(dense: nn.Module, windows: torch.Tensor, damp: float) -> None:
+    """obs chooses among every neuron of a layer on the refit's tokens; with too few per neuron and a weak ridge the
+    choice fits their noise (SmolLM2-135M, 30% of the parameters, 32K tokens for 1536 neurons: 158 perplexity at
+    ridge 0.1 against 102 for the importance pass's neurons refit; 93.5 on 64K tokens; 92.6 on 32K at ridge 0.3),
+    so warn below OBS_TOKENS_PER_NEURON under a ridge weaker than OBS_DAMP."""
     tokens, neurons = windows.numel(), find_mlps(dense).layers[0].neurons
-    if tokens < OBS_TOKENS_PER_NEURON * neurons:
+    if tokens < OBS_TOKENS_PER_NEURON * neurons and damp < OBS_DAMP:
         log.warning("reconstruct: --reconstruct_select obs chooses among %d neurons per layer on %d tokens (%.0f "
-                    "per neuron); below %d per neuron the choice can fit the calibration's noise: give more "
-                    "--reconstruct_samples (at least %d windows of %d tokens)", neurons, tokens, tokens / neurons,
-                    OBS_TOKENS_PER_NEURON, -(-OBS_TOKENS_PER_NEURON * neurons // windows.shape[-1]),
+                    "per neuron) with --reconstruct_damp %g; below %d per neuron a ridge under %g lets the choice "
+                    "fit the calibration's noise: give --reconstruct_damp %g or more --reconstruct_samples (at "
+                    "least %d windows of %d tokens)", neurons, tokens, tokens / neurons, damp, OBS_TOKENS_PER_NEURON,
+                    OBS_DAMP, OBS_DAMP, -(-OBS_TOKENS_PER_NEURON * neurons // windows.shape[-1]),
                     windows.shape[-1])  # fmt: skip
 
 
