@@ -296,7 +296,8 @@ class PruneConfig:
                           "plain sliced weights). Default 0.1 (0.1 and 0.3 equal on SmolLM2, 1 worse), 0.3 with "
                           "--reconstruct_select obs, whose choice fits the calibration's noise on a weaker ridge "
                           "(SmolLM2, 128 refit windows, ratio 0.2, seeds 0 / 1: 56.3 / 59.7 perplexity at 0.1, 54.6 / "
-                          "59.3 at 0.3, 57.6 at 1; ratio 0.3: 158.3 at 0.1, 92.6 at 0.3; docs/RECONSTRUCTION.md)."},
+                          "59.3 at 0.3, 57.6 at 1; ratio 0.3: 158.3 at 0.1, 92.6 at 0.3; "
+                          "docs/RECONSTRUCTION_OBS_RIDGE.md)."},
     )  # fmt: skip
     reconstruct_samples: int = field(
         default=0,
