@@ -146,10 +146,10 @@ class Row:
         return f"{self.part}-{self.criterion}{size}-{self.mode}{extra}-s{self.seed}"
 
     def argv(self, cfg: ReconstructionStudyConfig, out: Path) -> list[str]:
+        criterion, *others = self.criterion.split("+")  # entropy+layers=block_influence: the layers scored by it
         if self.part == "mlp":
             parts = ["--pruning_ratio", str(self.ratio)]
         elif self.part == "mix":
-            others = self.criterion.split("+")[1:]  # entropy+layers=block_influence: the layers scored by it
             parts = ["--prune_parts", "auto", "--pruning_ratio", str(self.ratio),
                      *(["--structure_criteria", ",".join(others)] if others else [])]  # fmt: skip
         else:
@@ -162,7 +162,7 @@ class Row:
                                            "--reconstruct_target", self.target,
                                            "--reconstruct_damp", str(self.damp), "--reconstruct_samples",
                                            str(cfg.reconstruct_samples)]  # fmt: skip
-        return ["--origin_path", cfg.model, "--criterion", self.criterion.split("+")[0], *parts, *recon,
+        return ["--origin_path", cfg.model, "--criterion", criterion, *parts, *recon,
                 "--calib_dataset", str(Path(cfg.data_dir) / cfg.calib_file), "--calib_samples", str(cfg.calib_samples),
                 "--seq_len", str(cfg.seq_len), "--seed", str(self.seed), "--batch_size", "4", "--importance_cache",
                 str(Path(cfg.work_dir) / "cache"), "--output_dir", str(out), "--overwrite",

@@ -135,7 +135,8 @@ def main_study(cfg: StructureStudyConfig) -> Path:
         if mlp_ratio:
             k = plan_keep(total, mlps, pruning_ratio=mlp_ratio).k
             keep = [top_k_sorted(s, k) for s in score_neurons(criterion, mlps, n_stats, cfg.seed)]
-        kept = kept_sets(dense, sizes, structure_scores(dense, sizes.parts, criterion, s_stats, cfg.seed))
+        by_part = dict.fromkeys(sizes.parts, criterion)
+        kept = kept_sets(dense, sizes, structure_scores(dense, sizes.parts, by_part, s_stats, cfg.seed))
         removed = apply(model, find_mlps(model) if keep else None, keep, sizes, kept)
         ppl = perplexity(model, ppl_windows, progress=False)["perplexity"]
         return sum(removed.values()) / total, ppl, count_parameters(model)

@@ -175,6 +175,8 @@ def rescore(cfg, model: nn.Module, board: list[Candidate], scores, structure, he
             recon: Settings) -> list[Candidate]:  # fmt: skip
     """The leaderboard with its best `--reconstruct_rescore` candidates re-ranked by their held-out KL after
     reconstruction (each sliced from a copy and reconstructed in turn), ahead of the rest."""
+    if len(board) < 2:  # a board of one (a fixed --mix): nothing to re-rank, and its refit would run twice
+        return board
     top = board[: cfg.reconstruct_rescore]
     kls = []
     for cand in top:
@@ -228,9 +230,7 @@ def run_structures(cfg, run: Run, outs: list[Path]) -> None:
     if searches:
         boards = search_mixes(cfg, model, mlps, scores, structure, heldout, searches, dense_speed)
         if recon.active and cfg.reconstruct_rescore:
-            # a board of one (a fixed --mix) has nothing to re-rank: its refit would run twice for the same model
-            boards = [rescore(cfg, model, board, scores, structure, heldout, recon) if len(board) > 1 else board
-                      for board in boards]  # fmt: skip
+            boards = [rescore(cfg, model, board, scores, structure, heldout, recon) for board in boards]
         for i, ((ratio, _), board, out) in enumerate(zip(searches, boards, outs)):
             chosen = board[0]
             search_report = {"target_ratio": ratio, "parts": cfg.parts, "heldout_windows": list(heldout.shape),

@@ -132,22 +132,21 @@ def check_sizes(model: nn.Module, sizes: StructureSizes) -> None:
         check_hidden_keep(config, sizes.hidden_keep, layout_of(model, "hidden"), sizes.heads_keep or None)
 
 
-def structure_scores(model: nn.Module, parts: list[str], criteria: str | dict[str, str],
+def structure_scores(model: nn.Module, parts: list[str], criteria: dict[str, str],
                      stats: StructureStatistics | None, seed: int) -> dict[str, torch.Tensor]:  # fmt: skip
-    """Named fp64 CPU score tensors of the structures in `parts` (for the cache and the report); `criteria`: one
-    criterion for all, or each structure's."""
-    of = (lambda part: criteria) if isinstance(criteria, str) else criteria.__getitem__
+    """Named fp64 CPU score tensors of the structures in `parts` (for the cache and the report), each by its
+    criterion in `criteria`."""
     out: dict[str, torch.Tensor] = {}
     if "heads" in parts:
         layout = layout_of(model, "heads")
-        heads = head_scores(of("heads"), model, layout, stats, seed)
-        groups = group_scores(of("heads"), heads, stats, head_counts(model.config).group)
+        heads = head_scores(criteria["heads"], model, layout, stats, seed)
+        groups = group_scores(criteria["heads"], heads, stats, head_counts(model.config).group)
         out |= {f"heads.layer.{i}": s for i, s in enumerate(heads)}
         out |= {f"groups.layer.{i}": s for i, s in enumerate(groups)}
     if "layers" in parts:
-        out["layers"] = layer_scores(of("layers"), model, stats, seed)
+        out["layers"] = layer_scores(criteria["layers"], model, stats, seed)
     if "hidden" in parts:
-        out["hidden"] = hidden_scores(of("hidden"), model, layout_of(model, "hidden"), stats, seed)
+        out["hidden"] = hidden_scores(criteria["hidden"], model, layout_of(model, "hidden"), stats, seed)
     return {k: v.detach().to("cpu", torch.float64).contiguous() for k, v in out.items()}
 
 
