@@ -287,23 +287,26 @@ def ridge_error(y, x, cols, lam) -> float:
 
 
 @pytest.mark.parametrize("damp", [0.0, 0.1])
-def test_greedy_keep_removes_at_each_step_the_input_whose_explicit_refit_loses_least(damp):
+@pytest.mark.parametrize("m,keep", [(9, 3), (32, 6)])
+def test_greedy_keep_removes_at_each_step_the_input_whose_explicit_refit_loses_least(damp, m, keep):
     """Independent greedy backward elimination: at each step solve the ridge fit without each remaining input
-    and drop the one with the smallest error; greedy_keep's downdated W and H^-1 must choose the same."""
+    and drop the one with the smallest error; greedy_keep's factored downdates of W and H^-1 must choose the same
+    (32 -> 6: 26 downdates accumulate)."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(200, 9, generator=gen, dtype=torch.float64) @ torch.randn(9, 9, generator=gen, dtype=torch.float64)
-    y = x @ torch.randn(9, 4, generator=gen, dtype=torch.float64) + 0.3 * torch.randn(200, 4, generator=gen,
+    x = torch.randn(400, m, generator=gen, dtype=torch.float64) @ torch.randn(m, m, generator=gen,
+                                                                              dtype=torch.float64)
+    y = x @ torch.randn(m, 4, generator=gen, dtype=torch.float64) + 0.3 * torch.randn(400, 4, generator=gen,
                                                                                       dtype=torch.float64)
-    stats = PairStats.zeros(4, 9, "cpu", dtype=torch.float64)
+    stats = PairStats.zeros(4, m, "cpu", dtype=torch.float64)
     stats.add(y, x)
     lam = damp * float(torch.diagonal(x.t() @ x).mean())
-    alive = list(range(9))
-    while len(alive) > 3:
+    alive = list(range(m))
+    while len(alive) > keep:
         errors = [ridge_error(y, x, [c for c in alive if c != j], lam) for j in alive]
         alive.remove(alive[min(range(len(alive)), key=errors.__getitem__)])
-    assert greedy_keep(stats, 3, damp).tolist() == alive
-    assert greedy_keep(stats, 9, damp).tolist() == list(range(9))
-    with pytest.raises(ValueError, match="cannot keep 0 of 9"):
+    assert greedy_keep(stats, keep, damp).tolist() == alive
+    assert greedy_keep(stats, m, damp).tolist() == list(range(m))
+    with pytest.raises(ValueError, match=f"cannot keep 0 of {m}"):
         greedy_keep(stats, 0, damp)
 
 
