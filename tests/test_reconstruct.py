@@ -530,10 +530,15 @@ def test_reconstruction_study_runs_on_a_tiny_model_and_resumes(tmp_path, tiny_lo
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     names = {r["name"] for r in rows}
     assert {"dense", "mlp-entropy-0.2-ls-s1", "mix-entropy-0.2-none-s0", "heads-entropy-ls-s0",
-            "layers-block_influence-ls-s1", "mlp-entropy-0.2-ls_obs-s1",
-            "mix-entropy+layers=block_influence-0.2-ls-s1"} <= names and len(rows) == 1 + 2 * 3 * 5  # fmt: skip
-    params = {r["name"]: r["params"] for r in rows}  # re-chosen neurons, the same count
-    assert params["mlp-entropy-0.2-ls_obs-s0"] == params["mlp-entropy-0.2-ls-s0"]  # fmt: skip
+            "layers-block_influence-ls-s1", "mlp-entropy-0.2-ls_obs-dense-d0.3-s1",
+            "mix-entropy+layers=block_influence-0.2-ls-s1"} <= names  # fmt: skip
+    # per seed: MLP and two mixes in 3 modes, heads and layers alone without ls_obs (no MLP neurons to re-choose)
+    assert len(rows) == 1 + 2 * (3 + 2 * 3 + 2 + 2)
+    assert not any("ls_obs" in n for n in names if n.startswith(("heads", "layers")))
+    obs, ls = (next(r for r in rows if r["name"] == n) for n in ("mlp-entropy-0.2-ls_obs-dense-d0.3-s0",
+                                                                   "mlp-entropy-0.2-ls-s0"))  # fmt: skip
+    assert (obs["damp"], ls["damp"]) == (0.3, 0.1)  # each at prune.py's default ridge
+    assert obs["params"] == ls["params"]  # re-chosen neurons, the same count
     dense = next(r for r in rows if r["name"] == "dense")
     assert all(r["params"] < dense["params"] and math.isfinite(r["c4_ppl"]) for r in rows if r is not dense)
     assert all(r["refit_seconds"] > 0 for r in rows if r.get("mode") == "ls")

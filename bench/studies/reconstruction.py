@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import EvaluatedStudyConfig, Evaluation, Rows, model_or_default, prune, study_main, value  # noqa: E402
 from dataset.calibration import draw_windows, heldout_windows, load_documents  # noqa: E402
 from module.model.mlp import count_parameters  # noqa: E402
+from module.prune.refit import LS_DAMP, OBS_DAMP  # noqa: E402
 from utils.cli import load_causal_lm, load_tokenizer  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.perplexity import perplexity  # noqa: E402
@@ -73,7 +74,8 @@ class ReconstructionStudyConfig(EvaluatedStudyConfig):
     seq_len: int = field(default=256, metadata={"help": "Tokens per calibration window."})
     reconstruct_samples: int = field(default=128, metadata={"help": "Windows of the refit (same draw)."})
     target: str = field(default="dense", metadata={"help": "--reconstruct_target of the rows."})
-    damp: float = field(default=0.1, metadata={"help": "--reconstruct_damp of the rows."})
+    damp: float | None = field(default=None, metadata={
+        "help": "--reconstruct_damp of the rows (unset: prune.py's default, 0.1, or 0.3 for ls_obs)."})
     ablation: bool = field(default=True, metadata={"help": "The target and ridge ablation at ratio 0.2, seed 0."})
     render_only: bool = field(default=False, metadata={"help": "With --resume: write the report from the rows "
                                                                "measured so far, measuring nothing new."})  # fmt: skip
@@ -113,6 +115,12 @@ class ReconstructionStudyConfig(EvaluatedStudyConfig):
         if self.zero_shot_items and self.limit:
             raise ValueError("--zero_shot_items adds zero-shot to rows measured without it: give --limit 0")
 
+    def damp_of(self, mode: str) -> float:
+        """The ridge of a mode's rows: --damp, or prune.py's default for its neuron selection."""
+        if self.damp is not None:
+            return self.damp
+        return OBS_DAMP if MODES[mode][3] == "obs" else LS_DAMP
+
     def selected(self, name: str) -> bool:
         """Whether --only lets this row be measured."""
         prefixes = [p.strip() for p in self.only.split(",") if p.strip()]
@@ -135,7 +143,7 @@ class Row:
         """Whether the row gets the zero-shot evaluation (--zero_shot main: the rows the issue's table compares)."""
         main = (self.seed == cfg.seed_list[0] and self.mode in ("none", "ls", "ls_rms", "ls_all", "ls_obs")
                 and self.criterion not in ("entropy_wanda", "wanda_sp")
-                and (self.target, self.damp) == (cfg.target, cfg.damp))  # fmt: skip
+                and (self.target, self.damp) == (cfg.target, cfg.damp_of(self.mode)))  # fmt: skip
         return cfg.zero_shot == "all" or main
 
     @property
@@ -174,23 +182,26 @@ def study_rows(cfg: ReconstructionStudyConfig) -> list[Row]:
     for seed in cfg.seed_list:
         for ratio in cfg.ratio_list:
             for criterion in cfg.criterion_list:
-                rows += [Row("mlp", criterion, ratio, mode, seed, cfg.target, cfg.damp) for mode in cfg.mode_list]
+                rows += [Row("mlp", criterion, ratio, mode, seed, cfg.target, cfg.damp_of(mode))
+                         for mode in cfg.mode_list]  # fmt: skip
             if cfg.mix:
-                rows += [Row("mix", criterion, ratio, mode, seed, cfg.target, cfg.damp)
+                rows += [Row("mix", criterion, ratio, mode, seed, cfg.target, cfg.damp_of(mode))
                          for criterion in cfg.mix_criterion_list for mode in cfg.mode_list]  # fmt: skip
         for part in cfg.structure_list:
             criterion = "block_influence" if part == "layers" else "entropy"
             # prune.py refuses bias with hidden channels alone: a channel removed from the stream has no mean to
-            # put back (measured before the refusal: the model of none, to the last digit)
-            rows += [Row(part, criterion, None, mode, seed, cfg.target, cfg.damp) for mode in cfg.mode_list
-                     if (part, mode) != ("hidden", "bias")]
+            # put back (measured before the refusal: the model of none, to the last digit); ls_obs re-chooses MLP
+            # neurons, which a structure alone keeps whole (its model would be ls_rms's)
+            rows += [Row(part, criterion, None, mode, seed, cfg.target, cfg.damp_of(mode)) for mode in cfg.mode_list
+                     if (part, mode) != ("hidden", "bias") and mode != "ls_obs"]
     if cfg.ablation and 0.2 in cfg.ratio_list and cfg.seed_list:
         seed = cfg.seed_list[0]
         rows += [Row("mlp", "entropy", 0.2, "ls", seed, target, damp)
                  for target, damp in (("dense", 0.01), ("dense", 0.3), ("dense", 1.0), ("own", 0.1), ("own", 0.01))]
     if cfg.ablation and "ls_obs" in cfg.mode_list:  # obs chooses the neurons on the refit's ridge: every seed, ratio
         rows += [Row("mlp", "entropy", ratio, "ls_obs", seed, "dense", damp)
-                 for ratio in cfg.ratio_list for seed in cfg.seed_list for damp in (0.3, 1.0)]  # fmt: skip
+                 for ratio in cfg.ratio_list for seed in cfg.seed_list
+                 for damp in (0.1, 0.3, 1.0) if (cfg.target, damp) != ("dense", cfg.damp_of("ls_obs"))]  # fmt: skip
     return rows
 
 
@@ -314,7 +325,7 @@ def render(rows: list[dict], context: dict, cfg: ReconstructionStudyConfig) -> s
     def by(**kw) -> list[dict]:
         return sorted((r for r in rows if all(r.get(k) == v for k, v in kw.items())), key=lambda r: r["seed"])
 
-    main = {"target": cfg.target, "damp": cfg.damp}
+    main = lambda mode: {"target": cfg.target, "damp": cfg.damp_of(mode)}  # noqa: E731
     lines = [
         "# Reconstruction after removal: none / bias / ls",
         "",
@@ -322,7 +333,8 @@ def render(rows: list[dict], context: dict, cfg: ReconstructionStudyConfig) -> s
         f"(`{Path(cfg.out).with_suffix('.json').name}`); nothing edited by hand. Model {Path(context['model']).name}; "
         f"scoring on {cfg.calib_samples} C4 windows x {cfg.seq_len} tokens, the refit on {cfg.reconstruct_samples} "
         f"windows of the same draw (--reconstruct_target "
-        f"{cfg.target}, --reconstruct_damp {cfg.damp:g}); cells: seed {' / '.join(cfg.seeds.split(','))}. "
+        f"{cfg.target}, --reconstruct_damp {cfg.damp_of('ls'):g}, {cfg.damp_of('ls_obs'):g} for ls_obs); "
+        f"cells: seed {' / '.join(cfg.seeds.split(','))}. "
         f"WikiText-2: the first {cfg.ppl_windows} windows of {cfg.ppl_seq_len} tokens; C4: {cfg.c4_windows} held-out "
         f"windows of {cfg.c4_seq_len} tokens from documents no calibration draw used; zero-shot: "
         f"{zero_shot_protocol(cfg, dense)}. Dense: WikiText-2 "
@@ -342,7 +354,7 @@ def render(rows: list[dict], context: dict, cfg: ReconstructionStudyConfig) -> s
             none = by(part=part, criterion=criterion, ratio=ratio, mode="none")
             for mode in cfg.mode_list:
                 got = by(part=part, criterion=criterion, ratio=ratio, mode=mode,
-                         **({} if mode == "none" else main))  # fmt: skip
+                         **({} if mode == "none" else main(mode)))  # fmt: skip
                 if not got:
                     continue
                 closed = "–" if mode == "none" or not none else " / ".join(
@@ -353,7 +365,7 @@ def render(rows: list[dict], context: dict, cfg: ReconstructionStudyConfig) -> s
     for part in cfg.structure_list:
         none = by(part=part, mode="none")
         for mode in cfg.mode_list:
-            got = by(part=part, mode=mode, **({} if mode == "none" else main))
+            got = by(part=part, mode=mode, **({} if mode == "none" else main(mode)))
             if got:
                 closed = "–" if mode == "none" or not none else " / ".join(
                     f"{log_gap_closed(dense['ppl'], n['ppl'], g['ppl']):.0%}" for n, g in zip(none, got))  # fmt: skip
@@ -395,7 +407,7 @@ def verdict(rows: list[dict], cfg: ReconstructionStudyConfig) -> list[str]:
                 for mode in [m for m in cfg.mode_list if MODES[m][0] == "ls"]:
                     got = [r for r in rows if r.get("part") == part and r.get("ratio") == ratio
                            and r.get("mode") == mode and r.get("criterion") == criterion
-                           and (r.get("target"), r.get("damp")) == (cfg.target, cfg.damp)]  # fmt: skip
+                           and (r.get("target"), r.get("damp")) == (cfg.target, cfg.damp_of(mode))]  # fmt: skip
                     if not got:
                         continue
                     worst = max(r["ppl"] for r in got)
