@@ -325,7 +325,9 @@ def render(rows: list[dict], context: dict, cfg: ReconstructionStudyConfig) -> s
     def by(**kw) -> list[dict]:
         return sorted((r for r in rows if all(r.get(k) == v for k, v in kw.items())), key=lambda r: r["seed"])
 
-    main = lambda mode: {"target": cfg.target, "damp": cfg.damp_of(mode)}  # noqa: E731
+    def main(mode: str) -> dict:  # a mode's rows at the study's target and that mode's ridge
+        return {"target": cfg.target, "damp": cfg.damp_of(mode)}
+
     lines = [
         "# Reconstruction after removal: none / bias / ls",
         "",
