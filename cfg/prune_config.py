@@ -18,7 +18,7 @@ from module.prune.reconstruct import SELECTIONS as RECONSTRUCT_SELECTIONS
 from module.prune.reconstruct import TARGETS as RECONSTRUCT_TARGETS
 from module.prune.reconstruct import WEIGHTINGS as RECONSTRUCT_WEIGHTINGS
 from module.prune.reconstruct import WRITERS as RECONSTRUCT_WRITERS
-from module.prune.refit import LS_DAMP, OBS_DAMP
+from module.prune.refit import default_damp
 from module.sparse.masks import METHODS as SPARSITY_METHODS
 from module.sparse.masks import UPDATES as SPARSITY_UPDATES
 from module.sparse.masks import Pattern
@@ -608,7 +608,7 @@ class PruneConfig:
         """--reconstruct_damp, or its default for the neuron selection in use."""
         if self.reconstruct_damp is not None:
             return self.reconstruct_damp
-        return OBS_DAMP if self.reconstruct_select == "obs" else LS_DAMP
+        return default_damp(self.reconstruct_select)
 
     @property
     def data_free(self) -> bool:

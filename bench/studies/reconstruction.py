@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import EvaluatedStudyConfig, Evaluation, Rows, model_or_default, prune, study_main, value  # noqa: E402
 from dataset.calibration import draw_windows, heldout_windows, load_documents  # noqa: E402
 from module.model.mlp import count_parameters  # noqa: E402
-from module.prune.refit import LS_DAMP, OBS_DAMP  # noqa: E402
+from module.prune.refit import default_damp  # noqa: E402
 from utils.cli import load_causal_lm, load_tokenizer  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.perplexity import perplexity  # noqa: E402
@@ -119,7 +119,11 @@ class ReconstructionStudyConfig(EvaluatedStudyConfig):
         """The ridge of a mode's rows: --damp, or prune.py's default for its neuron selection."""
         if self.damp is not None:
             return self.damp
-        return OBS_DAMP if MODES[mode][3] == "obs" else LS_DAMP
+        return default_damp(MODES[mode][3])
+
+    def main_refit(self, mode: str) -> dict:
+        """The target and ridge of a mode's main rows (the others are ablation rows)."""
+        return {"target": self.target, "damp": self.damp_of(mode)}
 
     def selected(self, name: str) -> bool:
         """Whether --only lets this row be measured."""
@@ -143,7 +147,7 @@ class Row:
         """Whether the row gets the zero-shot evaluation (--zero_shot main: the rows the issue's table compares)."""
         main = (self.seed == cfg.seed_list[0] and self.mode in ("none", "ls", "ls_rms", "ls_all", "ls_obs")
                 and self.criterion not in ("entropy_wanda", "wanda_sp")
-                and (self.target, self.damp) == (cfg.target, cfg.damp_of(self.mode)))  # fmt: skip
+                and {"target": self.target, "damp": self.damp} == cfg.main_refit(self.mode))  # fmt: skip
         return cfg.zero_shot == "all" or main
 
     @property
@@ -200,8 +204,8 @@ def study_rows(cfg: ReconstructionStudyConfig) -> list[Row]:
                  for target, damp in (("dense", 0.01), ("dense", 0.3), ("dense", 1.0), ("own", 0.1), ("own", 0.01))]
     if cfg.ablation and "ls_obs" in cfg.mode_list:  # obs chooses the neurons on the refit's ridge: every seed, ratio
         rows += [Row("mlp", "entropy", ratio, "ls_obs", seed, "dense", damp)
-                 for ratio in cfg.ratio_list for seed in cfg.seed_list
-                 for damp in (0.1, 0.3, 1.0) if (cfg.target, damp) != ("dense", cfg.damp_of("ls_obs"))]  # fmt: skip
+                 for ratio in cfg.ratio_list for seed in cfg.seed_list for damp in (0.1, 0.3, 1.0)
+                 if {"target": "dense", "damp": damp} != cfg.main_refit("ls_obs")]  # fmt: skip
     return rows
 
 
@@ -325,9 +329,6 @@ def render(rows: list[dict], context: dict, cfg: ReconstructionStudyConfig) -> s
     def by(**kw) -> list[dict]:
         return sorted((r for r in rows if all(r.get(k) == v for k, v in kw.items())), key=lambda r: r["seed"])
 
-    def main(mode: str) -> dict:  # a mode's rows at the study's target and that mode's ridge
-        return {"target": cfg.target, "damp": cfg.damp_of(mode)}
-
     lines = [
         "# Reconstruction after removal: none / bias / ls",
         "",
@@ -356,7 +357,7 @@ def render(rows: list[dict], context: dict, cfg: ReconstructionStudyConfig) -> s
             none = by(part=part, criterion=criterion, ratio=ratio, mode="none")
             for mode in cfg.mode_list:
                 got = by(part=part, criterion=criterion, ratio=ratio, mode=mode,
-                         **({} if mode == "none" else main(mode)))  # fmt: skip
+                         **({} if mode == "none" else cfg.main_refit(mode)))  # fmt: skip
                 if not got:
                     continue
                 closed = "–" if mode == "none" or not none else " / ".join(
@@ -367,7 +368,7 @@ def render(rows: list[dict], context: dict, cfg: ReconstructionStudyConfig) -> s
     for part in cfg.structure_list:
         none = by(part=part, mode="none")
         for mode in cfg.mode_list:
-            got = by(part=part, mode=mode, **({} if mode == "none" else main(mode)))
+            got = by(part=part, mode=mode, **({} if mode == "none" else cfg.main_refit(mode)))
             if got:
                 closed = "–" if mode == "none" or not none else " / ".join(
                     f"{log_gap_closed(dense['ppl'], n['ppl'], g['ppl']):.0%}" for n, g in zip(none, got))  # fmt: skip
@@ -409,7 +410,7 @@ def verdict(rows: list[dict], cfg: ReconstructionStudyConfig) -> list[str]:
                 for mode in [m for m in cfg.mode_list if MODES[m][0] == "ls"]:
                     got = [r for r in rows if r.get("part") == part and r.get("ratio") == ratio
                            and r.get("mode") == mode and r.get("criterion") == criterion
-                           and (r.get("target"), r.get("damp")) == (cfg.target, cfg.damp_of(mode))]  # fmt: skip
+                           and {"target": r.get("target"), "damp": r.get("damp")} == cfg.main_refit(mode)]  # fmt: skip
                     if not got:
                         continue
                     worst = max(r["ppl"] for r in got)

@@ -129,6 +129,11 @@ def greedy_keep(stats: PairStats, keep: int, damp: float) -> torch.Tensor:
 LS_DAMP, OBS_DAMP = 0.1, 0.3
 
 
+def default_damp(select: str) -> float:
+    """--reconstruct_damp when not given, for a --reconstruct_select."""
+    return OBS_DAMP if select == "obs" else LS_DAMP
+
+
 def ridge(gram: torch.Tensor, damp: float) -> float:
     """The ridge lam = damp x the mean diagonal of the Gram matrix."""
     return float(damp * torch.diagonal(gram).mean()) if gram.numel() else 0.0
