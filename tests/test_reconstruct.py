@@ -552,6 +552,15 @@ def test_reconstruction_study_runs_on_a_tiny_model_and_resumes(tmp_path, tiny_lo
     assert "ppl" not in capsys.readouterr().out
 
 
+def test_the_mix_cell_names_each_seeds_choice_when_they_differ():
+    from bench.studies.reconstruction import mixes_cell
+
+    same = [{"mix": "mlp_keep=1017"}, {"mix": "mlp_keep=1017"}]
+    differ = [{"mix": "mlp_keep=1017"}, {"mix": "mlp_keep=1070,layers_remove=1"}]
+    assert mixes_cell(same) == "mlp_keep=1017"
+    assert mixes_cell(differ) == "mlp_keep=1017 / mlp_keep=1070,layers_remove=1"
+
+
 def test_reconstruction_study_adds_zero_shot_to_rows_measured_without_it(tmp_path, tiny_long_llama_dir, capsys):
     """--limit 0, then --zero_shot_items 2 with --resume: each picked row's model is made again, its perplexity
     checked against the row's, and its zero-shot shown in the report; a row whose model no longer reproduces its

@@ -302,6 +302,12 @@ def zero_shot_cell(rows: list[dict]) -> str:
     return text
 
 
+def mixes_cell(rows: list[dict]) -> str:
+    """The mix each seed's search chose: one when they agree, else seed by seed."""
+    chosen = [str(r.get("mix")) for r in rows]
+    return chosen[0] if len(set(chosen)) == 1 else " / ".join(chosen)
+
+
 def cell(rows: list[dict], metric: str, digits: int = 1) -> str:
     values = [r[metric] for r in rows if r.get(metric) is not None]
     return " / ".join(f"{v:.{digits}f}" for v in values) if values else "–"
@@ -362,7 +368,7 @@ def render(rows: list[dict], context: dict, cfg: ReconstructionStudyConfig) -> s
                     continue
                 closed = "–" if mode == "none" or not none else " / ".join(
                     f"{log_gap_closed(dense['ppl'], n['ppl'], g['ppl']):.0%}" for n, g in zip(none, got))  # fmt: skip
-                label = f"{part} ({criterion})" + (f": {got[0].get('mix')}" if part == "mix" else "")
+                label = f"{part} ({criterion})" + (f": {mixes_cell(got)}" if part == "mix" else "")
                 lines.append(f"| {ratio:g} | {label} | {mode} | {cell(got, 'ppl')} | {cell(got, 'c4_ppl')} | "
                              f"{zero_shot_cell(got)} | {closed} | {cell(got, 'refit_seconds', 0)} |")  # fmt: skip
     for part in cfg.structure_list:
