@@ -302,6 +302,11 @@ def zero_shot_cell(rows: list[dict]) -> str:
     return text
 
 
+def rows_where(rows: list[dict], **kw) -> list[dict]:
+    """The rows whose fields equal every keyword, seed by seed (the order of a cell's "seed 0 / 1")."""
+    return sorted((r for r in rows if all(r.get(k) == v for k, v in kw.items())), key=lambda r: r["seed"])
+
+
 def mixes_cell(rows: list[dict]) -> str:
     """The mix each seed's search chose: one when they agree, else seed by seed."""
     chosen = [str(r.get("mix")) for r in rows]
@@ -332,9 +337,6 @@ def render(rows: list[dict], context: dict, cfg: ReconstructionStudyConfig) -> s
     rows = with_zero_shot(rows)
     dense = next(r for r in rows if r["name"] == "dense")
 
-    def by(**kw) -> list[dict]:
-        return sorted((r for r in rows if all(r.get(k) == v for k, v in kw.items())), key=lambda r: r["seed"])
-
     lines = [
         "# Reconstruction after removal: none / bias / ls",
         "",
@@ -360,10 +362,10 @@ def render(rows: list[dict], context: dict, cfg: ReconstructionStudyConfig) -> s
     for ratio in cfg.ratio_list:
         mixes = [("mix", c) for c in cfg.mix_criterion_list] if cfg.mix else []
         for part, criterion in [("mlp", c) for c in cfg.criterion_list] + mixes:
-            none = by(part=part, criterion=criterion, ratio=ratio, mode="none")
+            none = rows_where(rows, part=part, criterion=criterion, ratio=ratio, mode="none")
             for mode in cfg.mode_list:
-                got = by(part=part, criterion=criterion, ratio=ratio, mode=mode,
-                         **({} if mode == "none" else cfg.main_refit(mode)))  # fmt: skip
+                got = rows_where(rows, part=part, criterion=criterion, ratio=ratio, mode=mode,
+                                 **({} if mode == "none" else cfg.main_refit(mode)))  # fmt: skip
                 if not got:
                     continue
                 closed = "–" if mode == "none" or not none else " / ".join(
@@ -372,9 +374,9 @@ def render(rows: list[dict], context: dict, cfg: ReconstructionStudyConfig) -> s
                 lines.append(f"| {ratio:g} | {label} | {mode} | {cell(got, 'ppl')} | {cell(got, 'c4_ppl')} | "
                              f"{zero_shot_cell(got)} | {closed} | {cell(got, 'refit_seconds', 0)} |")  # fmt: skip
     for part in cfg.structure_list:
-        none = by(part=part, mode="none")
+        none = rows_where(rows, part=part, mode="none")
         for mode in cfg.mode_list:
-            got = by(part=part, mode=mode, **({} if mode == "none" else cfg.main_refit(mode)))
+            got = rows_where(rows, part=part, mode=mode, **({} if mode == "none" else cfg.main_refit(mode)))
             if got:
                 closed = "–" if mode == "none" or not none else " / ".join(
                     f"{log_gap_closed(dense['ppl'], n['ppl'], g['ppl']):.0%}" for n, g in zip(none, got))  # fmt: skip
@@ -414,9 +416,8 @@ def verdict(rows: list[dict], cfg: ReconstructionStudyConfig) -> list[str]:
         for part, target in targets.items():
             for criterion in ["entropy"] if part == "mlp" else cfg.mix_criterion_list:
                 for mode in [m for m in cfg.mode_list if MODES[m][0] == "ls"]:
-                    got = [r for r in rows if r.get("part") == part and r.get("ratio") == ratio
-                           and r.get("mode") == mode and r.get("criterion") == criterion
-                           and {"target": r.get("target"), "damp": r.get("damp")} == cfg.main_refit(mode)]  # fmt: skip
+                    got = rows_where(rows, part=part, ratio=ratio, mode=mode, criterion=criterion,
+                                     **cfg.main_refit(mode))  # fmt: skip
                     if not got:
                         continue
                     worst = max(r["ppl"] for r in got)
