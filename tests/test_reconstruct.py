@@ -266,6 +266,25 @@ def test_a_singular_gram_gives_a_finite_refit():
     assert residual(out) <= residual(best) + 1e-9 and residual(out) < residual(w[:, keep])
 
 
+def test_the_refits_peak_memory_is_its_own_not_the_processes_lifetime_peak():
+    """The report's peak is the block's: ru_maxrss, read after a second block, would give it the first one's."""
+    import time
+
+    from utils.report import PeakMemory, resident_bytes
+
+    if resident_bytes() is None:
+        pytest.skip("no /proc/self/statm: the CPU peak falls back to the process's lifetime peak")
+    size = 256 * 2**20
+    with PeakMemory(torch.device("cpu")) as big:
+        block = torch.ones(size // 4)  # written, so resident
+        time.sleep(0.1)
+        del block
+    with PeakMemory(torch.device("cpu")) as small:
+        time.sleep(0.05)
+    assert big.bytes - small.bytes > 0.8 * size
+    assert small.bytes >= 0.8 * resident_bytes()  # the resident set itself, not the growth
+
+
 def test_tiny_model_family_without_structures_refits_its_mlp():
     """MLP neurons of a family with only an MLP adapter (GPT-2's Conv1D): the refit lowers the output error."""
     dense = tiny_model("gpt2").double()
@@ -546,6 +565,8 @@ def test_reconstruction_study_runs_on_a_tiny_model_and_resumes(tmp_path, tiny_lo
     assert "mlp-entropy-0.2-ls-s0" in zero_shot and "mlp-entropy-0.2-ls-s1" not in zero_shot
     text = out.read_text()
     assert "| 0.2 | mlp (entropy) | ls |" in text and "## Targets" in text and "layers alone" in text
+    ls_line = next(line for line in text.splitlines() if line.startswith("| 0.2 | mlp (entropy) | ls |"))
+    assert all(float(gib) > 0 for gib in ls_line.split("|")[-2].split(" / "))  # the refit's peak, each seed
     assert "from its rows (`RECONSTRUCTION_TINY.json`)" in text and "1 offline tasks, their first 2 items" in text
     capsys.readouterr()
     assert study.main([*argv, "--resume"]) == 0  # nothing measured again

@@ -8,6 +8,7 @@ import platform
 import resource
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -55,17 +56,55 @@ def versions() -> dict:
     return out
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak allocated accelerator memory, or on CPU the process's peak resident set size."""
+    """Peak allocated accelerator memory, or on CPU the process's peak resident set size (over its whole life)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def resident_bytes() -> int | None:
+    """The process's resident set size now (Linux), else None."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class PeakMemory:
+    """The peak memory of a `with` block, `.bytes` after it: on CUDA the allocator's peak, reset on entry; on CPU
+    the resident set sampled every `interval` seconds by a thread. ru_maxrss cannot be reset: read after a block
+    it is the peak of everything the process ran before (a study runs many prune.py calls in one process)."""
+
+    def __init__(self, device: torch.device, interval: float = 0.01):
+        self.device, self.interval, self.bytes = device, interval, 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        self.bytes = max(self.bytes, resident_bytes() or 0)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif resident_bytes() is not None:
+            self._sample()
+            self._thread = threading.Thread(target=self._watch, name="peak-memory", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._sample()
+        else:  # CUDA, or a CPU without /proc: the lifetime peak is the best there is
+            self.bytes = peak_memory_bytes(self.device)
 
 
 def write_json(path: Path, obj: dict) -> None:

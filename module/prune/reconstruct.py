@@ -39,7 +39,7 @@ from module.prune.refit import MapStats, PairStats, greedy_keep, layer_map, mean
 from module.prune.reselect import check_obs, check_obs_tokens, mlp_pair, reselect
 from module.sparse.layerwise import layer_inputs
 from utils.errors import UserError
-from utils.report import peak_memory_bytes, reset_peak_memory
+from utils.report import PeakMemory
 
 log = logging.getLogger("hfprune")
 MODES = ("none", "bias", "ls")
@@ -293,19 +293,19 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, mlp_keep, kept: dict, layou
     report: seconds, peak memory, how many consumers and layer maps were refit. With `select` obs, each entry of
     the list `mlp_keep` is replaced by the neurons the refit chose (the ones the saved model holds)."""
     device = dense.get_input_embeddings().weight.device
-    reset_peak_memory(device)
     start = time.perf_counter()
     was = (dense.training, pruned.training)
     dense.eval()
     pruned.eval()
     try:
-        report = Reconstructor(dense, pruned, mlp_keep, kept, layout, mode, target, damp, windows, batch_size, store,
-                               progress, writers, weighting, select).run()  # fmt: skip
+        with PeakMemory(device) as peak:
+            report = Reconstructor(dense, pruned, mlp_keep, kept, layout, mode, target, damp, windows, batch_size,
+                                   store, progress, writers, weighting, select).run()  # fmt: skip
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
     finally:
         dense.train(was[0])
         pruned.train(was[1])
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
     return {**report, "mode": mode, "target": target, "writers": writers, "weighting": weighting, "select": select,
             "damp": damp, "windows": list(windows.shape), "seconds": time.perf_counter() - start,
-            "peak_memory_bytes": peak_memory_bytes(device)}
+            "peak_memory_bytes": peak.bytes}

@@ -22,7 +22,7 @@ from module.prune.mix import first_units_scores
 from module.prune.plan import structure_scores
 from module.prune.taps import StructureTaps, all_reduce_structures
 from utils.io import digest, load_importance, model_fingerprint, save_importance
-from utils.report import peak_memory_bytes, reset_peak_memory
+from utils.report import PeakMemory
 
 log = logging.getLogger("hfprune")
 SCORES_VERSION = 1  # bump when the score computation changes, so old cache entries are not reused
@@ -69,24 +69,24 @@ def run_scores(cfg, model: nn.Module, mlps: ModelMLPs, windows: torch.Tensor | N
             log.info("importance: reusing cached scores from %s", entry)
             return cached[0], cached[2], {**cached[1], "cache_hit": True, "cache_entry": str(entry)}
         log.warning("importance cache entry %s does not fit this model's shapes: recomputing it", entry)
-    reset_peak_memory(device)
-    stats = None
-    taps = None
-    if windows is not None:
-        shard = windows[state.process_index :: state.num_processes]
-        if structure_parts:
-            used = {cfg.criterion, *(cfg.criteria[p] for p in structure_parts)}
-            taps = StructureTaps(model, layout_of(model, structure_parts[0]), bool(used & set(GRADIENT_CRITERIA)),
-                                 bool(used & set(ACTIVATION_CRITERIA)))  # fmt: skip
-        stats = collect_statistics(
-            model, mlps, shard, cfg.criterion, cfg.batch_size, cfg.loss_chunk_tokens or None,
-            cfg.progress and state.is_main_process, cfg.activation_checkpointing, taps=(taps,) if taps else (),
-        )  # fmt: skip
-        all_reduce_statistics(stats)
-        if taps is not None:
-            all_reduce_structures(taps.stats)
-    scores = score_neurons(cfg.criterion, mlps, stats, cfg.seed) if "mlp" in cfg.parts else []
-    extra = structure_scores(model, structure_parts, cfg.criteria, taps.stats if taps else None, cfg.seed)
+    with PeakMemory(device) as peak:
+        stats = None
+        taps = None
+        if windows is not None:
+            shard = windows[state.process_index :: state.num_processes]
+            if structure_parts:
+                used = {cfg.criterion, *(cfg.criteria[p] for p in structure_parts)}
+                taps = StructureTaps(model, layout_of(model, structure_parts[0]), bool(used & set(GRADIENT_CRITERIA)),
+                                     bool(used & set(ACTIVATION_CRITERIA)))  # fmt: skip
+            stats = collect_statistics(
+                model, mlps, shard, cfg.criterion, cfg.batch_size, cfg.loss_chunk_tokens or None,
+                cfg.progress and state.is_main_process, cfg.activation_checkpointing, taps=(taps,) if taps else (),
+            )  # fmt: skip
+            all_reduce_statistics(stats)
+            if taps is not None:
+                all_reduce_structures(taps.stats)
+        scores = score_neurons(cfg.criterion, mlps, stats, cfg.seed) if "mlp" in cfg.parts else []
+        extra = structure_scores(model, structure_parts, cfg.criteria, taps.stats if taps else None, cfg.seed)
     meta = {
         "key": key,
         "key_fields": key_fields,
@@ -95,7 +95,7 @@ def run_scores(cfg, model: nn.Module, mlps: ModelMLPs, windows: torch.Tensor | N
         "importance_seconds": stats.seconds if stats else 0.0,
         "tokens_per_second": stats.tokens / stats.seconds if stats and stats.seconds else None,
         "mean_window_loss": stats.loss_sum / stats.windows if stats and stats.windows and stats.loss_sum else None,
-        "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_memory_bytes": peak.bytes,
         "batch_size": cfg.batch_size,
     }
     if meta["tokens_per_second"]:
