@@ -148,6 +148,8 @@ class Reconstructor:
         dense_out = {}
         try:
             for b, (xr, xp) in enumerate(zip(ref_stream, self.x_p)):
+                if ref_stream is self.x_p and hidden is not None:  # the dense layer reads the full width
+                    xr = widened(xr, hidden, self.dense.config.hidden_size)
                 out_d = run_layer(dense_layer, xr, self.kw_d[len(xr)][i])  # on the dense stream, or on the pruned one
                 if whole:
                     dense_out[b] = out_d.to(self.store)
@@ -283,6 +285,14 @@ class Reconstructor:
         finally:
             bar.close()
         return self.report
+
+
+def widened(stream: torch.Tensor, hidden: torch.Tensor, width: int) -> torch.Tensor:
+    """A pruned residual stream at the dense width: the kept channels in their places, 0 where the removed ones
+    were (what the pruned model holds there), so a dense layer can read it (bias mode's reference)."""
+    full = stream.new_zeros(*stream.shape[:-1], width)
+    full[..., hidden.to(stream.device)] = stream
+    return full
 
 
 def reconstruct(dense: nn.Module, pruned: nn.Module, mlp_keep, kept: dict, layout: Layout | None, mode: str,
