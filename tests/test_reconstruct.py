@@ -279,21 +279,21 @@ from utils.report import PeakMemory, resident_bytes
 assert resident_bytes() is not None
 size = 256 * 2**20
 with PeakMemory(torch.device("cpu")) as big:
-    start = big.bytes
     block = torch.ones(size // 4)
     deadline = time.monotonic() + 30
-    while big.bytes - start < 0.8 * size and time.monotonic() < deadline:
+    while big.bytes - big.start < 0.8 * size and time.monotonic() < deadline:
         time.sleep(0.01)
     del block
 with PeakMemory(torch.device("cpu")) as small:
     time.sleep(0.05)
-print(big.bytes - small.bytes, small.bytes, resident_bytes())
+print(big.bytes - small.bytes, small.bytes, resident_bytes(), big.above_start, small.above_start)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parent.parent).stdout.split()  # fmt: skip
-    growth, small, now = (int(v) for v in out)
+    growth, small, now, big_above, small_above = (int(v) for v in out)
     assert growth > 0.8 * 256 * 2**20
     assert small >= 0.8 * now  # the resident set itself, not the growth
+    assert big_above > 0.8 * 256 * 2**20 and small_above < 0.2 * 256 * 2**20  # the part above the block's entry
 
 
 def test_tiny_model_family_without_structures_refits_its_mlp():

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import gc
 import json
 import logging
 import platform
@@ -73,14 +77,19 @@ def resident_bytes() -> int | None:
 
 
 class PeakMemory:
-    """The peak memory of a `with` block, `.bytes` after it: on CUDA the allocator's peak, reset on entry; on CPU
-    the resident set sampled every `interval` seconds by a thread. ru_maxrss cannot be reset: read after a block
-    it is the peak of everything the process ran before (a study runs many prune.py calls in one process)."""
+    """The peak memory of a `with` block, `.bytes` after it (`.above_start`: the part above what was in use on
+    entry): on CUDA the allocator's peak, reset on entry; on CPU the resident set sampled every `interval` seconds
+    by a thread. ru_maxrss cannot be reset: read after a block it is the peak of everything the process ran before
+    (a study runs many prune.py calls in one process)."""
 
     def __init__(self, device: torch.device, interval: float = 0.01):
-        self.device, self.interval, self.bytes = device, interval, 0
+        self.device, self.interval, self.bytes, self.start = device, interval, 0, 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def above_start(self) -> int:
+        return max(self.bytes - self.start, 0)
 
     def _sample(self) -> None:
         self.bytes = max(self.bytes, resident_bytes() or 0)
@@ -90,9 +99,15 @@ class PeakMemory:
             self._sample()
 
     def __enter__(self) -> PeakMemory:
+        gc.collect()
         if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = int(torch.cuda.memory_allocated(self.device))
         elif resident_bytes() is not None:
+            _return_free_heap()
+            self.start = resident_bytes() or 0
             self._sample()
             self._thread = threading.Thread(target=self._watch, name="peak-memory", daemon=True)
             self._thread.start()
@@ -103,8 +118,19 @@ class PeakMemory:
             self._stop.set()
             self._thread.join()
             self._sample()
-        else:  # CUDA, or a CPU without /proc: the lifetime peak is the best there is
-            self.bytes = peak_memory_bytes(self.device)
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        # CUDA, or a CPU without /proc: the lifetime peak is the best there is
+        self.bytes = peak_memory_bytes(self.device)
+
+
+def _return_free_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc), so the resident set starts from what is in use."""
+    libc = ctypes.util.find_library("c")
+    if libc:
+        with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+            ctypes.CDLL(libc).malloc_trim(0)
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -16,9 +16,7 @@ checkpointing (memory and time against ours without, and whether the scores are 
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from module.model.mlp import count_parameters, find_mlps
 from module.prune.criteria import top_k_sorted
 from module.prune.importance import collect_statistics
 from module.prune.plan import plan_keep
+from utils.report import PeakMemory
 from utils.tiny import random_llama
 
 SHAPES = {  # random-weight models of the published shapes
@@ -39,49 +38,6 @@ SHAPES = {  # random-weight models of the published shapes
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
 }  # fmt: skip
-
-
-class PeakMemory:
-    """Peak memory of a block: the CUDA allocator's, or on CPU the process RSS sampled every 10 ms."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak = device, 0
-
-    def __enter__(self):
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = torch.cuda.memory_allocated(self.device)
-            return self
-        import ctypes
-        import ctypes.util
-
-        import psutil
-
-        libc = ctypes.util.find_library("c")
-        if libc:  # hand freed heap pages back to the OS so RSS starts from what is really in use
-            ctypes.CDLL(libc).malloc_trim(0)
-        proc = psutil.Process()
-        self.start = proc.memory_info().rss
-        self._stop = threading.Event()
-
-        def sample():
-            while not self._stop.is_set():
-                self.peak = max(self.peak, proc.memory_info().rss - self.start)
-                time.sleep(0.01)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self.start
-        else:
-            self._stop.set()
-            self._thread.join()
 
 
 def release_scores(model, mlps, windows: torch.Tensor, sum_dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
@@ -124,7 +80,7 @@ def timed(fn, device):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-    return out, seconds, mem.peak
+    return out, seconds, mem.above_start
 
 
 def kept_overlap(a: list[torch.Tensor], b: list[torch.Tensor], k: int) -> float:
