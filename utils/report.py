@@ -107,8 +107,8 @@ class PeakMemory:
             self.start = int(torch.cuda.memory_allocated(self.device))
         elif resident_bytes() is not None:
             _return_free_heap()
-            self.start = resident_bytes() or 0
             self._sample()
+            self.start = self.bytes
             self._thread = threading.Thread(target=self._watch, name="peak-memory", daemon=True)
             self._thread.start()
         return self
