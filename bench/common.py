@@ -154,9 +154,15 @@ class Rows:
         self.done: dict[str, dict] = {}
         if cfg.resume:
             if committed is not None and committed.is_file():
-                for entry in json.loads(committed.read_text()).get("rows", []):
+                entries = json.loads(committed.read_text()).get("rows", [])
+                for entry in entries:
                     if entry.get("settings") == self.settings_key:
                         self.done[entry["name"]] = entry
+                if others := sum(entry.get("settings") != self.settings_key for entry in entries):
+                    # the report this run writes holds these settings' rows only: say so before it replaces them
+                    log.warning("%s holds %d rows measured with other settings than this run's (%s): the report "
+                                "it writes will not keep them (git still has them)", committed, others,
+                                self.settings_key)  # fmt: skip
             if self.path.is_file():
                 for line in self.path.read_text().splitlines():
                     entry = json.loads(line)

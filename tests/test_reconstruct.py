@@ -628,6 +628,10 @@ def test_reconstruction_study_adds_zero_shot_to_rows_measured_without_it(tmp_pat
     capsys.readouterr()
     assert study.main([*argv, "--resume", "--zero_shot_items", "2"]) == 0  # nothing measured again
     assert "ppl" not in capsys.readouterr().out
+    # --zero_shot only picks rows: with --limit 0 it keeps the rows' key, so they are reused and the report keeps them
+    assert study.main([*argv, "--resume", "--zero_shot_items", "2", "--zero_shot", "all"]) == 0
+    assert "ppl" not in capsys.readouterr().out
+    assert {r["name"] for r in json.loads(out.with_suffix(".json").read_text())["rows"]} == set(rows)
     # a row whose model no longer gives its perplexity: no zero-shot is added to it
     committed = json.loads(out.with_suffix(".json").read_text())
     for r in committed["rows"]:

@@ -27,6 +27,26 @@ def test_mean_std_and_paired_difference_by_hand():
     assert study.fmt([1.0, 2.0, 3.0], 1) == "2.0 ± 1.0" and study.fmt([1.5]) == "1.50"
 
 
+def test_resumed_rows_reuse_their_settings_and_say_which_committed_rows_the_report_will_drop(tmp_path, caplog):
+    """Rows reuses the committed rows of its own settings only, and warns when the committed report holds rows of
+    other settings (the report it writes replaces them)."""
+    from bench.common import EvaluatedStudyConfig, Rows
+
+    cfg = EvaluatedStudyConfig(work_dir=str(tmp_path / "work"), resume=True)
+    key = Rows(cfg).settings_key
+    committed = tmp_path / "REPORT.json"
+    committed.write_text(json.dumps({"rows": [{"settings": key, "name": "mine"}, {"settings": "x", "name": "a"},
+                                              {"settings": "x", "name": "b"}]}))  # fmt: skip
+    caplog.clear()
+    rows = Rows(cfg, committed=committed)
+    assert list(rows.done) == ["mine"] and [r["name"] for r in rows.every()] == ["mine"]
+    assert "holds 2 rows measured with other settings" in caplog.text
+    committed.write_text(json.dumps({"rows": [{"settings": key, "name": "mine"}]}))
+    caplog.clear()
+    Rows(cfg, committed=committed)
+    assert "other settings" not in caplog.text
+
+
 def test_study_runs_end_to_end_on_a_tiny_model_and_resumes(tiny_long_llama_dir, tmp_path, capsys):
     out, work = tmp_path / "docs" / "RESULTS.md", tmp_path / "work"
     argv = ["--model", str(tiny_long_llama_dir), "--data_dir", str(DATA), "--out", str(out), "--work_dir", str(work),

@@ -115,6 +115,11 @@ class ReconstructionStudyConfig(EvaluatedStudyConfig):
         if self.zero_shot_items and self.limit:
             raise ValueError("--zero_shot_items adds zero-shot to rows measured without it: give --limit 0")
 
+    def settings(self) -> dict:
+        # with --limit 0 no row is scored zero-shot: --zero_shot only picks the rows --zero_shot_items adds zsN rows
+        # to, so it changes no measured row (held at its default, the key of the rows measured so far)
+        return {**super().settings(), **({} if self.limit else {"zero_shot": "main"})}
+
     def damp_of(self, mode: str) -> float:
         """The ridge of a mode's rows: --damp, or prune.py's default for its neuron selection."""
         if self.damp is not None:
