@@ -653,3 +653,13 @@ def test_the_zero_shot_cell_gives_the_average_without_boolq_beside_it():
     assert zero_shot_cell(rows) == "50.00 / 40.00 (45.00 / 45.00)"
     assert zero_shot_cell([{"avg": 40.0, "tasks": {"arc_easy": 40.0}}]) == "40.00"
     assert zero_shot_cell([{"avg": None, "tasks": {}}]) == "–"
+    # a seed without zero-shot keeps its place, so "– / 40.00" says it is seed 1's
+    assert zero_shot_cell([{"avg": None, "tasks": {}}, rows[1]]) == "– / 40.00 (– / 45.00)"
+
+
+def test_a_cell_keeps_each_seeds_place():
+    from bench.studies.reconstruction import cell
+
+    rows = [{"refit_peak_bytes": None}, {"refit_peak_bytes": 3 * 2**29}]
+    assert cell(rows, "refit_peak_bytes", 2, 2**-30) == "– / 1.50"
+    assert cell(rows[:1], "refit_peak_bytes") == "–"

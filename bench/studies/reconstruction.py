@@ -298,12 +298,13 @@ def with_zero_shot(rows: list[dict]) -> list[dict]:
 def zero_shot_cell(rows: list[dict]) -> str:
     """The zero-shot average, and in brackets the average over the tasks other than BoolQ (at 200 items BoolQ
     swings by up to 27 points between models of about the same quality, so it can decide the average alone)."""
-    with_boolq = [r for r in rows if r.get("avg") is not None]
-    if not with_boolq:
+    measured = [r for r in rows if r.get("avg") is not None]
+    if not measured:
         return "–"
-    text = cell(with_boolq, "avg", 2)
-    if all("boolq" in r["tasks"] and len(r["tasks"]) > 1 for r in with_boolq):
-        text += " (" + " / ".join(f"{value(r, 'avg_ex_boolq'):.2f}" for r in with_boolq) + ")"
+    text = cell(rows, "avg", 2)
+    if all("boolq" in r["tasks"] and len(r["tasks"]) > 1 for r in measured):
+        ex_boolq = ["–" if r.get("avg") is None else f"{value(r, 'avg_ex_boolq'):.2f}" for r in rows]
+        text += " (" + " / ".join(ex_boolq) + ")"
     return text
 
 
@@ -319,8 +320,11 @@ def mixes_cell(rows: list[dict]) -> str:
 
 
 def cell(rows: list[dict], metric: str, digits: int = 1, scale: float = 1.0) -> str:
-    values = [r[metric] * scale for r in rows if r.get(metric) is not None]
-    return " / ".join(f"{v:.{digits}f}" for v in values) if values else "–"
+    """The metric seed by seed ("seed 0 / 1"), "–" in the place of a seed without it; one "–" when none has it."""
+    values = [r.get(metric) for r in rows]
+    if all(v is None for v in values):
+        return "–"
+    return " / ".join("–" if v is None else f"{v * scale:.{digits}f}" for v in values)
 
 
 def refit_cells(rows: list[dict]) -> str:
