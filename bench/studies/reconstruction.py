@@ -303,8 +303,7 @@ def zero_shot_cell(rows: list[dict]) -> str:
         return "–"
     text = cell(rows, "avg", 2)
     if all("boolq" in r["tasks"] and len(r["tasks"]) > 1 for r in measured):
-        ex_boolq = ["–" if r.get("avg") is None else f"{value(r, 'avg_ex_boolq'):.2f}" for r in rows]
-        text += " (" + " / ".join(ex_boolq) + ")"
+        text += f" ({seeds_cell([None if r.get('avg') is None else value(r, 'avg_ex_boolq') for r in rows], 2)})"
     return text
 
 
@@ -319,12 +318,15 @@ def mixes_cell(rows: list[dict]) -> str:
     return chosen[0] if len(set(chosen)) == 1 else " / ".join(chosen)
 
 
-def cell(rows: list[dict], metric: str, digits: int = 1, scale: float = 1.0) -> str:
-    """The metric seed by seed ("seed 0 / 1"), "–" in the place of a seed without it; one "–" when none has it."""
-    values = [r.get(metric) for r in rows]
+def seeds_cell(values: list[float | None], digits: int) -> str:
+    """Values seed by seed ("seed 0 / 1"), "–" in the place of a seed without one; one "–" when none has one."""
     if all(v is None for v in values):
         return "–"
-    return " / ".join("–" if v is None else f"{v * scale:.{digits}f}" for v in values)
+    return " / ".join("–" if v is None else f"{v:.{digits}f}" for v in values)
+
+
+def cell(rows: list[dict], metric: str, digits: int = 1, scale: float = 1.0) -> str:
+    return seeds_cell([None if r.get(metric) is None else r[metric] * scale for r in rows], digits)
 
 
 def refit_cells(rows: list[dict]) -> str:
