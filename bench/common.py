@@ -194,6 +194,15 @@ class Rows:
         self.rows.append(row)
         return row
 
+    def update(self, name: str, **fields) -> dict:
+        """A measured row with `fields` added, appended to rows.jsonl (on --resume the later line wins)."""
+        row = {**(self.done.get(name) or next(r for r in self.rows if r["name"] == name)), **fields}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.done[name] = row
+        self.rows = [row if r["name"] == name else r for r in self.rows]
+        return row
+
     def add(self, row: dict) -> dict:
         """Save a model's row and print its line."""
         row = self.save(row)

@@ -663,3 +663,54 @@ def test_a_cell_keeps_each_seeds_place():
     rows = [{"refit_peak_bytes": None}, {"refit_peak_bytes": 3 * 2**29}]
     assert cell(rows, "refit_peak_bytes", 2, 2**-30) == "– / 1.50"
     assert cell(rows[:1], "refit_peak_bytes") == "–"
+
+
+def test_reconstruction_study_adds_the_refit_peak_to_rows_measured_without_it(tmp_path, tiny_long_llama_dir, capsys):
+    """--refit_peak with --resume: a refit row that lacks its peak memory gets it from its model made again (the
+    perplexity checked against the row's), nothing else of the row changes, and a row without a refit gets none."""
+    import json
+
+    from conftest import DATA
+
+    from bench.studies import reconstruction as study
+
+    out = tmp_path / "REC.md"
+    argv = ["--model", str(tiny_long_llama_dir), "--data_dir", str(DATA), "--out", str(out), "--work_dir",
+            str(tmp_path / "work"), "--ratios", "0.2", "--seeds", "0", "--criteria", "entropy", "--modes", "none,ls",
+            "--structures", "", "--mix", "false", "--calib_samples", "3", "--reconstruct_samples", "5", "--seq_len",
+            "32", "--limit", "0", "--ppl_windows", "2", "--ppl_seq_len", "32", "--c4_windows", "2", "--c4_seq_len",
+            "32", "--ablation", "false"]  # fmt: skip
+    assert study.main(argv) == 0
+    report = out.with_suffix(".json")
+    committed = json.loads(report.read_text())
+    for r in committed["rows"]:  # as a row measured before the refit recorded its peak
+        r.pop("refit_peak_bytes", None)
+    report.write_text(json.dumps(committed))
+    for rows_file in (tmp_path / "work").glob("*/rows.jsonl"):
+        rows_file.unlink()
+    before = {r["name"]: r for r in committed["rows"]}
+    assert "| ls | " in out.read_text()
+    capsys.readouterr()
+    assert study.main([*argv, "--resume", "--refit_peak", "true"]) == 0
+    assert capsys.readouterr().out.count("(made again)") == 1
+    after = {r["name"]: r for r in json.loads(report.read_text())["rows"]}
+    ls = after["mlp-entropy-0.2-ls-s0"]
+    assert ls["refit_peak_bytes"] > 2**20 and "refit_peak_bytes" not in after["mlp-entropy-0.2-none-s0"]
+    assert {k: v for k, v in ls.items() if k != "refit_peak_bytes"} == before["mlp-entropy-0.2-ls-s0"]
+    assert after.keys() == before.keys()
+    ls_line = next(line for line in out.read_text().splitlines() if line.startswith("| 0.2 | mlp (entropy) | ls |"))
+    assert ls_line.split("|")[-2].strip() == f"{ls['refit_peak_bytes'] / 2**30:.2f}"
+    assert study.main([*argv, "--resume", "--refit_peak", "true"]) == 0  # nothing made again
+    assert "made again" not in capsys.readouterr().out
+    # a row whose model no longer gives its perplexity gets no peak
+    committed = json.loads(report.read_text())
+    for r in committed["rows"]:
+        r.pop("refit_peak_bytes", None)
+        if r["name"] == "mlp-entropy-0.2-ls-s0":
+            r["ppl"] *= 1.01
+    report.write_text(json.dumps(committed))
+    for rows_file in (tmp_path / "work").glob("*/rows.jsonl"):
+        rows_file.unlink()
+    assert study.main([*argv, "--resume", "--refit_peak", "true"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "mlp-entropy-0.2-ls-s0: made again it gives WikiText-2 perplexity" in err[-1]

@@ -5,6 +5,8 @@
     # zero-shot added to the rows of a --limit 0 study (docs/RECONSTRUCTION.md), each model made again:
     python bench/studies/reconstruction.py --seeds 0 --limit 0 --resume --zero_shot_items 200 \
         --only mlp-entropy-0.2-none,mlp-entropy-0.2-ls_obs
+    # the refit's peak memory added to rows measured before the refit recorded it, each model made again:
+    python bench/studies/reconstruction.py --seeds 0 --limit 0 --resume --refit_peak true --only mlp-entropy-0.2-ls
 
 Every row is one prune.py run (module.pipeline.prune_model) reloaded with plain `from_pretrained`: MLP neurons at
 each ratio with entropy, entropy_wanda and wanda_sp; each other structure alone at its docs/STRUCTURES.md size
@@ -86,13 +88,17 @@ class ReconstructionStudyConfig(EvaluatedStudyConfig):
     # the seeds do: the held-out C4 windows avoid every seed's calibration draw
     RUN_ONLY: ClassVar[tuple[str, ...]] = (*EvaluatedStudyConfig.RUN_ONLY, "render_only", "only", "ratios", "criteria",
                                            "modes", "structures", "mix", "mix_criteria", "ablation",
-                                           "zero_shot_items")  # fmt: skip
+                                           "zero_shot_items", "refit_peak")  # fmt: skip
     c4_windows: int = field(default=32, metadata={"help": "Held-out C4 windows."})
     c4_seq_len: int = field(default=512, metadata={"help": "Tokens per held-out C4 window."})
     zero_shot_items: int = field(default=0, metadata={
         "help": "With --limit 0: add the zero-shot average at N items per task to the measured rows --zero_shot "
                 "picks (and dense), each model made again by the same prune.py run; its WikiText-2 perplexity must "
                 "reproduce the row's. Rows named zsN|<row>."})  # fmt: skip
+    refit_peak: bool = field(default=False, metadata={
+        "help": "Add the refit's peak memory to the measured rows --only selects that were measured before the refit "
+                "recorded it, each model made again by the same prune.py run (its WikiText-2 perplexity must "
+                "reproduce the row's); nothing else of the row changes."})  # fmt: skip
     zero_shot: str = field(
         default="main",
         metadata={"help": "Rows scored zero-shot: all, or main (the first seed's none and ls rows of entropy MLP "
@@ -251,6 +257,8 @@ def measure(cfg: ReconstructionStudyConfig) -> tuple[list[dict], dict]:
                   "refit_seconds": recon.get("seconds"), "refit_peak_bytes": recon.get("peak_memory_bytes"),
                   "c4_ppl": c4(model), **(evaluation if row.zero_shot(cfg) else perplexity_only)(model)})  # fmt: skip
         del model
+    if cfg.refit_peak and not cfg.render_only:
+        add_refit_peak(cfg, rows, perplexity_only)
     if cfg.zero_shot_items and not cfg.render_only:
         add_zero_shot(cfg, rows, tokenizer)
     return rows.every(), {"versions": versions(), "model": cfg.model, "settings": cfg.settings()}
@@ -265,22 +273,47 @@ def made(row: Row, cfg: ReconstructionStudyConfig, out: Path) -> tuple[torch.nn.
     return load_causal_lm(str(out), row.name, torch.float32).eval(), report, seconds
 
 
+def made_again(row: Row, cfg: ReconstructionStudyConfig, rows: Rows, evaluation: Evaluation,
+               measured: dict) -> tuple[torch.nn.Module, dict, dict]:
+    """The row's model made again (prune.py is deterministic for a seed), its evaluation and prune report; a
+    perplexity that does not reproduce the row's stops the study, since what is added would describe another
+    model."""
+    model, report, _ = made(row, cfg, rows.dir / "model")
+    result = evaluation(model)
+    if abs(result["ppl"] / measured["ppl"] - 1) > 1e-3:
+        raise UserError(f"{row.name}: made again it gives WikiText-2 perplexity {result['ppl']:.3f}, not the row's "
+                        f"{measured['ppl']:.3f}; what it adds would describe another model")  # fmt: skip
+    return model, result, report
+
+
+def add_refit_peak(cfg: ReconstructionStudyConfig, rows: Rows, perplexity_only: Evaluation) -> None:
+    """--refit_peak: the refit's peak memory for the selected rows measured before the refit recorded it."""
+    measured = {r["name"]: r for r in rows.every()}
+    for row in study_rows(cfg):
+        got = measured.get(row.name)
+        if got is None or row.mode == "none" or not cfg.selected(row.name) or got.get("refit_peak_bytes"):
+            continue
+        model, _, report = made_again(row, cfg, rows, perplexity_only, got)
+        peak = report["reconstruction"]["peak_memory_bytes"]
+        rows.update(row.name, refit_peak_bytes=peak)
+        print(f"{row.name}: refit peak {peak / 2**30:.2f} GiB (made again)", flush=True)
+        del model
+
+
 def add_zero_shot(cfg: ReconstructionStudyConfig, rows: Rows, tokenizer) -> None:
     """--zero_shot_items N: a zsN|<row> row for dense and every measured row --zero_shot picks, from the model
-    made again (prune.py is deterministic for a seed); a perplexity that does not reproduce the row's stops the
-    study, since the zero-shot would then describe another model."""
+    made again (made_again)."""
     evaluation = Evaluation(replace(cfg, limit=cfg.zero_shot_items, zero_shot_items=0), tokenizer, "cpu")
     measured = {r["name"]: r for r in rows.every()}
     for name, row in [("dense", None), *((r.name, r) for r in study_rows(cfg) if r.zero_shot(cfg))]:
         zs = f"zs{cfg.zero_shot_items}|{name}"
         if name not in measured or not cfg.selected(name) or rows.get(zs) is not None:
             continue
-        model = (load_causal_lm(cfg.model, "dense", torch.float32).eval() if row is None
-                 else made(row, cfg, rows.dir / "model")[0])  # fmt: skip
-        result = evaluation(model)
-        if abs(result["ppl"] / measured[name]["ppl"] - 1) > 1e-3:
-            raise UserError(f"{name}: made again it gives WikiText-2 perplexity {result['ppl']:.3f}, not the row's "
-                            f"{measured[name]['ppl']:.3f}; its zero-shot would describe another model")  # fmt: skip
+        if row is None:
+            model = load_causal_lm(cfg.model, "dense", torch.float32).eval()
+            result = evaluation(model)
+        else:
+            model, result, _ = made_again(row, cfg, rows, evaluation, measured[name])
         rows.add({"name": zs, "of": name, "items": cfg.zero_shot_items, "params": count_parameters(model), **result})
         del model
 
@@ -372,7 +405,7 @@ def render(rows: list[dict], context: dict, cfg: ReconstructionStudyConfig) -> s
         f"MLP neurons re-chosen by greedy elimination on the refit's least squares, the count unchanged). Refit "
         f"peak: the process's resident memory at its highest during the refit, model and dense copy included "
         f"(sampled every 10 ms; on a GPU the allocator's peak); – on rows measured before the refit recorded its "
-        f"own peak.",
+        f"own peak (--refit_peak adds it).",
         "",
         "| ratio | rows | mode | WikiText-2 ppl | C4 ppl | zero-shot avg (without BoolQ) | gap closed (log ppl) | "
         "refit s | refit peak GiB |",
