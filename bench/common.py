@@ -187,18 +187,21 @@ class Rows:
             log.info("reused %s", name)
         return row
 
-    def save(self, row: dict) -> dict:
-        row = {"settings": self.settings_key, **row}
+    def append(self, row: dict) -> None:
+        """One line of rows.jsonl (on --resume a name's later line wins)."""
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+
+    def save(self, row: dict) -> dict:
+        row = {"settings": self.settings_key, **row}
+        self.append(row)
         self.rows.append(row)
         return row
 
     def update(self, name: str, **fields) -> dict:
-        """A measured row with `fields` added, appended to rows.jsonl (on --resume the later line wins)."""
+        """A measured row with `fields` added."""
         row = {**(self.done.get(name) or next(r for r in self.rows if r["name"] == name)), **fields}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.append(row)
         self.done[name] = row
         self.rows = [row if r["name"] == name else r for r in self.rows]
         return row

@@ -6,6 +6,7 @@ search over every removal (a fresh solve per candidate), and it keeps the neuron
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -596,22 +597,44 @@ def test_the_mix_cell_names_each_seeds_choice_when_they_differ():
     assert mixes_cell(differ) == "mlp_keep=1017 / mlp_keep=1070,layers_remove=1"
 
 
+def perplexity_only_study(tmp_path, model_dir) -> tuple[Path, list[str]]:
+    """A --limit 0 study on the tiny model (MLP, entropy, 20%, none and ls, seed 0): its report path and argv."""
+    from conftest import DATA
+
+    out = tmp_path / "REC.md"
+    argv = ["--model", str(model_dir), "--data_dir", str(DATA), "--out", str(out), "--work_dir",
+            str(tmp_path / "work"), "--ratios", "0.2", "--seeds", "0", "--criteria", "entropy", "--modes", "none,ls",
+            "--structures", "", "--mix", "false", "--calib_samples", "3", "--reconstruct_samples", "5", "--seq_len",
+            "32", "--tasks", "arc_easy_local", "--limit", "0", "--ppl_windows", "2", "--ppl_seq_len", "32",
+            "--c4_windows", "2", "--c4_seq_len", "32", "--ablation", "false"]  # fmt: skip
+    return out, argv
+
+
+def committed_rows_only(out: Path, tmp_path, drop: str = "", worse_ppl: str = "") -> list[dict]:
+    """The report's JSON rows without the field `drop` and with row `worse_ppl`'s perplexity 1% higher, written back,
+    and the work dir's rows.jsonl removed (so --resume reads the report's rows alone); the rows written."""
+    import json
+
+    committed = json.loads(out.with_suffix(".json").read_text())
+    for r in committed["rows"]:
+        r.pop(drop, None)
+        if r["name"] == worse_ppl:
+            r["ppl"] *= 1.01
+    out.with_suffix(".json").write_text(json.dumps(committed))
+    for rows_file in (tmp_path / "work").glob("*/rows.jsonl"):
+        rows_file.unlink()
+    return committed["rows"]
+
+
 def test_reconstruction_study_adds_zero_shot_to_rows_measured_without_it(tmp_path, tiny_long_llama_dir, capsys):
     """--limit 0, then --zero_shot_items 2 with --resume: each picked row's model is made again, its perplexity
     checked against the row's, and its zero-shot shown in the report; a row whose model no longer reproduces its
     perplexity stops the study with one line."""
     import json
 
-    from conftest import DATA
-
     from bench.studies import reconstruction as study
 
-    out = tmp_path / "REC.md"
-    argv = ["--model", str(tiny_long_llama_dir), "--data_dir", str(DATA), "--out", str(out), "--work_dir",
-            str(tmp_path / "work"), "--ratios", "0.2", "--seeds", "0", "--criteria", "entropy", "--modes", "none,ls",
-            "--structures", "", "--mix", "false", "--calib_samples", "3", "--reconstruct_samples", "5", "--seq_len",
-            "32", "--tasks", "arc_easy_local", "--limit", "0", "--ppl_windows", "2", "--ppl_seq_len", "32",
-            "--c4_windows", "2", "--c4_seq_len", "32", "--ablation", "false"]  # fmt: skip
+    out, argv = perplexity_only_study(tmp_path, tiny_long_llama_dir)
     assert study.main(argv) == 0
     assert "not measured (--limit 0)" in out.read_text()
     assert study.main([*argv, "--resume", "--zero_shot_items", "2"]) == 0
@@ -633,13 +656,7 @@ def test_reconstruction_study_adds_zero_shot_to_rows_measured_without_it(tmp_pat
     assert "ppl" not in capsys.readouterr().out
     assert {r["name"] for r in json.loads(out.with_suffix(".json").read_text())["rows"]} == set(rows)
     # a row whose model no longer gives its perplexity: no zero-shot is added to it
-    committed = json.loads(out.with_suffix(".json").read_text())
-    for r in committed["rows"]:
-        if r["name"] == "mlp-entropy-0.2-ls-s0":
-            r["ppl"] *= 1.01
-    out.with_suffix(".json").write_text(json.dumps(committed))
-    for rows_file in (tmp_path / "work").glob("*/rows.jsonl"):
-        rows_file.unlink()
+    committed_rows_only(out, tmp_path, worse_ppl="mlp-entropy-0.2-ls-s0")
     assert study.main([*argv, "--resume", "--zero_shot_items", "3", "--only", "mlp-entropy-0.2-ls"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "mlp-entropy-0.2-ls-s0: made again it gives WikiText-2 perplexity" in err[-1]
@@ -670,25 +687,13 @@ def test_reconstruction_study_adds_the_refit_peak_to_rows_measured_without_it(tm
     perplexity checked against the row's), nothing else of the row changes, and a row without a refit gets none."""
     import json
 
-    from conftest import DATA
-
     from bench.studies import reconstruction as study
 
-    out = tmp_path / "REC.md"
-    argv = ["--model", str(tiny_long_llama_dir), "--data_dir", str(DATA), "--out", str(out), "--work_dir",
-            str(tmp_path / "work"), "--ratios", "0.2", "--seeds", "0", "--criteria", "entropy", "--modes", "none,ls",
-            "--structures", "", "--mix", "false", "--calib_samples", "3", "--reconstruct_samples", "5", "--seq_len",
-            "32", "--limit", "0", "--ppl_windows", "2", "--ppl_seq_len", "32", "--c4_windows", "2", "--c4_seq_len",
-            "32", "--ablation", "false"]  # fmt: skip
+    out, argv = perplexity_only_study(tmp_path, tiny_long_llama_dir)
     assert study.main(argv) == 0
     report = out.with_suffix(".json")
-    committed = json.loads(report.read_text())
-    for r in committed["rows"]:  # as a row measured before the refit recorded its peak
-        r.pop("refit_peak_bytes", None)
-    report.write_text(json.dumps(committed))
-    for rows_file in (tmp_path / "work").glob("*/rows.jsonl"):
-        rows_file.unlink()
-    before = {r["name"]: r for r in committed["rows"]}
+    # as rows measured before the refit recorded its peak
+    before = {r["name"]: r for r in committed_rows_only(out, tmp_path, drop="refit_peak_bytes")}
     assert "| ls | " in out.read_text()
     capsys.readouterr()
     assert study.main([*argv, "--resume", "--refit_peak", "true"]) == 0
@@ -703,14 +708,7 @@ def test_reconstruction_study_adds_the_refit_peak_to_rows_measured_without_it(tm
     assert study.main([*argv, "--resume", "--refit_peak", "true"]) == 0  # nothing made again
     assert "made again" not in capsys.readouterr().out
     # a row whose model no longer gives its perplexity gets no peak
-    committed = json.loads(report.read_text())
-    for r in committed["rows"]:
-        r.pop("refit_peak_bytes", None)
-        if r["name"] == "mlp-entropy-0.2-ls-s0":
-            r["ppl"] *= 1.01
-    report.write_text(json.dumps(committed))
-    for rows_file in (tmp_path / "work").glob("*/rows.jsonl"):
-        rows_file.unlink()
+    committed_rows_only(out, tmp_path, drop="refit_peak_bytes", worse_ppl="mlp-entropy-0.2-ls-s0")
     assert study.main([*argv, "--resume", "--refit_peak", "true"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "mlp-entropy-0.2-ls-s0: made again it gives WikiText-2 perplexity" in err[-1]
